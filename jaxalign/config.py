@@ -1,0 +1,193 @@
+"""The base run configuration and the helpers that configs/ files use.
+
+Every key a run reads is defined here with its default and a comment; a config file starts from
+`base_config()`, changes what it needs and locks the result, so a mistyped key fails loudly both in
+the file and on the command line (`--config.optimizer.lr=1e-6`).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import pathlib
+
+import ml_collections
+from ml_collections import ConfigDict
+
+from jaxalign.errors import ConfigError
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.trainer = "dpo"  # sft | dpo: which training loop runs
+    c.seed = 0  # parameter init and any sampling
+    c.steps = 1000  # optimizer updates
+    c.log_every = 10  # metrics to console, metrics.jsonl and TensorBoard every N steps
+    c.eval_every = 100  # held-out evaluation every N steps (0 = only at the end)
+    c.eval_batches = 8  # batches per evaluation (0 = the whole eval file)
+    # token log-prob kernel: auto | reference | xla | pallas_tpu | pallas_gpu
+    c.logprob_impl = "auto"
+
+    c.model = ConfigDict()
+    c.model.preset = "tiny-64"  # a name in jaxalign.models.PRESETS
+    # Where the initial weights come from: "" = random init from `seed`,
+    # "checkpoint:DIR" = params of the latest checkpoint of another run (its workdir),
+    # "hf:DIR" = a Hugging Face model directory.
+    c.model.init_from = ""
+    c.model.dtype = ""  # activation dtype override ("" = the preset's), e.g. bfloat16
+    c.model.remat = ""  # rematerialisation override ("" = the preset's): none | full | dots
+
+    c.tokenizer = "data/demo/tokenizer.model"  # SentencePiece .model or HF tokenizer.json
+
+    c.data = ConfigDict()
+    c.data.train = ""  # JSONL file of the training split
+    c.data.eval = ""  # JSONL file of the held-out split ("" = no evaluation)
+    c.data.template = "plain"  # prompt/chat template name (jaxalign.data.templates)
+    c.data.batch_size = 8  # examples (pairs for preference training) per optimizer step
+    c.data.max_len = 128  # tokens per row
+    c.data.max_prompt_len = 64  # prompts longer than this are cut from the left
+    c.data.pack = False  # pack several sequences per row (segment ids) instead of padding
+    c.data.shuffle_seed = 0  # data order; fixed so a resumed run sees the same stream
+    c.data.skip_bad_records = False  # skip and count malformed records instead of failing
+
+    c.loss = ConfigDict()
+    c.loss.name = "dpo"  # a name in jaxalign.losses.names()
+    c.loss.beta = 0.1
+    c.loss.label_smoothing = 0.0
+
+    c.optimizer = ConfigDict()
+    c.optimizer.lr = 1e-4  # peak learning rate
+    c.optimizer.warmup_steps = 0  # linear warmup from 0
+    c.optimizer.end_lr_ratio = 0.1  # cosine decays to lr * end_lr_ratio at the last step
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.0  # AdamW decoupled weight decay (not on norms or biases)
+    c.optimizer.clip_norm = 1.0  # global gradient-norm clipping (0 = off)
+    c.optimizer.grad_accum = 1  # micro-batches per update; the batch size stays the total
+
+    c.mesh = ConfigDict()
+    c.mesh.data = 1  # mesh axis sizes; -1 fills with the remaining devices
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+    c.sharding = "fsdp"  # ShardingRules preset: dp | fsdp | fsdp_tp
+
+    c.checkpoint = ConfigDict()
+    c.checkpoint.every = 100  # save every N steps (and at the end, and on SIGTERM)
+    c.checkpoint.keep = 3  # keep the newest K checkpoints
+    c.checkpoint.async_save = True  # write in the background while training goes on
+    return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ConfigDict:
+    """Parse a config-file argument `key=value,key=value` over typed defaults.
+
+    `configs/dpo/tiny.py:steps=50,smoke=True` calls `get_config("steps=50,smoke=True")`.
+    Values are Python literals; a key not in `defaults` is an error.
+    """
+    out = ConfigDict(defaults)
+    if not arg:
+        return out
+    for item in arg.split(","):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f'config argument "{item}": expected key=value')
+        if key not in defaults:
+            raise ConfigError(
+                f'config argument "{key}" is unknown (known: {", ".join(sorted(defaults))})'
+            )
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+    return out
+
+
+def load_config(spec: str) -> ConfigDict:
+    """Load `path/to/config.py[:arg]` by calling its `get_config(arg)`."""
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    module_spec = importlib.util.spec_from_file_location(f"_jaxalign_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config(arg)")
+    config = module.get_config(arg or None)
+    if not isinstance(config, ConfigDict):
+        raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
+    return config
+
+
+def _suggest(config: ConfigDict, dotted: str) -> str:
+    """' (did you mean "a.b"?)' by spelling or initials (learning_rate -> lr), else the keys."""
+    prefix, _, leaf = dotted.rpartition(".")
+    node = config
+    for part in prefix.split(".") if prefix else []:
+        if not isinstance(node, ConfigDict) or part not in node:
+            return ""
+        node = node[part]
+    keys = list(node.keys())
+    initials = "".join(word[:1] for word in leaf.split("_"))
+    close = difflib.get_close_matches(leaf, keys, n=1) or [k for k in keys if k == initials]
+    if close:
+        return f' (did you mean "{prefix + "." if prefix else ""}{close[0]}"?)'
+    return f" (known: {', '.join(sorted(keys))})"
+
+
+def apply_overrides(config: ConfigDict, overrides: list[str], source: str = "") -> ConfigDict:
+    """Apply `key.sub=value` overrides; an unknown key names itself and the nearest known key."""
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f'override "{item}": expected --config.key=value')
+        node = config
+        parts = dotted.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, ConfigDict) or part not in node:
+                where = f"{source}: " if source else ""
+                raise ConfigError(f'{where}unknown key "{dotted}"{_suggest(config, dotted)}')
+            if depth < len(parts) - 1:
+                node = node[part]
+        leaf = parts[-1]
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        current = node[leaf]
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(current, str) and not isinstance(value, str):
+            value = raw
+        try:
+            node[leaf] = value
+        except (TypeError, KeyError) as e:
+            raise ConfigError(f"{dotted}={raw}: {e}") from None
+    return config
+
+
+def check_known_keys(config: ConfigDict, reference: ConfigDict | None = None, prefix="") -> None:
+    """Fail on a key the base config does not define (a typo in a config file).
+
+    `loss` is exempt below its name: each loss has its own hyperparameters, checked against the
+    loss function's signature when the run starts.
+    """
+    reference = base_config() if reference is None else reference
+    for key in config.keys():
+        dotted = f"{prefix}{key}"
+        if dotted.startswith("loss."):
+            continue
+        if key not in reference:
+            close = difflib.get_close_matches(key, list(reference.keys()), n=1)
+            hint = f' (did you mean "{prefix}{close[0]}"?)' if close else ""
+            raise ConfigError(f'unknown key "{dotted}"{hint}')
+        if isinstance(config[key], ConfigDict) and isinstance(reference[key], ConfigDict):
+            check_known_keys(config[key], reference[key], prefix=f"{dotted}.")
+
+
+def to_dict(config: ConfigDict) -> dict:
+    return ml_collections.ConfigDict(config).to_dict()
