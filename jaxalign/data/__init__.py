@@ -1,0 +1,58 @@
+"""jaxalign.data: tokenizers, templates, JSONL sources, record formats and Grain batch pipelines.
+
+Batch layout and pipeline semantics: `jaxalign.data.pipeline`. Record formats and the truncation
+policy: `jaxalign.data.formats`. The bundled demo task: `jaxalign.data.demo_task`.
+"""
+
+from jaxalign.data.errors import DataError, RecordError
+from jaxalign.data.formats import (
+    encode_prompt,
+    parse_pair,
+    parse_prompt,
+    parse_sft,
+    parse_unpaired,
+    tokenize_example,
+)
+from jaxalign.data.pipeline import (
+    BatchIterator,
+    Prefetch,
+    PromptIterator,
+    default_length_buckets,
+    make_pair_pipeline,
+    make_prompt_pipeline,
+    make_sft_pipeline,
+    make_unpaired_pipeline,
+)
+from jaxalign.data.sources import JsonlSource
+from jaxalign.data.templates import TEMPLATES, Template, get_template
+from jaxalign.data.tokenizers import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
+from jaxalign.data.transforms import make_reward_augment, reward_augment
+
+__all__ = [
+    "TEMPLATES",
+    "BatchIterator",
+    "DataError",
+    "HFTokenizer",
+    "JsonlSource",
+    "Prefetch",
+    "PromptIterator",
+    "RecordError",
+    "SentencePieceTokenizer",
+    "Template",
+    "Tokenizer",
+    "default_length_buckets",
+    "encode_prompt",
+    "get_template",
+    "load_tokenizer",
+    "make_pair_pipeline",
+    "make_prompt_pipeline",
+    "make_reward_augment",
+    "make_sft_pipeline",
+    "make_unpaired_pipeline",
+    "parse_pair",
+    "parse_prompt",
+    "parse_sft",
+    "parse_unpaired",
+    "reward_augment",
+    "tokenize_example",
+]

@@ -1,0 +1,232 @@
+"""The bundled demo task: two-digit arithmetic with a programmatic judge.
+
+Prompts are ``"What is 23+58?"`` / ``"What is 71-19?"`` (both operands in 10..99, subtraction never
+goes below zero). The correct response is the number (``"81"``); a rejected response is a near miss:
+off by 1, off by 10, or the answer's digits swapped. `judge(prompt, response)` returns 1.0 for a
+correct response and 0.0 otherwise; it is the reward for RL on this task.
+
+`generate_demo_records(seed)` is deterministic given the seed; `write_demo_data(out_dir)` writes the
+files under ``data/demo`` (see `tools/make_demo_data.py`), including a SentencePiece tokenizer
+trained on a bundled corpus (vocab <= 512, digits split, no byte fallback, ids unk=0 bos=1 eos=2
+pad=3).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+
+PROMPT_FORMAT = "What is {a}{op}{b}?"
+_PROMPT_RE = re.compile(r"What is (\d+)\s*([+-])\s*(\d+)\?")
+_ANSWER_RE = re.compile(r"\s*(-?\d+)\s*\.?\s*")
+
+# Split sizes written by `write_demo_data`; the eval prompts are disjoint from the training prompts.
+SPLITS = {
+    "sft_train": 2000,
+    "pairs_train": 2000,
+    "pairs_eval": 200,
+    "unpaired_train": 2000,
+    "prompts_eval": 200,
+}
+
+
+def make_prompt(a: int, op: str, b: int) -> str:
+    """The prompt text for ``a op b``."""
+    return PROMPT_FORMAT.format(a=a, op=op, b=b)
+
+
+def parse_prompt(prompt: str) -> tuple[int, str, int]:
+    """``(a, op, b)`` from a demo prompt; ValueError if it is not one."""
+    m = _PROMPT_RE.search(prompt)
+    if m is None:
+        raise ValueError(f"not a demo arithmetic prompt: {prompt!r}")
+    return int(m.group(1)), m.group(2), int(m.group(3))
+
+
+def solve(prompt: str) -> int:
+    """The correct answer to a demo prompt."""
+    a, op, b = parse_prompt(prompt)
+    return a + b if op == "+" else a - b
+
+
+def judge(prompt: str, response: str) -> float:
+    """1.0 if `response` is exactly the right number (spaces / a final "." allowed), else 0.0."""
+    m = _ANSWER_RE.fullmatch(response)
+    if m is None:
+        return 0.0
+    return 1.0 if int(m.group(1)) == solve(prompt) else 0.0
+
+
+def near_miss(answer: int, rng: random.Random) -> int:
+    """A wrong answer near `answer`: +-1, +-10 or the digits swapped; never negative."""
+    cands = {answer + 1, answer - 1, answer + 10, answer - 10}
+    digits = str(answer)
+    if len(digits) >= 2:
+        swapped = digits[:-2] + digits[-1] + digits[-2]
+        if swapped[0] != "0":
+            cands.add(int(swapped))
+    cands = sorted(c for c in cands if c >= 0 and c != answer)
+    return rng.choice(cands)
+
+
+def _all_problems() -> list[tuple[int, str, int]]:
+    probs = []
+    for a in range(10, 100):
+        for b in range(10, 100):
+            probs.append((a, "+", b))
+            if a >= b:
+                probs.append((a, "-", b))
+    return probs
+
+
+def generate_demo_records(
+    seed: int = 0, sizes: dict[str, int] | None = None
+) -> dict[str, list[dict]]:
+    """All demo splits as lists of records (deterministic in `seed`).
+
+    Records: ``sft_train`` {prompt, completion}; ``pairs_train`` / ``pairs_eval`` {prompt, chosen,
+    rejected}; ``unpaired_train`` {prompt, completion, label} (half correct, half near misses);
+    ``prompts_eval`` {prompt, answer}; ``sft_eval`` {prompt, completion} (the same prompts as
+    ``prompts_eval``). Evaluation prompts never occur in any training split.
+    """
+    sizes = dict(SPLITS if sizes is None else sizes)
+    rng = random.Random(seed)
+    probs = _all_problems()
+    rng.shuffle(probs)
+    n_eval = sizes["pairs_eval"] + sizes["prompts_eval"]
+    eval_probs, train_probs = probs[:n_eval], probs[n_eval:]
+
+    def take(pool, n):
+        return [pool[rng.randrange(len(pool))] for _ in range(n)]
+
+    out: dict[str, list[dict]] = {}
+    out["sft_train"] = [
+        {"prompt": make_prompt(*p), "completion": str(solve(make_prompt(*p)))}
+        for p in take(train_probs, sizes["sft_train"])
+    ]
+    for split, pool in (
+        ("pairs_train", take(train_probs, sizes["pairs_train"])),
+        ("pairs_eval", eval_probs[: sizes["pairs_eval"]]),
+    ):
+        recs = []
+        for p in pool:
+            prompt = make_prompt(*p)
+            ans = solve(prompt)
+            recs.append(
+                {"prompt": prompt, "chosen": str(ans), "rejected": str(near_miss(ans, rng))}
+            )
+        out[split] = recs
+    recs = []
+    for i, p in enumerate(take(train_probs, sizes["unpaired_train"])):
+        prompt = make_prompt(*p)
+        ans = solve(prompt)
+        good = i % 2 == 0
+        recs.append(
+            {
+                "prompt": prompt,
+                "completion": str(ans if good else near_miss(ans, rng)),
+                "label": good,
+            }
+        )
+    out["unpaired_train"] = recs
+    out["prompts_eval"] = [
+        {"prompt": make_prompt(*p), "answer": str(solve(make_prompt(*p)))}
+        for p in eval_probs[sizes["pairs_eval"] :]
+    ]
+    # Held-out SFT split: the evaluation prompts with their right answers.
+    out["sft_eval"] = [
+        {"prompt": r["prompt"], "completion": r["answer"]} for r in out["prompts_eval"]
+    ]
+    return out
+
+
+_WORDS = {"+": ("plus", "sum"), "-": ("minus", "difference")}
+
+
+def demo_corpus(seed: int = 0, n_lines: int = 3000) -> str:
+    """A small text corpus for the demo tokenizer: prompts, answers, arithmetic sentences."""
+    rng = random.Random(seed + 1)
+    probs = _all_problems()
+    lines = [
+        "Arithmetic is the part of mathematics about numbers and the operations on them.",
+        "Addition puts two numbers together; subtraction takes one number away from another.",
+        "The answer to a question is a number written with digits.",
+        "Think step by step, then give the final answer.",
+    ]
+    for _ in range(n_lines):
+        a, op, b = probs[rng.randrange(len(probs))]
+        prompt = make_prompt(a, op, b)
+        ans = solve(prompt)
+        word, noun = _WORDS[op]
+        form = rng.randrange(4)
+        if form == 0:
+            lines.append(f"{prompt}\n{ans}")
+        elif form == 1:
+            lines.append(f"{a} {word} {b} is {ans}.")
+        elif form == 2:
+            lines.append(f"The {noun} of {a} and {b} is {ans}.")
+        else:
+            lines.append(f"{prompt} The answer is {ans}.")
+    return "\n".join(lines) + "\n"
+
+
+def train_sentencepiece(corpus_path: str, model_path: str, vocab_size: int = 256) -> None:
+    """Train a SentencePiece BPE model on `corpus_path` and write it to `model_path` (``.model``).
+
+    Settings: digits split (every number is a digit sequence), no byte fallback, identity
+    normalisation (newlines and spaces kept as written), ids unk=0 bos=1 eos=2 pad=3, one thread
+    (deterministic). ``hard_vocab_limit=False`` lets a small corpus give a smaller vocabulary than
+    asked.
+    """
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        input=corpus_path,
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        split_digits=True,
+        byte_fallback=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        user_defined_symbols=["\n"],
+        hard_vocab_limit=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        num_threads=1,
+        minloglevel=2,
+    )
+    _atomic_write(model_path, buf.getvalue())
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_demo_data(out_dir: str, seed: int = 0, vocab_size: int = 256) -> dict[str, str]:
+    """Write ``<split>.jsonl`` files, ``corpus.txt`` and ``tokenizer.model`` to `out_dir`.
+
+    Returns {name: path}. Each file is written to a temporary path and renamed.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for split, recs in generate_demo_records(seed).items():
+        path = os.path.join(out_dir, f"{split}.jsonl")
+        _atomic_write(path, "".join(json.dumps(r) + "\n" for r in recs).encode())
+        paths[split] = path
+    corpus = os.path.join(out_dir, "corpus.txt")
+    _atomic_write(corpus, demo_corpus(seed).encode())
+    paths["corpus"] = corpus
+    paths["tokenizer"] = os.path.join(out_dir, "tokenizer.model")
+    train_sentencepiece(corpus, paths["tokenizer"], vocab_size)
+    return paths

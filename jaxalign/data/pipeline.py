@@ -1,0 +1,712 @@
+"""Grain pipelines that turn JSONL files into fixed-shape training batches.
+
+Pipeline (DESIGN.md decision 6): `JsonlSource` (validated records) -> per-host slice
+``[process_index::process_count]`` -> ``shuffle(seed)`` (a fresh permutation every epoch) ->
+``repeat(num_epochs)`` -> ``map(tokenise + template + truncate)`` (all `grain.MapDataset`) ->
+`BatchIterator` (pad to a length bucket, or first-fit packing) -> batch dict of NumPy arrays.
+
+Batch layout (rows R, length T, sequences S; see /tmp/CONTRACTS.md "Data"):
+
+    tokens      int32   [R, T]  input ids (pad_id on padding)
+    targets     int32   [R, T]  next-token ids (pad_id on padding)
+    loss_mask   float32 [R, T]  1 where the target is a response token (response text + EOS)
+    positions   int32   [R, T]  0, 1, ... restarting for each sequence (0 on padding)
+    segment_ids int32   [R, T]  1, 2, ... per sequence within a row, 0 = padding
+    seq_index   int32   [R, T]  sequence of the batch the token belongs to (0..S-1), -1 = padding
+    example_mask float32 [S] (SFT, unpaired) or [P] (pairs): 1 for real examples, 0 for empty slots
+    labels      float32 [S]   (unpaired only) 1.0 desirable, 0.0 undesirable
+    <extra>     float32 [P] or [S]  each name in ``extra_fields`` (e.g. "margin"), 0 on empty slots
+
+- SFT / unpaired: S = batch_size; sequence i is example i.
+- Pairs: P = batch_size pairs, S = 2P; sequence i is the chosen response of pair i and sequence P +
+  i the rejected one. A sequence's log-prob is ``segment_sum(token_logps * loss_mask, seq_index,
+  S)``.
+
+Shapes. Pad mode (``pack=False``): one sequence per row, row r = sequence r (R = S), and T = the
+smallest length bucket >= the longest sequence of the batch (``length_buckets``, default powers of
+two from 16 plus ``max_len``), so jit compiles once per bucket. Pack mode (``pack=True``): R =
+``pack_rows`` rows of T = ``max_len``, always the same shape; examples are taken in order and each
+sequence goes into the first row with room (first-fit); the batch ends when the next example does
+not fit or all S slots are used, and that example starts the next batch (nothing is dropped; empty
+slots have example_mask 0). A pair is placed only if both its sequences fit.
+
+Determinism and resumption. The order depends only on (seed, data, process_index, process_count),
+and a batch only on the index of its first example, so ``state = it.get_state()`` is
+``{"next_index": int, "fingerprint": {...}}`` (JSON-serialisable) and a fresh iterator given
+``it.set_state(state)`` yields exactly the batches the old one would have. ``set_state`` refuses a
+state whose fingerprint (data size, seed, batch shape options, host slice) differs.
+
+Multi-host. ``batch_size`` is per host; each host reads a disjoint slice of the records, and the
+slices cover the data. Hosts must produce the same shapes: use ``pack=True`` (fixed shape), or pad
+mode, which uses T = max_len when process_count > 1 unless ``length_buckets`` is given. Slices
+differ in length by at most one record and packed batches consume varying numbers of examples, so
+multi-host training should run for a number of steps over ``num_epochs=None`` (endless) data.
+
+Also here: `make_prompt_pipeline` (left-padded prompt batches for generation, `PromptIterator`) and
+`Prefetch` (builds batches ahead on a thread; its state stays that of the last returned batch).
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from jaxalign.data import formats
+from jaxalign.data.sources import JsonlSource, RecordTransform
+from jaxalign.data.templates import Template, get_template
+from jaxalign.data.tokenizers import Tokenizer, load_tokenizer
+
+_KINDS = ("sft", "pair", "unpaired")
+
+
+def default_length_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from `smallest` below `max_len`, then `max_len`."""
+    out, b = [], smallest
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return (*out, max_len)
+
+
+def _tokenize(
+    example: dict,
+    *,
+    tokenizer,
+    template: Template,
+    max_len: int,
+    max_prompt_len: int,
+    add_bos: bool,
+) -> dict:
+    """Normalised example -> {"seqs": [(ids, prompt_len), ...], **scalar fields}."""
+    seqs = [
+        formats.tokenize_example(
+            tokenizer,
+            template,
+            example["messages"],
+            example["system"],
+            r,
+            max_len=max_len,
+            max_prompt_len=max_prompt_len,
+            add_bos=add_bos,
+        )
+        for r in example["responses"]
+    ]
+    out = {k: v for k, v in example.items() if k not in ("messages", "system", "responses")}
+    out["seqs"] = seqs
+    return out
+
+
+class _ResumableIterator:
+    """Walks a `grain.MapDataset` by index; its position is the whole (JSON-serialisable) state."""
+
+    def __init__(self, dataset: grain.MapDataset, source: JsonlSource, fingerprint: dict):
+        self._ds = dataset
+        self._len = len(dataset)
+        self._next = 0
+        self.source = source
+        self.fingerprint = fingerprint
+
+    @property
+    def num_bad_records(self) -> int:
+        """Malformed records skipped (``skip_bad_records=True``)."""
+        return self.source.num_bad_records
+
+    def __iter__(self):
+        return self
+
+    def get_state(self) -> dict:
+        """JSON-serialisable position: ``{"next_index": int, "fingerprint": dict}``."""
+        return {"next_index": int(self._next), "fingerprint": dict(self.fingerprint)}
+
+    def set_state(self, state: dict) -> None:
+        """Continue from `get_state()` of an iterator built with the same data and options."""
+        saved = state.get("fingerprint", {})
+        diff = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if saved.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"data iterator state does not match this pipeline (saved, now): {diff}"
+            )
+        self._next = int(state["next_index"])
+
+
+def _first_fit(seqs: list, slots: list[int], fill: list[int], T: int):
+    """Put each sequence in the first row with room; (placements, new fill) or None if one misses.
+
+    Placements are (slot, row, offset, ids, prompt_len); a sequence of n + 1 ids takes n columns.
+    """
+    fill = list(fill)
+    placed = []
+    for slot, (ids, plen) in zip(slots, seqs, strict=True):
+        n = len(ids) - 1
+        row = next((r for r, used in enumerate(fill) if used + n <= T), None)
+        if row is None:
+            return None
+        placed.append((slot, row, fill[row], ids, plen))
+        fill[row] += n
+    return placed, fill
+
+
+class BatchIterator(_ResumableIterator):
+    """Iterator of fixed-shape batch dicts (layout in the module doc) with checkpointable state.
+
+    Attributes:
+      source: the `JsonlSource` (``source.num_bad_records`` counts skipped records).
+      num_examples: examples this host sees per epoch.
+    """
+
+    def __init__(
+        self,
+        dataset: grain.MapDataset,
+        source: JsonlSource,
+        *,
+        kind: str,
+        batch_size: int,
+        max_len: int,
+        pack: bool,
+        pack_rows: int | None,
+        length_buckets: Sequence[int],
+        pad_id: int,
+        extra_fields: Sequence[str],
+        num_examples: int,
+        fingerprint: dict,
+    ):
+        super().__init__(dataset, source, fingerprint)
+        self.kind = kind
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.pack = pack
+        self.pack_rows = pack_rows
+        self.length_buckets = tuple(sorted(length_buckets))
+        self.pad_id = pad_id
+        self.extra_fields = tuple(extra_fields)
+        self.num_examples = num_examples
+        self._seqs_per_example = 2 if kind == "pair" else 1
+        self.num_sequences = batch_size * self._seqs_per_example
+
+    def _slots(self, j: int) -> list[int]:
+        """Sequence slots of the j-th example of a batch."""
+        return [j] if self.kind != "pair" else [j, self.batch_size + j]
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._next >= self._len:
+            raise StopIteration
+        examples, placed = [], []  # placed: (slot, row, offset, ids, prompt_len)
+        if self.pack:
+            rows, T = self.pack_rows, self.max_len
+            fill = [0] * rows
+            while len(examples) < self.batch_size and self._next + len(examples) < self._len:
+                ex = self._ds[self._next + len(examples)]
+                fit = _first_fit(ex["seqs"], self._slots(len(examples)), fill, T)
+                if fit is None:  # this example opens the next batch
+                    break
+                trial, fill = fit
+                examples.append(ex)
+                placed.extend(trial)
+        else:
+            n_ex = min(self.batch_size, self._len - self._next)
+            examples = [self._ds[self._next + j] for j in range(n_ex)]
+            for j, ex in enumerate(examples):
+                for slot, (ids, plen) in zip(self._slots(j), ex["seqs"], strict=True):
+                    placed.append((slot, slot, 0, ids, plen))
+            rows = self.num_sequences
+            longest = max(len(p[3]) - 1 for p in placed)
+            T = next(b for b in self.length_buckets if b >= longest)
+        self._next += len(examples)
+        return self._assemble(examples, placed, rows, T)
+
+    def _assemble(
+        self, examples: list[dict], placed: list, R: int, T: int
+    ) -> dict[str, np.ndarray]:
+        tokens = np.full((R, T), self.pad_id, np.int32)
+        targets = np.full((R, T), self.pad_id, np.int32)
+        loss_mask = np.zeros((R, T), np.float32)
+        positions = np.zeros((R, T), np.int32)
+        segment_ids = np.zeros((R, T), np.int32)
+        seq_index = np.full((R, T), -1, np.int32)
+        n_segments = np.zeros(R, np.int32)
+        for slot, row, off, ids, plen in placed:
+            n = len(ids) - 1
+            s = slice(off, off + n)
+            tokens[row, s] = ids[:-1]
+            targets[row, s] = ids[1:]
+            # target k is ids[k + 1]: a response token iff k + 1 >= prompt_len
+            loss_mask[row, s] = np.arange(n) >= plen - 1
+            positions[row, s] = np.arange(n)
+            n_segments[row] += 1
+            segment_ids[row, s] = n_segments[row]
+            seq_index[row, s] = slot
+        B = self.batch_size
+        example_mask = np.zeros(B, np.float32)
+        example_mask[: len(examples)] = 1.0
+        batch = {
+            "tokens": tokens,
+            "targets": targets,
+            "loss_mask": loss_mask,
+            "positions": positions,
+            "segment_ids": segment_ids,
+            "seq_index": seq_index,
+            "example_mask": example_mask,
+        }
+        fields = self.extra_fields + (("label",) if self.kind == "unpaired" else ())
+        for f in fields:
+            arr = np.zeros(B, np.float32)
+            arr[: len(examples)] = [ex[f] for ex in examples]
+            batch["labels" if f == "label" else f] = arr
+        return batch
+
+
+def _index_dataset(
+    source: JsonlSource,
+    fn,
+    seed: int,
+    shuffle: bool,
+    num_epochs: int | None,
+    process_index: int,
+    process_count: int,
+) -> tuple[grain.MapDataset, int]:
+    """source -> host slice -> shuffle (new permutation per epoch) -> repeat -> map(fn)."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    num_examples = len(ds)
+    if num_examples == 0:
+        raise ValueError(
+            f"{source.path}: no records for process {process_index} of {process_count}"
+        )
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    return ds.repeat(num_epochs).map(fn), num_examples
+
+
+def _make_pipeline(
+    kind: str,
+    parse,
+    path: str,
+    tokenizer: Tokenizer | str,
+    *,
+    batch_size: int,
+    max_len: int,
+    max_prompt_len: int | None,
+    pack: bool,
+    pack_rows: int | None,
+    length_buckets: Sequence[int] | None,
+    seed: int,
+    shuffle: bool,
+    template: str | Template,
+    add_bos: bool,
+    skip_bad_records: bool,
+    transforms: Sequence[RecordTransform],
+    extra_fields: Sequence[str],
+    process_index: int,
+    process_count: int,
+    num_epochs: int | None,
+) -> BatchIterator:
+    if kind not in _KINDS:
+        raise ValueError(f"unknown pipeline kind {kind!r}")
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
+    if max_prompt_len is None:
+        max_prompt_len = max_len // 2
+    if not 0 < max_prompt_len < max_len:
+        raise ValueError(f"need 0 < max_prompt_len < max_len, got {max_prompt_len}, {max_len}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    seqs_per_example = 2 if kind == "pair" else 1
+    if pack:
+        pack_rows = pack_rows or max(1, batch_size * seqs_per_example // 2)
+        if pack_rows < seqs_per_example:  # so that any one example fits an empty batch
+            raise ValueError(f"pack_rows must be >= {seqs_per_example}, got {pack_rows}")
+    if length_buckets is None:
+        length_buckets = default_length_buckets(max_len) if process_count == 1 else (max_len,)
+    if max(length_buckets) < max_len:
+        length_buckets = (*length_buckets, max_len)
+    template = get_template(template)
+
+    source = JsonlSource(path, parse, transforms=transforms, skip_bad_records=skip_bad_records)
+    tokenize = functools.partial(
+        _tokenize,
+        tokenizer=tokenizer,
+        template=template,
+        max_len=max_len,
+        max_prompt_len=max_prompt_len,
+        add_bos=add_bos,
+    )
+    ds, num_examples = _index_dataset(
+        source, tokenize, seed, shuffle, num_epochs, process_index, process_count
+    )
+    fingerprint = {
+        "kind": kind,
+        "path_records": len(source),
+        "num_examples": num_examples,
+        "seed": seed,
+        "shuffle": shuffle,
+        "batch_size": batch_size,
+        "max_len": max_len,
+        "max_prompt_len": max_prompt_len,
+        "pack": pack,
+        "pack_rows": pack_rows,
+        "process_index": process_index,
+        "process_count": process_count,
+        "num_epochs": num_epochs,
+    }
+    return BatchIterator(
+        ds,
+        source,
+        kind=kind,
+        batch_size=batch_size,
+        max_len=max_len,
+        pack=pack,
+        pack_rows=pack_rows,
+        length_buckets=length_buckets,
+        pad_id=tokenizer.pad_id,
+        extra_fields=extra_fields,
+        num_examples=num_examples,
+        fingerprint=fingerprint,
+    )
+
+
+def make_sft_pipeline(
+    path: str,
+    tokenizer: Tokenizer | str,
+    *,
+    batch_size: int,
+    max_len: int,
+    max_prompt_len: int | None = None,
+    pack: bool = False,
+    pack_rows: int | None = None,
+    length_buckets: Sequence[int] | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    template: str | Template = "plain",
+    add_bos: bool = True,
+    skip_bad_records: bool = False,
+    transforms: Sequence[RecordTransform] = (),
+    extra_fields: Sequence[str] = (),
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+) -> BatchIterator:
+    """SFT batches: S = batch_size sequences, sequence i is example i; loss on the completion.
+
+    Args:
+      path: JSONL file (record formats in `jaxalign.data.formats`).
+      tokenizer: a `Tokenizer`, or a path for `load_tokenizer`.
+      batch_size: examples (here sequences) per batch on this host.
+      max_len: row length T in pack mode and the largest length bucket; a sequence fills at most
+        max_len positions (max_len + 1 tokens with BOS and EOS; see `jaxalign.data.formats`).
+      max_prompt_len: prompt tokens kept (BOS included), cut from the left; default max_len // 2.
+      pack: first-fit packing into `pack_rows` rows of max_len; False: one sequence per row, padded
+        to a length bucket.
+      pack_rows: rows R of a packed batch; default max(1, S // 2).
+      length_buckets: pad-mode row lengths; default powers of two from 16, plus max_len.
+      seed: shuffle seed (a new permutation each epoch).
+      shuffle: False keeps file order (evaluation).
+      template: template name ("plain", "chatml", "llama3") or a `Template`.
+      add_bos: prepend the tokenizer's BOS id (if it has one).
+      skip_bad_records: skip and count malformed records (``it.num_bad_records``), don't raise.
+      transforms: record-level transforms (dict -> list of dicts), e.g. `reward_augment`.
+      extra_fields: numeric record fields carried into the batch as float32 [batch_size] arrays.
+      process_index, process_count: this host's slice ``[process_index::process_count]``.
+      num_epochs: passes over the data; None repeats forever.
+
+    Returns:
+      a `BatchIterator` of batch dicts (layout in this module's docstring); ``get_state()`` /
+      ``set_state()`` checkpoint its position.
+    """
+    return _make_pipeline("sft", formats.parse_sft, path, tokenizer, **_kw(locals()))
+
+
+def make_pair_pipeline(
+    path: str,
+    tokenizer: Tokenizer | str,
+    *,
+    batch_size: int,
+    max_len: int,
+    max_prompt_len: int | None = None,
+    pack: bool = False,
+    pack_rows: int | None = None,
+    length_buckets: Sequence[int] | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    template: str | Template = "plain",
+    add_bos: bool = True,
+    skip_bad_records: bool = False,
+    transforms: Sequence[RecordTransform] = (),
+    extra_fields: Sequence[str] = (),
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+) -> BatchIterator:
+    """Preference-pair batches: P = batch_size pairs, S = 2P sequences.
+
+    Sequence i is the chosen response of pair i, sequence P + i the rejected one; ``example_mask``
+    and each ``extra_fields`` array (e.g. "margin") are [P]. Arguments as in `make_sft_pipeline`,
+    with batch_size counting pairs (pack_rows defaults to P).
+    """
+    parse = functools.partial(formats.parse_pair, extra_fields=tuple(extra_fields))
+    return _make_pipeline("pair", parse, path, tokenizer, **_kw(locals()))
+
+
+def make_unpaired_pipeline(
+    path: str,
+    tokenizer: Tokenizer | str,
+    *,
+    batch_size: int,
+    max_len: int,
+    max_prompt_len: int | None = None,
+    pack: bool = False,
+    pack_rows: int | None = None,
+    length_buckets: Sequence[int] | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    template: str | Template = "plain",
+    add_bos: bool = True,
+    skip_bad_records: bool = False,
+    transforms: Sequence[RecordTransform] = (),
+    extra_fields: Sequence[str] = (),
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+) -> BatchIterator:
+    """Unpaired (KTO-style) batches: S = batch_size sequences, sequence i is example i.
+
+    Adds ``labels`` float32 [S] (1.0 desirable, 0.0 undesirable, 0.0 on empty slots). Arguments as
+    in `make_sft_pipeline`.
+    """
+    parse = functools.partial(formats.parse_unpaired, extra_fields=tuple(extra_fields))
+    return _make_pipeline("unpaired", parse, path, tokenizer, **_kw(locals()))
+
+
+def _kw(local_vars: dict) -> dict:
+    skip = ("path", "tokenizer", "parse")
+    return {k: v for k, v in local_vars.items() if k not in skip}
+
+
+def _encode_prompt_example(
+    example: dict, *, tokenizer, template: Template, max_prompt_len: int, add_bos: bool
+) -> dict:
+    ids = formats.encode_prompt(
+        tokenizer,
+        template,
+        example["messages"],
+        example["system"],
+        max_prompt_len=max_prompt_len,
+        add_bos=add_bos,
+    )
+    return {"ids": np.asarray(ids, np.int32), "record": example["record"]}
+
+
+class PromptIterator(_ResumableIterator):
+    """Iterator of left-padded prompt batches for generation (RL rollouts, evaluation).
+
+    Each batch holds B = batch_size prompts, left-padded to Tp = the smallest length bucket >= the
+    longest prompt, so every prompt ends at column Tp - 1 and decoding starts at the same step:
+
+        prompt_tokens      int32   [B, Tp]  pad_id on the left padding
+        prompt_segment_ids int32   [B, Tp]  1 on prompt tokens, 0 on padding
+        prompt_positions   int32   [B, Tp]  0, 1, ... from each prompt's first token, 0 on padding
+        prompt_lengths     int32   [B]
+        example_mask       float32 [B]      0 for empty slots at the end of finite data
+        records            list[dict | None] (Python objects, not arrays) the raw JSONL records
+                           (e.g. with a reference "answer" for a judge); None for empty slots.
+
+    Remove ``records`` before sending the arrays to devices.
+    """
+
+    def __init__(
+        self,
+        dataset: grain.MapDataset,
+        source: JsonlSource,
+        *,
+        batch_size: int,
+        length_buckets: Sequence[int],
+        pad_id: int,
+        num_examples: int,
+        fingerprint: dict,
+    ):
+        super().__init__(dataset, source, fingerprint)
+        self.batch_size = batch_size
+        self.length_buckets = tuple(sorted(length_buckets))
+        self.pad_id = pad_id
+        self.num_examples = num_examples
+
+    def __next__(self) -> dict:
+        if self._next >= self._len:
+            raise StopIteration
+        n = min(self.batch_size, self._len - self._next)
+        examples = [self._ds[self._next + j] for j in range(n)]
+        self._next += n
+        B = self.batch_size
+        lengths = np.zeros(B, np.int32)
+        lengths[:n] = [len(ex["ids"]) for ex in examples]
+        Tp = next(b for b in self.length_buckets if b >= lengths.max())
+        tokens = np.full((B, Tp), self.pad_id, np.int32)
+        segment_ids = np.zeros((B, Tp), np.int32)
+        positions = np.zeros((B, Tp), np.int32)
+        for i, ex in enumerate(examples):
+            L = lengths[i]
+            tokens[i, Tp - L :] = ex["ids"]
+            segment_ids[i, Tp - L :] = 1
+            positions[i, Tp - L :] = np.arange(L)
+        example_mask = np.zeros(B, np.float32)
+        example_mask[:n] = 1.0
+        return {
+            "prompt_tokens": tokens,
+            "prompt_segment_ids": segment_ids,
+            "prompt_positions": positions,
+            "prompt_lengths": lengths,
+            "example_mask": example_mask,
+            "records": [ex["record"] for ex in examples] + [None] * (B - n),
+        }
+
+
+def make_prompt_pipeline(
+    path: str,
+    tokenizer: Tokenizer | str,
+    *,
+    batch_size: int,
+    max_prompt_len: int,
+    length_buckets: Sequence[int] | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    template: str | Template = "plain",
+    add_bos: bool = True,
+    skip_bad_records: bool = False,
+    transforms: Sequence[RecordTransform] = (),
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+) -> PromptIterator:
+    """Prompt batches for generation from records ``{"prompt": str | messages, ...}``.
+
+    The prompt is templated like the training prompts (so generation continues exactly where a
+    response would start), cut from the left to max_prompt_len tokens (BOS kept). length_buckets
+    default to powers of two from 16 plus max_prompt_len (only max_prompt_len when
+    process_count > 1). Other arguments as in `make_sft_pipeline`; layout in `PromptIterator`.
+    """
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
+    if batch_size < 1 or max_prompt_len < 1:
+        raise ValueError(
+            f"need batch_size, max_prompt_len >= 1, got {batch_size}, {max_prompt_len}"
+        )
+    if length_buckets is None:
+        length_buckets = (
+            default_length_buckets(max_prompt_len) if process_count == 1 else (max_prompt_len,)
+        )
+    if max(length_buckets) < max_prompt_len:
+        length_buckets = (*length_buckets, max_prompt_len)
+    source = JsonlSource(
+        path, formats.parse_prompt, transforms=transforms, skip_bad_records=skip_bad_records
+    )
+    encode = functools.partial(
+        _encode_prompt_example,
+        tokenizer=tokenizer,
+        template=get_template(template),
+        max_prompt_len=max_prompt_len,
+        add_bos=add_bos,
+    )
+    ds, num_examples = _index_dataset(
+        source, encode, seed, shuffle, num_epochs, process_index, process_count
+    )
+    fingerprint = {
+        "kind": "prompt",
+        "path_records": len(source),
+        "num_examples": num_examples,
+        "seed": seed,
+        "shuffle": shuffle,
+        "batch_size": batch_size,
+        "max_prompt_len": max_prompt_len,
+        "process_index": process_index,
+        "process_count": process_count,
+        "num_epochs": num_epochs,
+    }
+    return PromptIterator(
+        ds,
+        source,
+        batch_size=batch_size,
+        length_buckets=length_buckets,
+        pad_id=tokenizer.pad_id,
+        num_examples=num_examples,
+        fingerprint=fingerprint,
+    )
+
+
+class Prefetch:
+    """Builds the next batches of a pipeline iterator on a background thread.
+
+    Batch building is host work that can overlap the device step. ``get_state()`` is the state after
+    the last batch *returned* (not the last one built), so checkpoints stay exact; ``set_state()``
+    drops the batches built ahead and continues from the given state. ``close()`` stops the thread.
+    """
+
+    def __init__(self, iterator: BatchIterator | PromptIterator, buffer_size: int = 2):
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+        self.iterator = iterator
+        self.buffer_size = buffer_size
+        self._state = iterator.get_state()
+        self._thread: threading.Thread | None = None
+
+    def _start(self) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=self.buffer_size)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        """Queue `item` unless stopped first (so `close` never waits on a full queue)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for batch in self.iterator:
+                if not self._put((batch, self.iterator.get_state())):
+                    return
+            self._put((StopIteration, None))
+        except Exception as e:  # re-raised in the consumer thread
+            self._put((e, None))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._thread is None:
+            self._start()
+        item, state = self._queue.get()
+        if isinstance(item, BaseException) or item is StopIteration:
+            self._queue.put((item, None))  # keep raising on later calls
+            raise item
+        self._state = state
+        return item
+
+    def get_state(self) -> dict:
+        return self._state
+
+    def set_state(self, state: dict) -> None:
+        self.close()
+        self.iterator.set_state(state)
+        self._state = self.iterator.get_state()
+
+    def close(self) -> None:
+        """Stop the background thread (the next ``next()`` restarts it at ``get_state()``)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self.iterator.set_state(self._state)
+
+    @property
+    def num_bad_records(self) -> int:
+        return self.iterator.num_bad_records
