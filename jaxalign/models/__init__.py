@@ -1,0 +1,70 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5/3) as Flax NNX modules + functional face.
+
+Params are a plain nested dict with layers stacked on a leading axis L:
+
+    {"embed": {"embedding": [V, D]},
+     "layers": {"attn_norm": {"scale": [L, D]},
+                "attn": {"q_proj": {"kernel": [L, D, N, H], "bias": [L, N, H] (qkv_bias)},
+                         "k_proj": {"kernel": [L, D, K, H], "bias": [L, K, H] (qkv_bias)},
+                         "v_proj": {"kernel": [L, D, K, H], "bias": [L, K, H] (qkv_bias)},
+                         "o_proj": {"kernel": [L, N, H, D]},
+                         "q_norm": {"scale": [L, H]}, "k_norm": {"scale": [L, H]} (qk_norm)},
+                "mlp_norm": {"scale": [L, D]},
+                "mlp": {"gate_proj": {"kernel": [L, D, F]}, "up_proj": {"kernel": [L, D, F]},
+                        "down_proj": {"kernel": [L, F, D]}}},
+     "final_norm": {"scale": [D]},
+     "unembed": {"kernel": [D, V]}}   (absent when tie_embeddings)
+"""
+
+from jaxalign.models.cache import forward_with_cache, init_cache
+from jaxalign.models.config import PRESETS, ModelConfig, RopeScaling, get_preset
+from jaxalign.models.functional import (
+    Params,
+    abstract_params,
+    bind,
+    forward,
+    init_params,
+    logits,
+    param_count,
+    param_logical_axes,
+    unembedding,
+)
+from jaxalign.models.rope import apply_rope, rope_inv_freq
+from jaxalign.models.transformer import (
+    MLP,
+    Attention,
+    Block,
+    Dense,
+    Embed,
+    RMSNorm,
+    Transformer,
+    attention_mask,
+)
+
+__all__ = [
+    "MLP",
+    "PRESETS",
+    "Attention",
+    "Block",
+    "Dense",
+    "Embed",
+    "ModelConfig",
+    "Params",
+    "RMSNorm",
+    "RopeScaling",
+    "Transformer",
+    "abstract_params",
+    "apply_rope",
+    "attention_mask",
+    "bind",
+    "forward",
+    "forward_with_cache",
+    "get_preset",
+    "init_cache",
+    "init_params",
+    "logits",
+    "param_count",
+    "param_logical_axes",
+    "rope_inv_freq",
+    "unembedding",
+]

@@ -1,0 +1,236 @@
+"""Model configuration: frozen dataclasses and named presets, HF-exact hyperparameters."""
+
+from __future__ import annotations
+
+import dataclasses
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 ("llama3") RoPE frequency scaling.
+
+    Wavelengths longer than ``original_max_position_embeddings / low_freq_factor`` are divided by
+    ``factor``, shorter than ``original_max_position_embeddings / high_freq_factor`` are kept, and
+    the band in between is interpolated smoothly (Meta, "The Llama 3 Herd of Models", 2024).
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5/3).
+
+    Shape letters: V vocab_size, D d_model, L n_layers, N n_heads, K n_kv_heads, H head_dim,
+    F d_ff. ``dtype`` is the compute (activation) dtype, ``param_dtype`` the storage dtype of the
+    weights; norms, RoPE angles and the attention softmax always run in float32. ``remat`` picks
+    the rematerialisation of the scanned layer body: "none", "full" (save nothing) or "dots" (save
+    matmul outputs without batch dims:
+    ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``).
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    max_seq_len: int = 4096
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelConfig.n_heads={self.n_heads} must be a multiple of "
+                f"n_kv_heads={self.n_kv_heads} (grouped-query attention)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"ModelConfig.sliding_window={self.sliding_window}; expected >= 1")
+
+    def replace(self, **changes) -> ModelConfig:
+        """Returns a copy with ``changes`` applied (e.g. ``dtype="bfloat16"``, ``remat="full"``)."""
+        return dataclasses.replace(self, **changes)
+
+
+_LLAMA31_SCALING = RopeScaling(
+    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Tiny presets for tests and CPU smoke runs.
+    "tiny-64": ModelConfig(
+        vocab_size=512,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        d_ff=128,
+        max_seq_len=512,
+    ),
+    "tiny-qwen2": ModelConfig(
+        vocab_size=512,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        d_ff=128,
+        rope_theta=1e6,
+        norm_eps=1e-6,
+        qkv_bias=True,
+        tie_embeddings=True,
+        max_seq_len=512,
+    ),
+    "tiny-qwen3": ModelConfig(
+        vocab_size=512,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=32,
+        d_ff=128,
+        rope_theta=1e6,
+        norm_eps=1e-6,
+        qk_norm=True,
+        max_seq_len=512,
+    ),
+    # meta-llama/Llama-2-7b-hf
+    "llama2-7b": ModelConfig(
+        vocab_size=32000,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=32,
+        head_dim=128,
+        d_ff=11008,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        max_seq_len=4096,
+    ),
+    # meta-llama/Meta-Llama-3-8B
+    "llama3-8b": ModelConfig(
+        vocab_size=128256,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=14336,
+        rope_theta=500000.0,
+        norm_eps=1e-5,
+        max_seq_len=8192,
+    ),
+    # meta-llama/Llama-3.1-70B
+    "llama3.1-70b": ModelConfig(
+        vocab_size=128256,
+        d_model=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=28672,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA31_SCALING,
+        norm_eps=1e-5,
+        max_seq_len=131072,
+    ),
+    # mistralai/Mistral-7B-v0.3 (config.json: "sliding_window": null; v0.1 used 4096)
+    "mistral-7b": ModelConfig(
+        vocab_size=32768,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=14336,
+        rope_theta=1e6,
+        norm_eps=1e-5,
+        max_seq_len=32768,
+    ),
+    # Qwen/Qwen2.5-0.5B ("use_sliding_window": false)
+    "qwen2.5-0.5b": ModelConfig(
+        vocab_size=151936,
+        d_model=896,
+        n_layers=24,
+        n_heads=14,
+        n_kv_heads=2,
+        head_dim=64,
+        d_ff=4864,
+        rope_theta=1e6,
+        norm_eps=1e-6,
+        tie_embeddings=True,
+        qkv_bias=True,
+        max_seq_len=32768,
+    ),
+    # Qwen/Qwen2.5-7B
+    "qwen2.5-7b": ModelConfig(
+        vocab_size=152064,
+        d_model=3584,
+        n_layers=28,
+        n_heads=28,
+        n_kv_heads=4,
+        head_dim=128,
+        d_ff=18944,
+        rope_theta=1e6,
+        norm_eps=1e-6,
+        qkv_bias=True,
+        max_seq_len=131072,
+    ),
+    # Qwen/Qwen3-0.6B
+    "qwen3-0.6b": ModelConfig(
+        vocab_size=151936,
+        d_model=1024,
+        n_layers=28,
+        n_heads=16,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=3072,
+        rope_theta=1e6,
+        norm_eps=1e-6,
+        tie_embeddings=True,
+        qk_norm=True,
+        max_seq_len=40960,
+    ),
+    # Qwen/Qwen3-8B
+    "qwen3-8b": ModelConfig(
+        vocab_size=151936,
+        d_model=4096,
+        n_layers=36,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=12288,
+        rope_theta=1e6,
+        norm_eps=1e-6,
+        qk_norm=True,
+        max_seq_len=40960,
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    """The preset ``name`` with optional field ``overrides`` (e.g. ``dtype="bfloat16"``)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+    config = PRESETS[name]
+    return config.replace(**overrides) if overrides else config
