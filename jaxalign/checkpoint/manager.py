@@ -1,0 +1,81 @@
+"""Run checkpoints: train state, data-iterator state and config in one Orbax step directory.
+
+Layout under `<workdir>/checkpoints/<step>/`: `state` (params, optimizer state, step; sharded,
+restored straight into the target shardings), `data` (the Grain iterator state, JSON) and `config`
+(JSON, for the record). Orbax writes each step to a temporary directory and renames it when
+complete, so a run killed mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxalign.errors import CheckpointError
+
+
+def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(workdir).absolute() / "checkpoints"
+
+
+def make_manager(workdir, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict, config: dict):
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config),
+        ),
+        force=True,
+    )
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
+    """Restore `(state, data_state)` at `step` (default: latest) into the abstract shardings."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"{manager.directory}: no checkpoint to restore")
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+        ),
+    )
+    return restored["state"], restored["data"]
+
+
+def load_params(workdir, abstract_params: Any) -> Any:
+    """Params of the latest checkpoint of another run (`model.init_from = "checkpoint:DIR"`).
+
+    Only the `params` subtree is read; the optimizer state of that run is not touched.
+    """
+    directory = checkpoint_dir(workdir)
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+    step = manager.latest_step()
+    if step is None:
+        raise CheckpointError(f"{directory}: no checkpoint to load params from")
+    item = directory / str(step) / "state"
+    target = {"params": abstract_params}
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+        target,
+    )
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(
+            item,
+            args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True
+            ),
+        )
+    manager.close()
+    return restored["params"]

@@ -1,0 +1,359 @@
+"""The training loop shared by every family: straight-line, no trainer classes.
+
+build pipeline -> restore or init -> for each step: batch, step, log, evaluate, checkpoint.
+
+Failure handling: a non-finite loss or gradient norm (checked at every log step and before every
+save, so a bad state is never written) stops the run naming the step and the last good checkpoint;
+SIGTERM (preemption) finishes the current step, saves, and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from ml_collections import ConfigDict
+
+from jaxalign import losses, models, sharding
+from jaxalign.checkpoint import manager as ckpt
+from jaxalign.config import check_known_keys, to_dict
+from jaxalign.data import load_tokenizer, make_pair_pipeline, make_sft_pipeline
+from jaxalign.errors import ConfigError, TrainingError
+from jaxalign.train import steps
+from jaxalign.train.metrics import MetricsWriter
+from jaxalign.train.optimizer import learning_rate_schedule, make_optimizer
+
+FAMILIES = ("sft", "dpo")
+
+
+def model_config_from(config: ConfigDict):
+    """The architecture: the named preset, or the config.json of `model.init_from="hf:DIR"`,
+    with the config's dtype/remat overrides."""
+    if config.model.init_from.startswith("hf:"):
+        from jaxalign.checkpoint import load_hf_config
+
+        mc = load_hf_config(config.model.init_from[3:])
+    else:
+        mc = models.get_preset(config.model.preset)
+    changes = {}
+    if config.model.dtype:
+        changes["dtype"] = config.model.dtype
+    if config.model.remat:
+        changes["remat"] = config.model.remat
+    return dataclasses.replace(mc, **changes)
+
+
+def loss_settings(config: ConfigDict) -> tuple[str, dict]:
+    """(loss name, hyperparameters) with the hyperparameters checked against the loss."""
+    loss = config.loss.to_dict()
+    name = loss.pop("name")
+    try:
+        losses.bind(name, **loss)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"loss {name!r}: {e}") from None
+    return name, loss
+
+
+def make_objective(config: ConfigDict, model_config):
+    impl = None if config.logprob_impl == "auto" else config.logprob_impl
+    groups = jax.process_count()
+    if config.trainer == "sft":
+        objective = steps.sft_objective(model_config, num_groups=groups, implementation=impl)
+        return objective, False
+    if config.trainer == "dpo":
+        name, kwargs = loss_settings(config)
+        objective = steps.preference_objective(
+            model_config, name, kwargs, num_groups=groups, implementation=impl
+        )
+        return objective, losses.needs_reference(name)
+    raise ConfigError(f'trainer "{config.trainer}" is unknown (known: {", ".join(FAMILIES)})')
+
+
+def make_pipeline(config: ConfigDict, tokenizer, path: str, *, train: bool):
+    make = make_sft_pipeline if config.trainer == "sft" else make_pair_pipeline
+    return make(
+        path,
+        tokenizer,
+        batch_size=config.data.batch_size // config.optimizer.grad_accum,
+        max_len=config.data.max_len,
+        max_prompt_len=config.data.max_prompt_len,
+        pack=config.data.pack,
+        seed=config.data.shuffle_seed,
+        template=config.data.template,
+        skip_bad_records=config.data.skip_bad_records,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_epochs=None if train else 1,
+    )
+
+
+def state_shardings(mesh, param_shardings, abstract_state):
+    """Optimizer slots shard like the parameter they track (matched by path suffix and shape);
+    counters and other scalars are replicated."""
+    by_path = {path: s for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        for start in range(len(path)):
+            s = by_path.get(tuple(path[start:]))
+            if s is not None and len(s.spec) <= leaf.ndim:
+                return s
+        return replicated
+
+    opt = jax.tree_util.tree_map_with_path(pick, abstract_state["opt_state"])
+    return {"step": replicated, "params": param_shardings, "opt_state": opt}
+
+
+def init_params(config: ConfigDict, model_config, param_shardings):
+    """Initial weights, created or loaded straight into their shardings."""
+    source = config.model.init_from
+    if not source:
+        init = jax.jit(models.init_params, static_argnums=0, out_shardings=param_shardings)
+        return init(model_config, jax.random.key(config.seed))
+    kind, _, where = source.partition(":")
+    if kind == "checkpoint":
+        abstract = models.abstract_params(model_config)
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract,
+            param_shardings,
+        )
+        return ckpt.load_params(where, abstract)
+    if kind == "hf":
+        from jaxalign.checkpoint import load_hf
+
+        _, params = load_hf(where, dtype=model_config.param_dtype, shardings=param_shardings)
+        return params
+    raise ConfigError(f'model.init_from="{source}": expected "", "checkpoint:DIR" or "hf:DIR"')
+
+
+def _finite(metrics: dict) -> bool:
+    return all(math.isfinite(float(metrics[k])) for k in ("loss", "grad_norm"))
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run derives from its config before touching data or weights."""
+
+    config: ConfigDict
+    model_config: models.ModelConfig
+    tokenizer: object
+    objective: object
+    needs_ref: bool
+    mesh: jax.sharding.Mesh
+    param_shardings: object
+    state_shardings: dict
+    abstract_state: dict
+    rules: sharding.ShardingRules
+    tx: object
+    schedule: object
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def abstract_target(self) -> dict:
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.abstract_state,
+            self.state_shardings,
+        )
+
+    def jit_train_step(self):
+        return jax.jit(
+            steps.make_train_step(self.objective, self.tx, self.schedule),
+            in_shardings=(self.state_shardings, self._ref_shardings(), None),
+            out_shardings=(self.state_shardings, self.replicated),
+            donate_argnums=0,
+        )
+
+    def jit_eval_step(self):
+        return jax.jit(
+            steps.make_eval_step(self.objective),
+            in_shardings=(self.param_shardings, self._ref_shardings(), None),
+            out_shardings=self.replicated,
+        )
+
+    def global_batch(self, micro_batches: list[dict]) -> dict:
+        """Host batches -> one global batch with a leading micro-batch axis, rows sharded."""
+        stacked = {k: np.stack([b[k] for b in micro_batches]) for k in micro_batches[0]}
+        return sharding.to_global(stacked, self.mesh, self.rules, row_axis=1)
+
+    def _ref_shardings(self):
+        return self.param_shardings if self.needs_ref else None
+
+
+def setup(config: ConfigDict) -> Setup:
+    check_known_keys(config)
+    if config.data.batch_size % config.optimizer.grad_accum:
+        raise ConfigError(
+            f"data.batch_size={config.data.batch_size} is not divisible by "
+            f"optimizer.grad_accum={config.optimizer.grad_accum}"
+        )
+    model_config = model_config_from(config)
+    tokenizer = load_tokenizer(config.tokenizer)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ConfigError(
+            f"tokenizer {config.tokenizer} has {tokenizer.vocab_size} tokens but the model "
+            f"only {model_config.vocab_size}"
+        )
+    objective, needs_ref = make_objective(config, model_config)
+
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    rules = sharding.ShardingRules.preset(config.sharding)
+    abstract_params = models.abstract_params(model_config)
+    param_shardings = sharding.named_shardings(
+        mesh, rules, models.param_logical_axes(model_config), abstract_params
+    )
+    tx = make_optimizer(config.optimizer, config.steps)
+    abstract_state = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": abstract_params,
+        "opt_state": jax.eval_shape(tx.init, abstract_params),
+    }
+    return Setup(
+        config=config,
+        model_config=model_config,
+        tokenizer=tokenizer,
+        objective=objective,
+        needs_ref=needs_ref,
+        mesh=mesh,
+        param_shardings=param_shardings,
+        state_shardings=state_shardings(mesh, param_shardings, abstract_state),
+        abstract_state=abstract_state,
+        rules=rules,
+        tx=tx,
+        schedule=learning_rate_schedule(config.optimizer, config.steps),
+    )
+
+
+def make_evaluator(run: Setup, ref_params):
+    """`evaluate(params) -> metrics averaged over the eval split` (None without an eval file)."""
+    config = run.config
+    eval_step = run.jit_eval_step()
+
+    def evaluate(params) -> dict | None:
+        if not config.data.eval:
+            return None
+        sums, total = None, 0.0
+        pipeline = make_pipeline(config, run.tokenizer, config.data.eval, train=False)
+        for i, batch in enumerate(pipeline):
+            if config.eval_batches and i >= config.eval_batches:
+                break
+            batch = run.global_batch([batch])
+            metric_sums, weight = eval_step(params, ref_params, batch)
+            sums = metric_sums if sums is None else jax.tree.map(jnp.add, sums, metric_sums)
+            total += float(weight)
+        return {k: float(v) / max(total, 1e-9) for k, v in sums.items()}
+
+    return evaluate
+
+
+def evaluate_checkpoint(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Evaluate the latest checkpoint of a run on `data.eval` (the reference is the run's
+    initial weights, as in training)."""
+    run = setup(config)
+    if not config.data.eval:
+        raise ConfigError("data.eval is empty: nothing to evaluate on")
+    manager = ckpt.make_manager(workdir, async_save=False)
+    try:
+        state, _ = ckpt.restore(manager, run.abstract_target())
+    finally:
+        manager.close()
+    ref_params = (
+        init_params(config, run.model_config, run.param_shardings) if run.needs_ref else None
+    )
+    return make_evaluator(run, ref_params)(state["params"])
+
+
+def train(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Run (or resume) training as configured; returns the last train and eval metrics."""
+    workdir = pathlib.Path(workdir)
+    run = setup(config)
+    manager = ckpt.make_manager(
+        workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+    )
+    pipeline = make_pipeline(config, run.tokenizer, config.data.train, train=True)
+    resuming = manager.latest_step() is not None
+    initial = None
+    if run.needs_ref or not resuming:
+        initial = init_params(config, run.model_config, run.param_shardings)
+    # The reference is the initial policy (recomputed from the same source on resume); a copy
+    # when the policy starts from the same arrays, because the step donates the policy's buffers.
+    ref_params = None
+    if run.needs_ref:
+        ref_params = initial if resuming else jax.tree.map(jnp.copy, initial)
+    if resuming:
+        state, data_state = ckpt.restore(manager, run.abstract_target())
+        pipeline.set_state(data_state)
+    else:
+        opt_init = jax.jit(run.tx.init, out_shardings=run.state_shardings["opt_state"])
+        state = {
+            "step": jax.device_put(jnp.zeros((), jnp.int32), run.replicated),
+            "params": initial,
+            "opt_state": opt_init(initial),
+        }
+    del initial
+    start = int(state["step"])
+    train_step = run.jit_train_step()
+    evaluate = make_evaluator(run, ref_params)
+
+    writer = MetricsWriter(workdir, total_steps=config.steps, start_step=start)
+    config_record = to_dict(config) | {"model_config": dataclasses.asdict(run.model_config)}
+    preempted = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+
+    def check(metrics, step):
+        if not _finite(metrics):
+            manager.wait_until_finished()
+            last = manager.latest_step()
+            where = ckpt.checkpoint_dir(workdir) / str(last) if last is not None else "none"
+            bad = "loss" if not math.isfinite(float(metrics["loss"])) else "gradient norm"
+            raise TrainingError(
+                f"step {step}: {bad} is not finite; stopped. Last good checkpoint: {where}"
+            )
+
+    last_train, last_eval = {}, None
+    try:
+        if start == 0 and config.data.eval:
+            last_eval = evaluate(state["params"])
+            writer.write(0, last_eval, split="eval")
+        tick, tokens = time.perf_counter(), 0.0
+        for step in range(start, config.steps):
+            micro = [next(pipeline) for _ in range(config.optimizer.grad_accum)]
+            batch = run.global_batch(micro)
+            state, metrics = train_step(state, ref_params, batch)
+            writer.advance()
+            done = step + 1
+            tokens = tokens + metrics["tokens"]  # stays on device: no sync per step
+            if done % config.log_every == 0 or done == config.steps:
+                check(metrics, done)
+                now = time.perf_counter()
+                metrics = dict(metrics) | {"tokens_per_s": float(tokens) / max(now - tick, 1e-9)}
+                tick, tokens = now, 0.0
+                last_train = writer.write(done, metrics)
+            if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+                writer.write(done, evaluate(state["params"]) or {}, split="eval")
+            if done % config.checkpoint.every == 0 or done == config.steps or preempted:
+                check(metrics, done)
+                ckpt.save(manager, done, state, pipeline.get_state(), config_record)
+            if preempted:
+                writer.print(f"step {done}: SIGTERM received; checkpoint saved, exiting")
+                break
+        if not preempted and config.data.eval:
+            last_eval = evaluate(state["params"])
+            writer.write(config.steps, last_eval, split="eval")
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        signal.signal(signal.SIGTERM, previous)
+    return {"train": last_train, "eval": last_eval, "preempted": bool(preempted)}

@@ -1,0 +1,61 @@
+"""`make demo`: SFT a tiny model from scratch on the bundled arithmetic task, then DPO it.
+
+Prints held-out preference metrics before and after DPO. Runs on 2 CPU cores in a few minutes.
+The run directories are under runs/demo/ (recreated each time).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from jaxalign.config import apply_overrides, load_config  # noqa: E402
+from jaxalign.train import train  # noqa: E402
+
+ROWS = (
+    ("logps/accuracy", "policy prefers the correct answer (logp_w > logp_l)"),
+    ("rewards/accuracy", "implicit reward accuracy (beta*s_w > beta*s_l)"),
+    ("rewards/margin", "implicit reward margin beta*(s_w - s_l)"),
+    ("loss", "DPO loss"),
+)
+
+
+def main() -> None:
+    runs = ROOT / "runs" / "demo"
+    shutil.rmtree(runs, ignore_errors=True)
+    start = time.perf_counter()
+    print("== 1/2 SFT from scratch (configs/sft/tiny.py)", flush=True)
+    sft = train(load_config(str(ROOT / "configs/sft/tiny.py")), runs / "sft")
+    print(f"   held-out NLL after SFT: {sft['eval']['loss']:.4f}", flush=True)
+
+    print("== 2/2 DPO from the SFT checkpoint (configs/dpo/tiny.py)", flush=True)
+    dpo_config = apply_overrides(
+        load_config(str(ROOT / "configs/dpo/tiny.py")),
+        [f"model.init_from=checkpoint:{runs / 'sft'}"],
+    )
+    dpo = train(dpo_config, runs / "dpo")
+    before = _first_eval(runs / "dpo" / "metrics.jsonl")
+    after = dpo["eval"]
+    print(f"\nHeld-out preference pairs ({dpo_config.data.eval}), before -> after DPO:")
+    for key, text in ROWS:
+        print(f"  {text:<55} {before[key]:8.4f} -> {after[key]:8.4f}")
+    print(f"\ntotal time {time.perf_counter() - start:.0f} s; runs in {runs}")
+
+
+def _first_eval(path: pathlib.Path) -> dict:
+    import json
+
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record["split"] == "eval":
+            return record
+    raise RuntimeError(f"{path}: no eval record")
+
+
+if __name__ == "__main__":
+    main()
