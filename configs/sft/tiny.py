@@ -8,7 +8,7 @@ from jaxalign.config import base_config, parse_arg
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, steps=600, smoke=False)
+    arg = parse_arg(arg, steps=2000, smoke=False)
     c = base_config()
     c.trainer = "sft"
     c.model.preset = "tiny-64"
@@ -23,8 +23,8 @@ def get_config(arg=None):
     c.optimizer.weight_decay = 0.01
     c.steps = 4 if arg.smoke else arg.steps
     c.log_every = 2 if arg.smoke else 20
-    c.eval_every = 0 if arg.smoke else 200
+    c.eval_every = 0 if arg.smoke else 500
     c.eval_batches = 2 if arg.smoke else 8
-    c.checkpoint.every = 2 if arg.smoke else 200
+    c.checkpoint.every = 2 if arg.smoke else 500
     c.lock()
     return c

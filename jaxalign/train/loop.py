@@ -10,6 +10,8 @@ SIGTERM (preemption) finishes the current step, saves, and exits.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import pathlib
 import signal
@@ -25,22 +27,35 @@ from ml_collections import ConfigDict
 from jaxalign import losses, models, sharding
 from jaxalign.checkpoint import manager as ckpt
 from jaxalign.config import check_known_keys, to_dict
-from jaxalign.data import load_tokenizer, make_pair_pipeline, make_sft_pipeline
+from jaxalign.data import (
+    CACHE_FIELDS,
+    load_tokenizer,
+    make_pair_pipeline,
+    make_ref_join,
+    make_sft_pipeline,
+    make_unpaired_pipeline,
+)
 from jaxalign.errors import ConfigError, TrainingError
-from jaxalign.train import steps
+from jaxalign.train import reward, steps
 from jaxalign.train.metrics import MetricsWriter
 from jaxalign.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxalign.train.unpaired import WithRetain
 
-FAMILIES = ("sft", "dpo")
+FAMILIES = ("sft", "dpo", "unpaired", "reward")
 
 
 def model_config_from(config: ConfigDict):
-    """The architecture: the named preset, or the config.json of `model.init_from="hf:DIR"`,
-    with the config's dtype/remat overrides."""
-    if config.model.init_from.startswith("hf:"):
+    """The architecture, with the config's dtype/remat overrides: the one recorded where
+    `model.init_from` points ("hf:DIR" config.json, "checkpoint:DIR" record), else the preset."""
+    kind, _, where = config.model.init_from.partition(":")
+    if kind == "hf":
         from jaxalign.checkpoint import load_hf_config
 
-        mc = load_hf_config(config.model.init_from[3:])
+        mc = load_hf_config(where)
+    elif kind == "checkpoint":
+        from jaxalign.checkpoint.convert import read_model_config
+
+        mc = read_model_config(where).replace(dtype="float32", param_dtype="float32")
     else:
         mc = models.get_preset(config.model.preset)
     changes = {}
@@ -51,38 +66,76 @@ def model_config_from(config: ConfigDict):
     return dataclasses.replace(mc, **changes)
 
 
-def loss_settings(config: ConfigDict) -> tuple[str, dict]:
-    """(loss name, hyperparameters) with the hyperparameters checked against the loss."""
+def make_loss(config: ConfigDict) -> losses.Bound | losses.Mix:
+    """The configured loss, its hyperparameters checked against the loss's signature.
+
+    `loss.name` a name in `jaxalign.losses.names()`, the other `loss.*` keys its hyperparameters;
+    or `loss.name = "mix"` with `loss.terms` a tuple of `(name, weight[, hyper[, rename]])`, e.g.
+    MPO: `(("dpo", 0.8, {"beta": 0.1}), ("bco_pair", 0.2, {}), ("sft", 1.0, {}))`: loss =
+    sum_k weight_k loss_k (`jaxalign.losses.mix`)."""
     loss = config.loss.to_dict()
     name = loss.pop("name")
     try:
-        losses.bind(name, **loss)
+        if name != "mix":
+            return losses.bind(name, **loss)
+        terms = loss.pop("terms", ())
+        if loss or not terms:
+            raise ValueError(
+                f"a mix takes `loss.terms` (name, weight[, hyper[, rename]]) only, got "
+                f"terms={terms!r} and {sorted(loss)}"
+            )
+        return losses.mix([tuple(t) for t in terms])
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"loss {name!r}: {e}") from None
-    return name, loss
 
 
 def make_objective(config: ConfigDict, model_config):
+    """(objective, needs_ref): whether the run holds reference params (a reference-free loss, or
+    cached reference log-probs `data.ref_logps`, needs none)."""
     impl = None if config.logprob_impl == "auto" else config.logprob_impl
     groups = jax.process_count()
-    if config.trainer == "sft":
+    family = config.trainer
+    if family not in FAMILIES:
+        raise ConfigError(f'trainer "{family}" is unknown (known: {", ".join(FAMILIES)})')
+    if config.data.ref_logps and family != "dpo":
+        raise ConfigError('data.ref_logps: cached reference log-probs are for trainer "dpo"')
+    if family == "sft":
         objective = steps.sft_objective(model_config, num_groups=groups, implementation=impl)
+        objective.initial_loss_state = None
         return objective, False
-    if config.trainer == "dpo":
-        name, kwargs = loss_settings(config)
-        objective = steps.preference_objective(
-            model_config, name, kwargs, num_groups=groups, implementation=impl
-        )
-        return objective, losses.needs_reference(name)
-    raise ConfigError(f'trainer "{config.trainer}" is unknown (known: {", ".join(FAMILIES)})')
+    loss = make_loss(config)
+    try:
+        if family == "reward":
+            return reward.reward_objective(model_config, loss, num_groups=groups), False
+        make = steps.preference_objective if family == "dpo" else steps.unpaired_objective
+        objective = make(model_config, loss, num_groups=groups, implementation=impl)
+    except ValueError as e:
+        raise ConfigError(f"loss: {e}") from None
+    return objective, loss.needs_reference and not config.data.ref_logps
 
 
-def make_pipeline(config: ConfigDict, tokenizer, path: str, *, train: bool):
-    make = make_sft_pipeline if config.trainer == "sft" else make_pair_pipeline
-    return make(
-        path,
-        tokenizer,
-        batch_size=config.data.batch_size // config.optimizer.grad_accum,
+def ref_cache_settings(config: ConfigDict) -> dict:
+    """What cached reference log-probs depend on; the join checks them against the cache's."""
+    return {
+        "tokenizer": config.tokenizer,
+        "template": config.data.template,
+        "max_len": config.data.max_len,
+        "max_prompt_len": config.data.max_prompt_len,
+        "train_on_prompt": config.data.train_on_prompt,
+        "reference": config.model.init_from or f"{config.model.preset} seed={config.seed}",
+    }
+
+
+def make_pipeline(config: ConfigDict, tokenizer, path: str, *, train: bool, ref_join=True):
+    """The family's batch iterator for one split (layouts: `jaxalign.data.pipeline`).
+
+    sft: SFT records; dpo / reward: pairs (with `data.ref_logps`, the cached reference log-probs
+    joined in as per-pair fields); unpaired: `jaxalign.train.unpaired`. `data.extra_fields` are
+    carried into the batch by name (losses read them, e.g. margin, beta_feature)."""
+    family = config.trainer
+    kwargs = dict(
+        # data.batch_size is the global batch: each host reads its share of each micro-batch.
+        batch_size=config.data.batch_size // (config.optimizer.grad_accum * jax.process_count()),
         max_len=config.data.max_len,
         max_prompt_len=config.data.max_prompt_len,
         pack=config.data.pack,
@@ -91,8 +144,43 @@ def make_pipeline(config: ConfigDict, tokenizer, path: str, *, train: bool):
         skip_bad_records=config.data.skip_bad_records,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        num_epochs=None if train else 1,
+        train_on_prompt=config.data.train_on_prompt,
     )
+    extra, transforms = tuple(config.data.extra_fields), []
+    make = make_sft_pipeline
+    if family in ("dpo", "reward"):
+        make = make_pair_pipeline
+        if config.data.ref_logps and ref_join:
+            transforms.append(_ref_join(config.data.ref_logps, ref_cache_settings(config)))
+            extra += CACHE_FIELDS
+    elif family == "unpaired":
+        loss = make_loss(config)
+        if "labels" in steps.loss_inputs(loss):
+            make = make_unpaired_pipeline
+            kwargs["kl_sequences"] = steps.kl_sequences_needed(loss)
+    pipeline = make(
+        path,
+        tokenizer,
+        transforms=transforms,
+        extra_fields=extra,
+        num_epochs=None if train else 1,
+        **kwargs,
+    )
+    if family == "unpaired" and config.data.retain:
+        kwargs.pop("kl_sequences", None)
+        pipeline = WithRetain(pipeline, make_sft_pipeline(config.data.retain, tokenizer, **kwargs))
+    return pipeline
+
+
+@functools.lru_cache(maxsize=2)
+def _ref_join_cached(path: str, mtime: float, settings_json: str):
+    return make_ref_join(path, json.loads(settings_json))
+
+
+def _ref_join(path: str, settings: dict):
+    """The cache join transform, loaded once per file version (evaluations rebuild pipelines)."""
+    mtime = pathlib.Path(path).stat().st_mtime if pathlib.Path(path).exists() else 0.0
+    return _ref_join_cached(path, mtime, json.dumps(settings, sort_keys=True))
 
 
 def state_shardings(mesh, param_shardings, abstract_state):
@@ -109,11 +197,22 @@ def state_shardings(mesh, param_shardings, abstract_state):
         return replicated
 
     opt = jax.tree_util.tree_map_with_path(pick, abstract_state["opt_state"])
-    return {"step": replicated, "params": param_shardings, "opt_state": opt}
+    out = {"step": replicated, "params": param_shardings, "opt_state": opt}
+    # Loss state (BCO's running delta): a few scalars, replicated.
+    return out | {
+        k: jax.tree.map(lambda _: replicated, v) for k, v in abstract_state.items() if k not in out
+    }
 
 
 def init_params(config: ConfigDict, model_config, param_shardings):
-    """Initial weights, created or loaded straight into their shardings."""
+    """Initial weights, created or loaded straight into their shardings. A reward model's head
+    starts at zero; only the decoder comes from `model.init_from`."""
+    if reward.HEAD in param_shardings:
+        shardings = reward.decoder_params(param_shardings)
+        head = jax.jit(
+            reward.init_head, static_argnums=0, out_shardings=param_shardings[reward.HEAD]
+        )(model_config)
+        return reward.with_head(init_params(config, model_config, shardings), head)
     source = config.model.init_from
     if not source:
         init = jax.jit(models.init_params, static_argnums=0, out_shardings=param_shardings)
@@ -178,7 +277,7 @@ class Setup:
     def jit_eval_step(self):
         return jax.jit(
             steps.make_eval_step(self.objective),
-            in_shardings=(self.param_shardings, self._ref_shardings(), None),
+            in_shardings=(self.param_shardings, self._ref_shardings(), None, None),
             out_shardings=self.replicated,
         )
 
@@ -191,34 +290,56 @@ class Setup:
         return self.param_shardings if self.needs_ref else None
 
 
-def setup(config: ConfigDict) -> Setup:
+def setup(config: ConfigDict, *, devices=None, read_files: bool = True, model_config=None) -> Setup:
+    """The run's model, objective, mesh, shardings and optimizer, from the config alone.
+
+    `devices`: the mesh's devices (default: all devices of all processes), e.g. one device for a
+    reference run, or a TPU topology's devices for compile-only planning. `read_files=False`
+    (compile-only planning) loads no tokenizer, and takes the architecture from `model.preset`
+    when the `model.init_from` directory ("hf:DIR", "checkpoint:DIR") is not on this machine, so
+    a recipe can be planned without its files. `model_config` replaces the config's architecture
+    (planning compiles a layer-less variant to count FLOPs).
+    """
     check_known_keys(config)
-    if config.data.batch_size % config.optimizer.grad_accum:
+    per_step = config.optimizer.grad_accum * jax.process_count()
+    if config.data.batch_size % per_step:
         raise ConfigError(
-            f"data.batch_size={config.data.batch_size} is not divisible by "
-            f"optimizer.grad_accum={config.optimizer.grad_accum}"
+            f"data.batch_size={config.data.batch_size} (the global batch) is not divisible by "
+            f"optimizer.grad_accum={config.optimizer.grad_accum} x {jax.process_count()} processes"
         )
-    model_config = model_config_from(config)
-    tokenizer = load_tokenizer(config.tokenizer)
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise ConfigError(
-            f"tokenizer {config.tokenizer} has {tokenizer.vocab_size} tokens but the model "
-            f"only {model_config.vocab_size}"
-        )
+    where = config.model.init_from.partition(":")[2]
+    if model_config is None and (read_files or not where or pathlib.Path(where).exists()):
+        model_config = model_config_from(config)
+    elif model_config is None:
+        preset_only = ConfigDict(to_dict(config))
+        preset_only.model.init_from = ""
+        model_config = model_config_from(preset_only)
+    tokenizer = None
+    if read_files:
+        tokenizer = load_tokenizer(config.tokenizer)
+        if tokenizer.vocab_size > model_config.vocab_size:
+            raise ConfigError(
+                f"tokenizer {config.tokenizer} has {tokenizer.vocab_size} tokens but the model "
+                f"only {model_config.vocab_size}"
+            )
     objective, needs_ref = make_objective(config, model_config)
 
-    mesh = sharding.make_mesh(config.mesh.to_dict())
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
     rules = sharding.ShardingRules.preset(config.sharding)
     abstract_params = models.abstract_params(model_config)
-    param_shardings = sharding.named_shardings(
-        mesh, rules, models.param_logical_axes(model_config), abstract_params
-    )
+    logical_axes = models.param_logical_axes(model_config)
+    if config.trainer == "reward":
+        abstract_params = reward.with_head(abstract_params, reward.abstract_head(model_config))
+        logical_axes = reward.with_head(logical_axes, reward.head_logical_axes())
+    param_shardings = sharding.named_shardings(mesh, rules, logical_axes, abstract_params)
     tx = make_optimizer(config.optimizer, config.steps)
     abstract_state = {
         "step": jax.ShapeDtypeStruct((), jnp.int32),
         "params": abstract_params,
         "opt_state": jax.eval_shape(tx.init, abstract_params),
     }
+    if objective.initial_loss_state is not None:
+        abstract_state["loss_state"] = jax.eval_shape(lambda: objective.initial_loss_state)
     return Setup(
         config=config,
         model_config=model_config,
@@ -240,7 +361,7 @@ def make_evaluator(run: Setup, ref_params):
     config = run.config
     eval_step = run.jit_eval_step()
 
-    def evaluate(params) -> dict | None:
+    def evaluate(params, loss_state=None) -> dict | None:
         if not config.data.eval:
             return None
         sums, total = None, 0.0
@@ -249,10 +370,11 @@ def make_evaluator(run: Setup, ref_params):
             if config.eval_batches and i >= config.eval_batches:
                 break
             batch = run.global_batch([batch])
-            metric_sums, weight = eval_step(params, ref_params, batch)
+            metric_sums, weight = eval_step(params, ref_params, batch, loss_state)
             sums = metric_sums if sums is None else jax.tree.map(jnp.add, sums, metric_sums)
             total += float(weight)
-        return {k: float(v) / max(total, 1e-9) for k, v in sums.items()}
+        means = {k: v / max(total, 1e-9) for k, v in sums.items()}
+        return {k: float(v) for k, v in steps.finalize_metrics(means).items()}
 
     return evaluate
 
@@ -271,7 +393,7 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str | pathlib.Path) -> dict
     ref_params = (
         init_params(config, run.model_config, run.param_shardings) if run.needs_ref else None
     )
-    return make_evaluator(run, ref_params)(state["params"])
+    return make_evaluator(run, ref_params)(state["params"], state.get("loss_state"))
 
 
 def train(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -301,12 +423,19 @@ def train(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
             "params": initial,
             "opt_state": opt_init(initial),
         }
+        if run.objective.initial_loss_state is not None:
+            state["loss_state"] = jax.device_put(run.objective.initial_loss_state, run.replicated)
     del initial
     start = int(state["step"])
     train_step = run.jit_train_step()
     evaluate = make_evaluator(run, ref_params)
 
     writer = MetricsWriter(workdir, total_steps=config.steps, start_step=start)
+    if pipeline.num_bad_records:
+        writer.print(
+            f"{config.data.train}: skipped {pipeline.num_bad_records} malformed records "
+            "(data.skip_bad_records=True)"
+        )
     config_record = to_dict(config) | {"model_config": dataclasses.asdict(run.model_config)}
     preempted = []
     previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
@@ -324,7 +453,7 @@ def train(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
     last_train, last_eval = {}, None
     try:
         if start == 0 and config.data.eval:
-            last_eval = evaluate(state["params"])
+            last_eval = evaluate(state["params"], state.get("loss_state"))
             writer.write(0, last_eval, split="eval")
         tick, tokens = time.perf_counter(), 0.0
         for step in range(start, config.steps):
@@ -341,7 +470,8 @@ def train(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
                 tick, tokens = now, 0.0
                 last_train = writer.write(done, metrics)
             if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-                writer.write(done, evaluate(state["params"]) or {}, split="eval")
+                eval_metrics = evaluate(state["params"], state.get("loss_state"))
+                writer.write(done, eval_metrics or {}, split="eval")
             if done % config.checkpoint.every == 0 or done == config.steps or preempted:
                 check(metrics, done)
                 ckpt.save(manager, done, state, pipeline.get_state(), config_record)
@@ -349,7 +479,7 @@ def train(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
                 writer.print(f"step {done}: SIGTERM received; checkpoint saved, exiting")
                 break
         if not preempted and config.data.eval:
-            last_eval = evaluate(state["params"])
+            last_eval = evaluate(state["params"], state.get("loss_state"))
             writer.write(config.steps, last_eval, split="eval")
     finally:
         manager.wait_until_finished()
