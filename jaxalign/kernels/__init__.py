@@ -1,0 +1,20 @@
+"""Hot-path kernels: token log-probs / entropy and full-vocabulary KL from hidden states.
+
+Every op has a reference (the spec), a vocab-blocked XLA ``custom_vjp`` implementation that never
+materialises ``[N, V]`` logits, and Pallas kernels for TPU and GPU. See
+``jaxalign.kernels.logprob`` and ``jaxalign.kernels.kl``.
+"""
+
+from jaxalign.kernels.kl import KL_CLAMP, LOG_RATIO_CLAMP, kl_k1, kl_k2, kl_k3, token_kl
+from jaxalign.kernels.logprob import sharded_token_logprobs, token_logprobs
+
+__all__ = [
+    "KL_CLAMP",
+    "LOG_RATIO_CLAMP",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "sharded_token_logprobs",
+    "token_kl",
+    "token_logprobs",
+]

@@ -1,0 +1,157 @@
+"""Vocab-blocked token log-probs in plain XLA: never holds more than ``[N, block]`` logits.
+
+Forward: one pass over vocab tiles ``W[:, v0:v0+Vb]`` with an online logsumexp (Milakov &
+Gimelshein, 2018, "Online normalizer calculation for softmax"): for each tile ``z = h @ W_tile``,
+
+    m' = max(m, max_j z_j),  s' = s * exp(m - m') + sum_j exp(z_j - m'),
+    a' = a * exp(m - m') + sum_j exp(z_j - m') z_j                      (entropy)
+    q' = q * exp(2 (m - m')) + sum_j exp(2 (z_j - m'))                   (sum of squared probs)
+
+and at the end ``lse = m + log s``, ``entropy = lse - a / s``, ``sum_sq = q / s^2``. The target
+logit is a gather ``z_t = h . W[:, t]`` outside the loop.
+
+Backward (``jax.custom_vjp``) recomputes each tile and never stores ``[N, V]``:
+
+    d z_j = -g_lp p_j - g_ent p_j (log p_j + H) + 2 g_sq p_j (p_j - S)   (+ g_lp at j = t),
+    dh += dz @ W_tile^T,   dW[:, tile] = h^T @ dz.
+
+All three outputs are exactly differentiable w.r.t. ``hidden`` and ``unembedding``.
+
+The ``V // Vb`` full tiles run in a ``fori_loop``; a ``V % Vb`` remainder tile, if any, is one
+more static-size step, so W is never padded or copied and every dW tile is written exactly once
+(in place, no read-modify-write of the ``[D, V]`` accumulator).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+PerToken = Float[Array, "N"]
+TokenIds = Int[Array, "N"]
+
+DEFAULT_BLOCK_SIZE = 1024
+
+
+def fold_tiles(vocab: int, block_size: int | None, tile_fn, merge_fn):
+    """``merge_fn``-fold of ``tile_fn(start, size)`` over the vocab tiles of width ``block_size``.
+
+    The first tile seeds the carry (rather than zeros) so carry types also hold inside shard_map.
+    """
+    vb = min(block_size or DEFAULT_BLOCK_SIZE, vocab)
+    n_full, rem = divmod(vocab, vb)
+    carry = tile_fn(0, vb)
+    carry = lax.fori_loop(1, n_full, lambda i, c: merge_fn(c, tile_fn(i * vb, vb)), carry)
+    return merge_fn(carry, tile_fn(n_full * vb, rem)) if rem else carry
+
+
+def accumulate_grads(vocab: int, block_size: int | None, grad_fn, dw_shape):
+    """``(sum of dh tiles, dW)`` from ``grad_fn(start, size) -> (dh, dW[:, start:start+size])``.
+
+    Every dW tile is written once, in place; the seed tile allocates dW (see ``fold_tiles``).
+    """
+    vb = min(block_size or DEFAULT_BLOCK_SIZE, vocab)
+    n_full, rem = divmod(vocab, vb)
+
+    def step(carry, start, size):
+        dh, dw = carry
+        dh_t, dw_t = grad_fn(start, size)
+        return dh + dh_t, lax.dynamic_update_slice_in_dim(dw, dw_t, start, axis=1)
+
+    dh, dw_t = grad_fn(0, vb)
+    dw = lax.dynamic_update_slice_in_dim(jnp.zeros(dw_shape, jnp.float32), dw_t, 0, axis=1)
+    carry = lax.fori_loop(1, n_full, lambda i, c: step(c, i * vb, vb), (dh, dw))
+    return step(carry, n_full * vb, rem) if rem else carry
+
+
+def tile_logits(hidden, unembedding, start, size):
+    """``z = h @ W[:, start:start+size]`` in float32, and the tile of W."""
+    w_tile = lax.dynamic_slice_in_dim(unembedding, start, size, axis=1)
+    return jnp.dot(hidden, w_tile, preferred_element_type=jnp.float32), w_tile
+
+
+def _target_logit(hidden, unembedding, targets):
+    w_t = jnp.take(unembedding, targets, axis=1)  # [D, N]
+    return jnp.sum(hidden.astype(jnp.float32) * w_t.T.astype(jnp.float32), axis=-1)
+
+
+def _forward(hidden, unembedding, targets, block_size, want_ent, want_sq):
+    def tile_stats(start, size):
+        z, _ = tile_logits(hidden, unembedding, start, size)
+        m = jnp.max(z, axis=-1)
+        e = jnp.exp(z - m[:, None])
+        a = jnp.sum(e * z, axis=-1) if want_ent else None
+        q = jnp.sum(e * e, axis=-1) if want_sq else None
+        return m, jnp.sum(e, axis=-1), a, q
+
+    def merge(carry, tile):
+        (m, s, a, q), (m_t, s_t, a_t, q_t) = carry, tile
+        m_new = jnp.maximum(m, m_t)
+        old, new = jnp.exp(m - m_new), jnp.exp(m_t - m_new)
+        a = a * old + a_t * new if want_ent else None
+        q = q * old * old + q_t * new * new if want_sq else None
+        return m_new, s * old + s_t * new, a, q
+
+    m, s, a, q = fold_tiles(unembedding.shape[1], block_size, tile_stats, merge)
+    lse = m + jnp.log(s)
+    logp = _target_logit(hidden, unembedding, targets) - lse
+    entropy = lse - a / s if want_ent else None
+    sum_sq = q / (s * s) if want_sq else None
+    return logp, entropy, sum_sq, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _logprobs(hidden, unembedding, targets, block_size, want_ent, want_sq):
+    return _forward(hidden, unembedding, targets, block_size, want_ent, want_sq)[:3]
+
+
+def _logprobs_fwd(hidden, unembedding, targets, block_size, want_ent, want_sq):
+    logp, entropy, sum_sq, lse = _forward(
+        hidden, unembedding, targets, block_size, want_ent, want_sq
+    )
+    return (logp, entropy, sum_sq), (hidden, unembedding, targets, lse, entropy, sum_sq)
+
+
+def _logprobs_bwd(block_size, want_ent, want_sq, res, cotangents):
+    hidden, unembedding, targets, lse, entropy, sum_sq = res
+    g_lp, g_ent, g_sq = cotangents
+
+    def tile_grads(start, size):
+        z, w_tile = tile_logits(hidden, unembedding, start, size)
+        logp = z - lse[:, None]
+        p = jnp.exp(logp)
+        dz = -g_lp[:, None] * p
+        if want_ent:
+            dz = dz - g_ent[:, None] * p * (logp + entropy[:, None])
+        if want_sq:
+            dz = dz + 2.0 * g_sq[:, None] * p * (p - sum_sq[:, None])
+        dh = jnp.dot(dz.astype(w_tile.dtype), w_tile.T, preferred_element_type=jnp.float32)
+        dw = jnp.dot(hidden.T, dz.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        return dh, dw
+
+    dh, dw = accumulate_grads(unembedding.shape[1], block_size, tile_grads, unembedding.shape)
+    # One-hot part of d z: +g_lp at the target column.
+    dh = dh + g_lp[:, None] * jnp.take(unembedding, targets, axis=1).T.astype(jnp.float32)
+    dw = dw.at[:, targets].add((g_lp[:, None] * hidden.astype(jnp.float32)).T)
+    return dh.astype(hidden.dtype), dw.astype(unembedding.dtype), None
+
+
+_logprobs.defvjp(_logprobs_fwd, _logprobs_bwd)
+
+
+def logprobs(
+    hidden: Float[Array, "N D"],
+    unembedding: Float[Array, "D V"],
+    targets: TokenIds,
+    *,
+    return_entropy: bool = False,
+    return_sum_sq: bool = False,
+    block_size: int | None = None,
+) -> tuple[PerToken, PerToken | None, PerToken | None]:
+    """Per-token ``(logp, entropy, sum_sq)`` in float32 with vocab tiles of ``block_size`` columns.
+
+    ``targets`` must lie in ``[0, V)``. Memory is O(N * block_size + D * V) in forward and backward.
+    """
+    return _logprobs(hidden, unembedding, targets, block_size, return_entropy, return_sum_sq)

@@ -1,0 +1,181 @@
+"""Every token_logprobs implementation against the reference: values and gradients.
+
+Tolerances (fixed; do not relax, find out why a result moved):
+- float32 inputs: values atol 2e-5, gradients atol 2e-5 * max|reference grad| (summation order).
+- bfloat16 inputs (f32 accumulation in both): values atol 2e-3 (the reference and the kernels round
+  the same bf16 inputs but sum tiles in a different order); gradients are bf16 outputs, compared at
+  atol 2e-2 * max|reference grad| (one bf16 ulp is ~0.4%; the backward also rounds dz to bf16
+  before each matmul, as the reference's own backward does).
+Pallas kernels run in interpret mode on CPU with tiny shapes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+from jaxalign.kernels import sharded_token_logprobs, token_logprobs
+from jaxalign.kernels.logprob import pallas_gpu, pallas_tpu
+
+D, V, BLOCK = 32, 203, 64  # V deliberately not a multiple of BLOCK
+IMPLS = [
+    pytest.param("xla", {}, id="xla"),
+    pytest.param("pallas_tpu", {"interpret": True}, id="pallas_tpu-interpret"),
+    pytest.param("pallas_gpu", {"interpret": True}, id="pallas_gpu-interpret"),
+]
+TOL = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (2e-3, 2e-2)}
+
+
+def _inputs(seed, lead=(2, 7), dtype=jnp.float32, vocab=V):
+    k = jax.random.split(jax.random.key(seed), 4)
+    h = jax.random.normal(k[0], (*lead, D), jnp.float32).astype(dtype)
+    w = (jax.random.normal(k[1], (D, vocab), jnp.float32) * 0.7).astype(dtype)
+    t = jax.random.randint(k[2], lead, 0, vocab)
+    g = jax.random.normal(k[3], (3, *lead), jnp.float32)  # upstream weights for the three outputs
+    return h, w, t, g
+
+
+def _value_and_grads(impl, kw, h, w, t, g, mask=None, block_size=BLOCK):
+    def loss(h, w):
+        lp, ex = token_logprobs(
+            h,
+            w,
+            t,
+            implementation=impl,
+            mask=mask,
+            return_entropy=True,
+            return_sum_sq=True,
+            block_size=block_size,
+            **kw,
+        )
+        out = (lp, ex["entropy"], ex["sum_sq_probs"])
+        return sum(jnp.sum(o * gi) for o, gi in zip(out, g, strict=True)), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(h, w)
+    return out, grads
+
+
+def _close(got, want, atol):
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=atol
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("impl,kw", IMPLS)
+def test_matches_reference(impl, kw, dtype):
+    h, w, t, g = _inputs(1, dtype=dtype)
+    want, want_g = _value_and_grads("reference", {}, h, w, t, g)
+    got, got_g = _value_and_grads(impl, kw, h, w, t, g)
+    vtol, gtol = TOL[dtype]
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == jnp.float32 and a.shape == t.shape
+        _close(a, b, vtol)
+    for a, b in zip(got_g, want_g, strict=True):
+        assert a.dtype == b.dtype
+        _close(a, b, gtol * float(jnp.max(jnp.abs(b.astype(jnp.float32)))))
+
+
+@pytest.mark.parametrize("impl,kw", IMPLS)
+@pytest.mark.parametrize("vocab,block", [(64, 64), (50, 64), (203, 16)])
+def test_block_edges(impl, kw, vocab, block):
+    """V equal to, smaller than, and far from a multiple of the vocab tile."""
+    h, w, t, g = _inputs(2, lead=(9,), vocab=vocab)
+    want, want_g = _value_and_grads("reference", {}, h, w, t, g)
+    got, got_g = _value_and_grads(impl, kw, h, w, t, g, block_size=block)
+    for a, b in zip((*got, *got_g), (*want, *want_g), strict=True):
+        _close(a, b, 2e-5 * max(1.0, float(jnp.max(jnp.abs(b)))))
+
+
+@pytest.mark.parametrize("impl,kw", [pytest.param("reference", {}, id="reference"), *IMPLS])
+def test_mask_gives_zero_value_and_gradient(impl, kw):
+    h, w, t, g = _inputs(3)
+    mask = jax.random.bernoulli(jax.random.key(9), 0.6, t.shape)
+    t = jnp.where(mask, t, -100)  # padding targets are allowed where masked
+    h = jnp.where(mask[..., None], h, jnp.inf)  # even non-finite masked rows stay harmless
+    (lp, ent, sq), (dh, dw) = _value_and_grads(impl, kw, h, w, t, g, mask=mask)
+    assert np.all(np.asarray(lp)[~np.asarray(mask)] == 0)
+    assert np.all(np.asarray(ent)[~np.asarray(mask)] == 0)
+    assert np.all(np.asarray(dh)[~np.asarray(mask)] == 0)
+    assert np.all(np.isfinite(np.asarray(dw)))
+    hm = jnp.where(mask[..., None], h, 0.0)
+    (lp_ref, _, _), (_, dw_ref) = _value_and_grads(
+        "reference", {}, hm, w, jnp.where(mask, t, 0), g * mask
+    )
+    _close(lp, jnp.where(mask, lp_ref, 0.0), 2e-5)
+    _close(dw, dw_ref, 2e-5 * float(jnp.max(jnp.abs(dw_ref))))
+
+
+def test_out_of_range_targets():
+    h, w, t, _ = _inputs(4)
+    bad = t.at[1, 3].set(V)
+    with pytest.raises(ValueError, match=r"targets\[1, 3\] = 203 is outside the vocabulary"):
+        token_logprobs(h, w, bad)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        token_logprobs(h, w, t.at[0, 0].set(-1), implementation="reference")
+    # Under jit the values are unknown: those positions are NaN, the rest unaffected.
+    lp = jax.jit(lambda h, w, t: token_logprobs(h, w, t, implementation="xla"))(h, w, bad)
+    assert np.isnan(lp[1, 3]) and np.isfinite(np.delete(np.asarray(lp).ravel(), 1 * 7 + 3)).all()
+    # Masked out-of-range targets are fine.
+    mask = jnp.ones(t.shape, bool).at[1, 3].set(False)
+    assert np.isfinite(token_logprobs(h, w, bad, mask=mask)).all()
+
+
+def test_dispatch_and_shapes():
+    h, w, t, _ = _inputs(5)
+    assert token_logprobs(h, w, t).shape == t.shape  # None -> xla on CPU
+    flat = token_logprobs(h.reshape(-1, D), w, t.reshape(-1), implementation="reference")
+    _close(flat.reshape(t.shape), token_logprobs(h, w, t, implementation="reference"), 1e-6)
+    with pytest.raises(ValueError, match="needs a tpu backend"):
+        token_logprobs(h, w, t, implementation="pallas_tpu")
+    with pytest.raises(ValueError, match="unknown implementation"):
+        token_logprobs(h, w, t, implementation="cuda")
+    with pytest.raises(ValueError, match="expected targets.shape"):
+        token_logprobs(h[:, :3], w, t)
+
+
+@pytest.mark.parametrize("token_axes", [None, "data"])
+def test_sharded_matches_unsharded(token_axes):
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Explicit,) * 2)
+    vocab = 200  # divisible by the 4 vocab shards; each shard's 50 columns not by BLOCK
+    h, w, t, g = _inputs(6, lead=(4, 6), vocab=vocab)
+    mask = jnp.ones(t.shape, bool).at[0, :2].set(False)
+
+    def run(fn):
+        def loss(h, w):
+            lp, ex = fn(h, w, t, mask=mask, return_entropy=True, return_sum_sq=True)
+            out = (lp, ex["entropy"], ex["sum_sq_probs"])
+            return sum(jnp.sum(o * gi) for o, gi in zip(out, g, strict=True)), out
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(h, w)
+
+    (_, want), want_g = run(lambda *a, **k: token_logprobs(*a, implementation="reference", **k))
+    (_, got), got_g = run(
+        lambda *a, **k: sharded_token_logprobs(
+            *a,
+            mesh=mesh,
+            vocab_axis="tensor",
+            token_axes=token_axes,
+            implementation="xla",
+            block_size=16,
+            **k,
+        )
+    )
+    for a, b in zip((*got, *got_g), (*want, *want_g), strict=True):
+        _close(a, b, 3e-5 * max(1.0, float(jnp.max(jnp.abs(b)))))
+
+
+@pytest.mark.parametrize("platform,module", [("tpu", pallas_tpu), ("cuda", pallas_gpu)])
+def test_pallas_lowers_for_hardware(platform, module):
+    """Cross-platform lowering needs no device and runs the Pallas -> Mosaic / Triton lowering."""
+    h = jax.ShapeDtypeStruct((512, 256), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((256, 1000), jnp.bfloat16)  # V not a multiple of the tile
+    t = jax.ShapeDtypeStruct((512,), jnp.int32)
+
+    def loss(h, w, t):
+        lp, ent, sq = module.logprobs(h, w, t, return_entropy=True, return_sum_sq=True)
+        return jnp.sum(lp + ent + sq)
+
+    lowered = jax.jit(jax.grad(loss, (0, 1))).trace(h, w, t).lower(lowering_platforms=(platform,))
+    assert ("tpu_custom_call" if platform == "tpu" else "triton") in lowered.as_text()
