@@ -2,6 +2,7 @@
 
     jaxalign train --config configs/dpo/tiny.py --workdir runs/dpo-tiny --config.loss.beta=0.2
     jaxalign eval --config configs/dpo/tiny.py --workdir runs/dpo-tiny
+    jaxalign cache-ref --config configs/dpo/tiny.py --workdir runs/dpo-tiny [--out FILE]
     jaxalign convert from-hf --hf DIR --out CKPT
     jaxalign convert to-hf --checkpoint CKPT --out DIR [--tokenizer FILE] [--dtype bfloat16]
     jaxalign bench logprobs [-- benchmark flags]
@@ -68,6 +69,18 @@ def _cmd_eval(args, overrides):
         print(f"{key}: {value:.6g}")
 
 
+def _cmd_cache_ref(args, overrides):
+    import pathlib
+
+    from jaxalign.train.cache_ref import cache_reference
+
+    out = args.out or str(pathlib.Path(args.workdir) / "ref_logps.jsonl")
+    counts = cache_reference(_load(args, overrides), out)
+    for path, n in counts.items():
+        print(f"{path}: {n} records")
+    print(f"wrote {out}; train with --config.data.ref_logps={out}")
+
+
 def _cmd_convert(args, overrides):
     from jaxalign.checkpoint import convert
 
@@ -111,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workdir", required=True)
     ev.set_defaults(run=_cmd_eval)
 
+    cache = sub.add_parser(
+        "cache-ref",
+        help="compute the reference policy's log-probs of data.train and data.eval once",
+    )
+    cache.add_argument("--config", required=True)
+    cache.add_argument("--workdir", help="run directory; the cache goes to DIR/ref_logps.jsonl")
+    cache.add_argument("--out", help="the cache file (JSONL; default DIR/ref_logps.jsonl)")
+    cache.set_defaults(run=_cmd_cache_ref)
+
     conv = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face format")
     conv.add_argument("direction", choices=["from-hf", "to-hf"])
     conv.add_argument("--hf", help="from-hf: Hugging Face model directory")
@@ -135,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(rest)
     if args.command == "train" and not args.compile_only and not args.workdir:
         raise SystemExit("jaxalign: train needs --workdir")
+    if args.command == "cache-ref" and not (args.out or args.workdir):
+        raise SystemExit("jaxalign: cache-ref needs --out or --workdir")
     if args.command == "convert":
         needed = "hf" if args.direction == "from-hf" else "checkpoint"
         if not getattr(args, needed):

@@ -20,7 +20,10 @@ from jaxalign.errors import ConfigError
 
 def base_config() -> ConfigDict:
     c = ConfigDict()
-    c.trainer = "dpo"  # sft | dpo: which training loop runs
+    # Which objective trains: sft | dpo (any paired loss or mix, pair data) | unpaired (kto, bco,
+    # npo: {prompt, completion, label} or forget-set SFT records) | reward (scalar-head reward
+    # model, Bradley-Terry on pairs)
+    c.trainer = "dpo"
     c.seed = 0  # parameter init and any sampling
     c.steps = 1000  # optimizer updates
     c.log_every = 10  # metrics to console, metrics.jsonl and TensorBoard every N steps
@@ -44,15 +47,33 @@ def base_config() -> ConfigDict:
     c.data.train = ""  # JSONL file of the training split
     c.data.eval = ""  # JSONL file of the held-out split ("" = no evaluation)
     c.data.template = "plain"  # prompt/chat template name (jaxalign.data.templates)
-    c.data.batch_size = 8  # examples (pairs for preference training) per optimizer step
+    # Global examples (pairs for preference training) per optimizer step, over all hosts and
+    # micro-batches; each host reads batch_size / (grad_accum * processes) per micro-batch.
+    c.data.batch_size = 8
     c.data.max_len = 128  # tokens per row
     c.data.max_prompt_len = 64  # prompts longer than this are cut from the left
     c.data.pack = False  # pack several sequences per row (segment ids) instead of padding
     c.data.shuffle_seed = 0  # data order; fixed so a resumed run sees the same stream
     c.data.skip_bad_records = False  # skip and count malformed records instead of failing
+    # Numeric record fields carried into every batch under their own names, where losses read
+    # them: e.g. ("margin",) for bradley_terry, ("beta_feature",) for mm_dpo,
+    # ("chosen_margins", "rejected_margins") (lists of M numbers) for modpo.
+    c.data.extra_fields = ()
+    # The loss mask covers the prompt tokens too (joint preference, DOVE / JPO joint=True).
+    c.data.train_on_prompt = False
+    # Cached reference log-probs (`jaxalign cache-ref`, a JSONL file; "" = compute them): the
+    # dpo trainer then runs no reference forward and holds no reference weights.
+    c.data.ref_logps = ""
+    # unpaired trainer: an SFT JSONL retain set read alongside the forget set (NPO+GD), a batch
+    # of the same size per step, fed to a mix term as `retain_logps` / `retain_lengths`.
+    c.data.retain = ""
 
+    # The loss: `name` from jaxalign.losses.names(), the other keys its hyperparameters (checked
+    # against its signature; replace the whole `c.loss` for a loss without beta / label_smoothing).
+    # A mix: name = "mix" and terms = ((name, weight[, hyper[, rename]]), ...), e.g. MPO
+    # (("dpo", 0.8, {"beta": 0.1}), ("bco_pair", 0.2, {}), ("sft", 1.0, {})).
     c.loss = ConfigDict()
-    c.loss.name = "dpo"  # a name in jaxalign.losses.names()
+    c.loss.name = "dpo"
     c.loss.beta = 0.1
     c.loss.label_smoothing = 0.0
 

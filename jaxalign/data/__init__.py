@@ -23,12 +23,20 @@ from jaxalign.data.pipeline import (
     make_sft_pipeline,
     make_unpaired_pipeline,
 )
+from jaxalign.data.ref_cache import (
+    CACHE_FIELDS,
+    load_ref_cache,
+    make_ref_join,
+    record_key,
+    write_ref_cache,
+)
 from jaxalign.data.sources import JsonlSource
 from jaxalign.data.templates import TEMPLATES, Template, get_template
 from jaxalign.data.tokenizers import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 from jaxalign.data.transforms import make_reward_augment, reward_augment
 
 __all__ = [
+    "CACHE_FIELDS",
     "TEMPLATES",
     "BatchIterator",
     "DataError",
@@ -43,9 +51,11 @@ __all__ = [
     "default_length_buckets",
     "encode_prompt",
     "get_template",
+    "load_ref_cache",
     "load_tokenizer",
     "make_pair_pipeline",
     "make_prompt_pipeline",
+    "make_ref_join",
     "make_reward_augment",
     "make_sft_pipeline",
     "make_unpaired_pipeline",
@@ -53,6 +63,8 @@ __all__ = [
     "parse_prompt",
     "parse_sft",
     "parse_unpaired",
+    "record_key",
     "reward_augment",
     "tokenize_example",
+    "write_ref_cache",
 ]

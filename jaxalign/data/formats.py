@@ -156,13 +156,21 @@ def parse_prompt(rec: dict) -> dict:
     }
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def _extras(rec: dict, fields: tuple[str, ...]) -> dict:
+    """Numeric fields: a number, or a non-empty list of numbers (e.g. MODPO's margin vectors)."""
     out = {}
     for f in fields:
         v = _get(rec, f, "a number")
-        if isinstance(v, bool) or not isinstance(v, int | float):
+        if isinstance(v, list) and v and all(map(_is_number, v)):
+            out[f] = [float(x) for x in v]
+        elif _is_number(v):
+            out[f] = float(v)
+        else:
             raise RecordError(f, f"has type {type(v).__name__}", "a number")
-        out[f] = float(v)
     return out
 
 

@@ -15,12 +15,21 @@ Batch layout (rows R, length T, sequences S; see /tmp/CONTRACTS.md "Data"):
     seq_index   int32   [R, T]  sequence of the batch the token belongs to (0..S-1), -1 = padding
     example_mask float32 [S] (SFT, unpaired) or [P] (pairs): 1 for real examples, 0 for empty slots
     labels      float32 [S]   (unpaired only) 1.0 desirable, 0.0 undesirable
-    <extra>     float32 [P] or [S]  each name in ``extra_fields`` (e.g. "margin"), 0 on empty slots
+    <extra>     float32 [P] or [S]  each name in ``extra_fields`` (e.g. "margin"), 0 on empty slots;
+                float32 [P, M] for a field whose records hold a list of M numbers
 
 - SFT / unpaired: S = batch_size; sequence i is example i.
 - Pairs: P = batch_size pairs, S = 2P; sequence i is the chosen response of pair i and sequence P +
   i the rejected one. A sequence's log-prob is ``segment_sum(token_logps * loss_mask, seq_index,
   S)``.
+- Unpaired with ``kl_sequences=True`` (KTO's KL baseline): S = 2B; sequence B + i is example i's
+  prompt followed by the completion of the *next* example of the data order (the previous one for
+  the last example of finite data), cut to max_len like any sequence: the mismatched pairs
+  (x_i, y_j) whose log-ratios estimate KL (Ethayarajh et al., 2024; TRL shifts completions within
+  a batch the same way). It depends only on the example's index, so resumption stays exact.
+- ``train_on_prompt=True``: loss_mask also covers the prompt tokens (every target but the first
+  token), e.g. the joint preference objective (DOVE / JPO ``joint=True``) where logp counts the
+  prompt.
 
 Shapes. Pad mode (``pack=False``): one sequence per row, row r = sequence r (R = S), and T = the
 smallest length bucket >= the longest sequence of the batch (``length_buckets``, default powers of
@@ -174,9 +183,13 @@ class BatchIterator(_ResumableIterator):
         extra_fields: Sequence[str],
         num_examples: int,
         fingerprint: dict,
+        kl_sequences: bool = False,
+        train_on_prompt: bool = False,
     ):
         super().__init__(dataset, source, fingerprint)
         self.kind = kind
+        self.kl_sequences = kl_sequences
+        self.train_on_prompt = train_on_prompt
         self.batch_size = batch_size
         self.max_len = max_len
         self.pack = pack
@@ -185,12 +198,23 @@ class BatchIterator(_ResumableIterator):
         self.pad_id = pad_id
         self.extra_fields = tuple(extra_fields)
         self.num_examples = num_examples
-        self._seqs_per_example = 2 if kind == "pair" else 1
+        self._seqs_per_example = 2 if kind == "pair" or kl_sequences else 1
         self.num_sequences = batch_size * self._seqs_per_example
 
     def _slots(self, j: int) -> list[int]:
         """Sequence slots of the j-th example of a batch."""
-        return [j] if self.kind != "pair" else [j, self.batch_size + j]
+        return [j] if self._seqs_per_example == 1 else [j, self.batch_size + j]
+
+    def _example(self, index: int) -> dict:
+        """Example `index`, with its mismatched KL sequence appended when asked for."""
+        ex = self._ds[index]
+        if not self.kl_sequences:
+            return ex
+        other = index + 1 if index + 1 < self._len else index - 1
+        ids, plen = ex["seqs"][0]
+        other_ids, other_plen = self._ds[max(other, 0)]["seqs"][0]
+        mismatched = np.concatenate([ids[:plen], other_ids[other_plen:]])[: self.max_len + 1]
+        return ex | {"seqs": [ex["seqs"][0], (mismatched, plen)]}
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._next >= self._len:
@@ -200,7 +224,7 @@ class BatchIterator(_ResumableIterator):
             rows, T = self.pack_rows, self.max_len
             fill = [0] * rows
             while len(examples) < self.batch_size and self._next + len(examples) < self._len:
-                ex = self._ds[self._next + len(examples)]
+                ex = self._example(self._next + len(examples))
                 fit = _first_fit(ex["seqs"], self._slots(len(examples)), fill, T)
                 if fit is None:  # this example opens the next batch
                     break
@@ -209,7 +233,7 @@ class BatchIterator(_ResumableIterator):
                 placed.extend(trial)
         else:
             n_ex = min(self.batch_size, self._len - self._next)
-            examples = [self._ds[self._next + j] for j in range(n_ex)]
+            examples = [self._example(self._next + j) for j in range(n_ex)]
             for j, ex in enumerate(examples):
                 for slot, (ids, plen) in zip(self._slots(j), ex["seqs"], strict=True):
                     placed.append((slot, slot, 0, ids, plen))
@@ -235,7 +259,7 @@ class BatchIterator(_ResumableIterator):
             tokens[row, s] = ids[:-1]
             targets[row, s] = ids[1:]
             # target k is ids[k + 1]: a response token iff k + 1 >= prompt_len
-            loss_mask[row, s] = np.arange(n) >= plen - 1
+            loss_mask[row, s] = np.arange(n) >= (0 if self.train_on_prompt else plen - 1)
             positions[row, s] = np.arange(n)
             n_segments[row] += 1
             segment_ids[row, s] = n_segments[row]
@@ -254,8 +278,9 @@ class BatchIterator(_ResumableIterator):
         }
         fields = self.extra_fields + (("label",) if self.kind == "unpaired" else ())
         for f in fields:
-            arr = np.zeros(B, np.float32)
-            arr[: len(examples)] = [ex[f] for ex in examples]
+            values = np.asarray([ex[f] for ex in examples], np.float32)
+            arr = np.zeros((B, *values.shape[1:]), np.float32)
+            arr[: len(examples)] = values
             batch["labels" if f == "label" else f] = arr
         return batch
 
@@ -305,6 +330,8 @@ def _make_pipeline(
     process_index: int,
     process_count: int,
     num_epochs: int | None,
+    kl_sequences: bool = False,
+    train_on_prompt: bool = False,
 ) -> BatchIterator:
     if kind not in _KINDS:
         raise ValueError(f"unknown pipeline kind {kind!r}")
@@ -316,7 +343,7 @@ def _make_pipeline(
         raise ValueError(f"need 0 < max_prompt_len < max_len, got {max_prompt_len}, {max_len}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    seqs_per_example = 2 if kind == "pair" else 1
+    seqs_per_example = 2 if kind == "pair" or kl_sequences else 1
     if pack:
         pack_rows = pack_rows or max(1, batch_size * seqs_per_example // 2)
         if pack_rows < seqs_per_example:  # so that any one example fits an empty batch
@@ -354,6 +381,12 @@ def _make_pipeline(
         "process_count": process_count,
         "num_epochs": num_epochs,
     }
+    # Recorded only when set, so states saved before these options existed still resume.
+    fingerprint |= {
+        k: True
+        for k, on in (("kl_sequences", kl_sequences), ("train_on_prompt", train_on_prompt))
+        if on
+    }
     return BatchIterator(
         ds,
         source,
@@ -367,6 +400,8 @@ def _make_pipeline(
         extra_fields=extra_fields,
         num_examples=num_examples,
         fingerprint=fingerprint,
+        kl_sequences=kl_sequences,
+        train_on_prompt=train_on_prompt,
     )
 
 
@@ -390,6 +425,7 @@ def make_sft_pipeline(
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
+    train_on_prompt: bool = False,
 ) -> BatchIterator:
     """SFT batches: S = batch_size sequences, sequence i is example i; loss on the completion.
 
@@ -413,6 +449,7 @@ def make_sft_pipeline(
       extra_fields: numeric record fields carried into the batch as float32 [batch_size] arrays.
       process_index, process_count: this host's slice ``[process_index::process_count]``.
       num_epochs: passes over the data; None repeats forever.
+      train_on_prompt: the loss mask covers the prompt tokens too (not only the response).
 
     Returns:
       a `BatchIterator` of batch dicts (layout in this module's docstring); ``get_state()`` /
@@ -441,6 +478,7 @@ def make_pair_pipeline(
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
+    train_on_prompt: bool = False,
 ) -> BatchIterator:
     """Preference-pair batches: P = batch_size pairs, S = 2P sequences.
 
@@ -472,11 +510,15 @@ def make_unpaired_pipeline(
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
+    train_on_prompt: bool = False,
+    kl_sequences: bool = False,
 ) -> BatchIterator:
     """Unpaired (KTO-style) batches: S = batch_size sequences, sequence i is example i.
 
     Adds ``labels`` float32 [S] (1.0 desirable, 0.0 undesirable, 0.0 on empty slots). Arguments as
-    in `make_sft_pipeline`.
+    in `make_sft_pipeline`; ``kl_sequences=True`` adds the mismatched (prompt_i, completion_j)
+    sequences B + i for KTO's KL baseline (module doc), and then a packed example places only if
+    both its sequences fit.
     """
     parse = functools.partial(formats.parse_unpaired, extra_fields=tuple(extra_fields))
     return _make_pipeline("unpaired", parse, path, tokenizer, **_kw(locals()))

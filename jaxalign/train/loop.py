@@ -101,7 +101,6 @@ def make_objective(config: ConfigDict, model_config):
         raise ConfigError('data.ref_logps: cached reference log-probs are for trainer "dpo"')
     if family == "sft":
         objective = steps.sft_objective(model_config, num_groups=groups, implementation=impl)
-        objective.initial_loss_state = None
         return objective, False
     loss = make_loss(config)
     try:
@@ -238,6 +237,22 @@ def _finite(metrics: dict) -> bool:
     return all(math.isfinite(float(metrics[k])) for k in ("loss", "grad_norm"))
 
 
+def _under_mesh(mesh, jitted):
+    """`jitted`, traced and run under `jax.set_mesh(mesh)` so the log-prob kernel sees the mesh
+    (see `steps.token_logps`); `.lower(...)` too, for compile-only plans."""
+
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return jitted(*args)
+
+    def lower(*args):
+        with jax.set_mesh(mesh):
+            return jitted.lower(*args)
+
+    call.lower = lower
+    return call
+
+
 @dataclasses.dataclass
 class Setup:
     """Everything a run derives from its config before touching data or weights."""
@@ -267,19 +282,21 @@ class Setup:
         )
 
     def jit_train_step(self):
-        return jax.jit(
+        step = jax.jit(
             steps.make_train_step(self.objective, self.tx, self.schedule),
             in_shardings=(self.state_shardings, self._ref_shardings(), None),
             out_shardings=(self.state_shardings, self.replicated),
             donate_argnums=0,
         )
+        return _under_mesh(self.mesh, step)
 
     def jit_eval_step(self):
-        return jax.jit(
+        step = jax.jit(
             steps.make_eval_step(self.objective),
             in_shardings=(self.param_shardings, self._ref_shardings(), None, None),
             out_shardings=self.replicated,
         )
+        return _under_mesh(self.mesh, step)
 
     def global_batch(self, micro_batches: list[dict]) -> dict:
         """Host batches -> one global batch with a leading micro-batch axis, rows sharded."""
@@ -338,8 +355,10 @@ def setup(config: ConfigDict, *, devices=None, read_files: bool = True, model_co
         "params": abstract_params,
         "opt_state": jax.eval_shape(tx.init, abstract_params),
     }
-    if objective.initial_loss_state is not None:
-        abstract_state["loss_state"] = jax.eval_shape(lambda: objective.initial_loss_state)
+    # Running loss state (BCO's delta), when the objective carries one; saved with the state.
+    initial_loss_state = getattr(objective, "initial_loss_state", None)
+    if initial_loss_state is not None:
+        abstract_state["loss_state"] = jax.eval_shape(lambda: initial_loss_state)
     return Setup(
         config=config,
         model_config=model_config,
@@ -423,8 +442,9 @@ def train(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
             "params": initial,
             "opt_state": opt_init(initial),
         }
-        if run.objective.initial_loss_state is not None:
-            state["loss_state"] = jax.device_put(run.objective.initial_loss_state, run.replicated)
+        if "loss_state" in run.abstract_state:
+            loss_state = run.objective.initial_loss_state
+            state["loss_state"] = jax.device_put(loss_state, run.replicated)
     del initial
     start = int(state["step"])
     train_step = run.jit_train_step()

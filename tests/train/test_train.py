@@ -64,6 +64,31 @@ def test_sft_smoke_writes_metrics_checkpoints_and_tensorboard(sft_run):
     assert any((workdir / "tensorboard").iterdir())
 
 
+def test_eval_command_matches_the_runs_final_eval(sft_run):
+    workdir, result = sft_run
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxalign.cli",
+            "eval",
+            "--config",
+            f"{SFT}:smoke=True",
+            "--workdir",
+            str(workdir),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = dict(line.split(": ") for line in out.stdout.strip().splitlines())
+    assert float(printed["loss"]) == pytest.approx(result["eval"]["loss"], rel=1e-5)
+
+
 def test_dpo_smoke_from_the_sft_checkpoint(sft_run, tmp_path):
     sft_dir, _ = sft_run
     config = _config(DPO, f"model.init_from=checkpoint:{sft_dir}")
@@ -130,9 +155,7 @@ def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path, how):
     if how == "sigterm":
         assert proc.returncode == 143, err[-3000:]
         assert "SIGTERM received; checkpoint saved" in err
-    stopped_at = max(
-        int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()
-    )
+    stopped_at = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert stopped_at < 8, "the run finished before it was interrupted"
 
     rc, _, err = _run_cli(tmp_path, *RESUME_STEPS)
@@ -149,7 +172,11 @@ def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path, how):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = _config(
-        SFT, "optimizer.lr=1e38", "optimizer.clip_norm=0.0", "log_every=1", "checkpoint.every=1",
+        SFT,
+        "optimizer.lr=1e38",
+        "optimizer.clip_norm=0.0",
+        "log_every=1",
+        "checkpoint.every=1",
         "steps=20",
     )
     with pytest.raises(TrainingError, match=r"step \d+: .* is not finite; stopped\. Last good"):
@@ -167,7 +194,11 @@ def test_gradient_accumulation_equals_one_big_batch():
     tok = load_tokenizer(str(ROOT / config.tokenizer))
     batch = next(
         make_sft_pipeline(
-            str(ROOT / config.data.train), tok, batch_size=16, max_len=32, max_prompt_len=24,
+            str(ROOT / config.data.train),
+            tok,
+            batch_size=16,
+            max_len=32,
+            max_prompt_len=24,
             seed=3,
         )
     )

@@ -1,0 +1,89 @@
+"""`jaxalign cache-ref`: the reference policy's sequence log-probs of a pairs dataset, once.
+
+    jaxalign cache-ref --config configs/dpo/tiny.py --out runs/dpo-tiny/ref_logps.jsonl \\
+        --config.model.init_from=checkpoint:runs/sft-tiny
+    jaxalign train --config configs/dpo/tiny.py --workdir runs/dpo-tiny \\
+        --config.model.init_from=checkpoint:runs/sft-tiny \\
+        --config.data.ref_logps=runs/dpo-tiny/ref_logps.jsonl
+
+The reference is what training would use: the initial weights (`model.init_from`, else the random
+init from `seed`). Both splits (`data.train` and `data.eval`) go into one file, keyed by record
+content (`jaxalign.data.ref_cache`), with chosen / rejected sums and their LD-DPO common-prefix
+sums. Training with `data.ref_logps` joins them back per record, so it works with shuffling,
+packing and streaming, runs no reference forward and holds no reference weights. Single-process:
+run it on one host (it reads every record).
+
+The cache walks each file exactly as a single-process run's first epoch does (the run's pipeline:
+same seed, batch size, packing and mesh), so for that epoch the cached numbers are bit-identical
+to the ones the run would compute on the fly; later epochs batch records differently, and there
+they differ from an on-the-fly reference only by float32 rounding of a differently shaped
+forward.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import grain
+import jax
+from ml_collections import ConfigDict
+
+from jaxalign.config import to_dict
+from jaxalign.data import JsonlSource, parse_pair, record_key
+from jaxalign.data.ref_cache import write_ref_cache
+from jaxalign.errors import ConfigError
+from jaxalign.train import loop, steps
+
+
+def _key(record: dict, extra_fields: tuple[str, ...]) -> str:
+    parse_pair(record, extra_fields)  # the training source's validity, so indices line up
+    return record_key(record)
+
+
+def reference_logps(model_config, params, batch, implementation=None):
+    """Per pair ([P] x 4): chosen, rejected, chosen prefix, rejected prefix reference sums of one
+    global batch (leading micro-batch axis of size 1)."""
+    micro = jax.tree.map(lambda x: x[0], batch)
+    P = micro["example_mask"].shape[0]
+    index, total = steps.sequence_index(micro, 2 * P, 1)
+    mask = micro["loss_mask"]
+    lengths = steps.sequence_sums(mask, index, total)
+    prefix = steps.prefix_mask(mask, index, total, steps.pair_min_lengths(lengths, 1))
+    logps = steps.token_logps(model_config, params, micro, implementation)
+    full = steps.split_pairs(steps.sequence_sums(logps * mask, index, total), 1)
+    common = steps.split_pairs(steps.sequence_sums(logps * prefix, index, total), 1)
+    return (*full, *common)
+
+
+def cache_reference(config: ConfigDict, out: str) -> dict[str, int]:
+    """Write the cache for `data.train` and `data.eval`; returns {split path: records}."""
+    if jax.process_count() > 1:
+        raise ConfigError("cache-ref runs on one process (it reads every record itself)")
+    if config.trainer != "dpo":
+        raise ConfigError(f'cache-ref: trainer "{config.trainer}" takes no reference log-probs')
+    plain = ConfigDict(to_dict(config))
+    plain.data.ref_logps = ""
+    run = loop.setup(plain)
+    params = loop.init_params(plain, run.model_config, run.param_shardings)
+    impl = None if config.logprob_impl == "auto" else config.logprob_impl
+    compute = jax.jit(functools.partial(reference_logps, run.model_config, implementation=impl))
+    counts: dict[str, int] = {}
+    key = functools.partial(_key, extra_fields=tuple(config.data.extra_fields))
+
+    def entries():
+        for path in dict.fromkeys(p for p in (config.data.train, config.data.eval) if p):
+            keys = JsonlSource(path, key, skip_bad_records=config.data.skip_bad_records)
+            # The pipeline's record order (`_index_dataset`): a permutation of (seed, length).
+            order = grain.MapDataset.range(len(keys)).shuffle(seed=config.data.shuffle_seed)
+            pipeline = loop.make_pipeline(plain, run.tokenizer, path, train=False)
+            start = 0
+            for batch in pipeline:
+                n = int(batch["example_mask"].sum())
+                values = jax.device_get(compute(params, run.global_batch([batch])))
+                for j in range(n):
+                    yield keys[order[start + j]], tuple(v[j] for v in values)
+                start += n
+            counts[path] = start
+
+    write_ref_cache(out, entries(), loop.ref_cache_settings(config))
+    return counts
