@@ -307,7 +307,9 @@ def to_global(
                 "shards in total)"
             )
         global_shape = (
-            *arr.shape[:row_axis], rows // n_local * n_shards, *arr.shape[row_axis + 1 :]
+            *arr.shape[:row_axis],
+            rows // n_local * n_shards,
+            *arr.shape[row_axis + 1 :],
         )
         spec = PartitionSpec(*(None,) * row_axis, *batch_spec(rules, arr.ndim - row_axis))
         sharding = NamedSharding(mesh, spec)

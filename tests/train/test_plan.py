@@ -1,0 +1,132 @@
+"""Compile-only planning (`jaxalign train --compile_only [--topology ...]`)."""
+
+import contextlib
+import importlib.util
+import io
+import pathlib
+
+import pytest
+
+from jaxalign import cli, models
+from jaxalign.config import apply_overrides, load_config
+from jaxalign.errors import ConfigError
+from jaxalign.train import setup
+from jaxalign.train.plan import compile_plan, topology_name
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+DPO = ROOT / "configs/dpo/tiny.py"
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+def _tiny(*overrides):
+    config = load_config(f"{DPO}:smoke=True")
+    return apply_overrides(config, ["data.batch_size=16", *overrides])
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        plan = compile_plan(_tiny())
+    return plan, text.getvalue()
+
+
+def test_compile_only_prints_memory_and_flops(tiny_plan):
+    _, out = tiny_plan
+    for line in ("arguments", "outputs", "temporaries", "generated code", "total"):
+        assert f"\n  {line}" in out
+    assert "FLOPs/step" in out and "tokens/step" in out and "model params" in out
+    assert "8 x cpu" in out and "fsdp=8" in out
+
+
+def test_plan_numbers_are_consistent(tiny_plan):
+    plan, _ = tiny_plan
+    assert plan["devices"] == 8 and plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert plan["params"] == models.param_count(models.get_preset("tiny-64"))
+    # Padded pairs at their longest: 2 x 16 rows of max_len tokens.
+    assert plan["tokens_per_step"] == 2 * 16 * _tiny().data.max_len
+    mem = plan["memory"]
+    assert mem["arguments"] > 0 and mem["temporaries"] > 0
+    # The step donates its state: the new state reuses the old one's buffers.
+    assert 0 < mem["aliased"] <= mem["outputs"]
+    parts = ("arguments", "outputs", "temporaries", "generated_code")
+    assert mem["total"] == sum(mem[k] for k in parts) - mem["aliased"]
+    # XLA counts a loop body once; the plan multiplies the layer loops back. 8N per token
+    # (policy forward + backward, reference forward) without attention is a lower bound, and
+    # the uncorrected count (one layer's worth of 2) falls below it.
+    flops, model_flops = plan["flops_per_step"], plan["model_flops_per_step"]
+    assert model_flops < flops < 1.5 * model_flops
+    assert plan["flops_counted_per_device"] * 8 < model_flops
+    # The count by hand (matmuls with attention and recomputation) agrees (measured: 97%).
+    assert flops == pytest.approx(plan["analytic_flops_per_step"], rel=0.1)
+
+
+def test_grad_accum_keeps_flops_and_shrinks_activations(tiny_plan):
+    one, _ = tiny_plan
+    two = compile_plan(_tiny("optimizer.grad_accum=2"), echo=False)
+    assert two["tokens_per_step"] == one["tokens_per_step"]
+    assert two["flops_per_step"] == pytest.approx(one["flops_per_step"], rel=0.05)
+    assert two["memory"]["temporaries"] < one["memory"]["temporaries"]
+
+
+def test_micro_batches_that_do_not_split_over_the_devices_are_config_errors():
+    with pytest.raises(ConfigError, match="does not split over the 8 row shards"):
+        compile_plan(_tiny("optimizer.grad_accum=4"), echo=False)
+
+
+def test_cli_reports_a_bad_topology_in_one_line(capsys):
+    argv = ["train", "--config", f"{DPO}:smoke=True", "--compile_only", "--topology", "v5p-63"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith('jaxalign: --topology "v5p-63"')
+
+
+def test_the_real_scale_recipes_plan_without_their_files():
+    for name, preset in (("llama3_8b", "llama3-8b"), ("llama3_70b", "llama3.1-70b")):
+        config = load_config(str(ROOT / f"configs/dpo/{name}.py"))
+        assert not pathlib.Path(config.model.init_from[3:]).exists()
+        run = setup(config, read_files=False)
+        assert run.tokenizer is None
+        expected = models.get_preset(preset).replace(dtype="bfloat16", remat="full")
+        assert run.model_config == expected
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("v5p-8", "v5p:2x2x1"),
+        ("v5p-16", "v5p:2x2x2"),
+        ("v5p-32", "v5p:2x2x4"),
+        ("v5p-64", "v5p:2x4x4"),
+        ("v5p-128", "v5p:4x4x4"),
+        ("v5p-256", "v5p:4x4x8"),
+        ("v5p-512", "v5p:4x8x8"),
+        ("v4-64", "v4:2x4x4"),
+        ("v5p:2x2x4", "v5p:2x2x4"),
+    ],
+)
+def test_topology_names(name, expected):
+    assert topology_name(name) == expected
+
+
+@pytest.mark.parametrize("bad", ["v5p-63", "v5p-12", "v5e-16", "tpu"])
+def test_bad_topology_names_are_config_errors(bad):
+    with pytest.raises(ConfigError, match="--topology"):
+        topology_name(bad)
+
+
+@pytest.mark.skipif(HAS_LIBTPU, reason="checks the message shown when libtpu is missing")
+def test_topology_without_libtpu_says_what_to_install():
+    with pytest.raises(ConfigError, match=r"needs libtpu.*pip install 'jax\[tpu\]'"):
+        compile_plan(_tiny(), topology="v5p-8", echo=False)
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="AOT compilation for a TPU topology needs libtpu")
+def test_compile_for_a_tpu_topology_on_this_machine(capsys):
+    config = _tiny("mesh.fsdp=-1", "model.dtype=bfloat16", "model.remat=full")
+    plan = compile_plan(config, topology="v5p-8")
+    assert plan["devices"] == 4 and plan["topology"] == "v5p:2x2x1"
+    assert plan["device_kind"].startswith("TPU")
+    assert plan["memory"]["total"] > 0 and plan["flops_per_step"] > 0
+    assert "4 x TPU" in capsys.readouterr().out
