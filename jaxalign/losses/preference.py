@@ -98,7 +98,7 @@ def dpo(
     loss = -(1 - eps) logsig(beta D) - eps logsig(-beta D),   D = s(y_w) - s(y_l).
 
     Joint preference (DOVE / JPO, Bansal et al., 2024): the two sides may have different prompts;
-    with the data option ``joint=True`` the trainer also counts the prompt tokens in ``logp``
+    with ``data.train_on_prompt=True`` the trainer also counts the prompt tokens in ``logp``
     (loss mask over prompt + response). That is a masking choice upstream; this function is the
     same.
     """

@@ -111,6 +111,13 @@ def abstract_batch(run) -> dict[str, jax.ShapeDtypeStruct]:
     """ShapeDtypeStructs of one train-step batch (leading micro-batch axis), sharded like
     `run.global_batch` shards the real one."""
     config = run.config
+    if config.trainer not in ("sft", "dpo") or config.data.ref_logps or config.data.extra_fields:
+        # Those batches carry more sequences or fields (KTO's mismatched pairs, cached reference
+        # log-probs, data fields); planning them from shapes alone is not supported yet.
+        raise ConfigError(
+            f"--compile_only plans the sft and dpo trainers without data.ref_logps or "
+            f"data.extra_fields; this config has trainer={config.trainer!r}"
+        )
     accum = config.optimizer.grad_accum
     b = config.data.batch_size // accum
     per_example = 2 if config.trainer == "dpo" else 1

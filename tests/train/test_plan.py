@@ -130,3 +130,9 @@ def test_compile_for_a_tpu_topology_on_this_machine(capsys):
     assert plan["device_kind"].startswith("TPU")
     assert plan["memory"]["total"] > 0 and plan["flops_per_step"] > 0
     assert "4 x TPU" in capsys.readouterr().out
+
+
+def test_trainers_whose_batches_it_cannot_shape_are_refused():
+    config = load_config(str(ROOT / "configs/kto/tiny.py"))
+    with pytest.raises(ConfigError, match="plans the sft and dpo trainers"):
+        compile_plan(config, echo=False)
