@@ -38,13 +38,6 @@ LAYOUT_KEYS = (
     "segment_ids",
     "seq_index",
 )
-# Cached reference log-probs (`jaxalign cache-ref`), per pair, as the pipeline carries them.
-REF_CACHE_FIELDS = (
-    "ref_chosen_logps",
-    "ref_rejected_logps",
-    "ref_chosen_prefix_logps",
-    "ref_rejected_prefix_logps",
-)
 RETAIN_PREFIX = "retain/"
 
 
