@@ -44,11 +44,8 @@ def from_hf(hf_dir, out, *, dtype=None) -> None:
 
 def read_model_config(workdir) -> models.ModelConfig:
     """The model config recorded in the latest checkpoint of a run or converted checkpoint."""
-    manager = ckpt.make_manager(workdir, async_save=False)
+    manager, step = ckpt.open_latest(workdir)
     try:
-        step = manager.latest_step()
-        if step is None:
-            raise CheckpointError(f"{ckpt.checkpoint_dir(workdir)}: no checkpoint")
         record = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     finally:
         manager.close()

@@ -54,17 +54,32 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     return restored["state"], restored["data"]
 
 
+def open_latest(workdir) -> tuple[ocp.CheckpointManager, int]:
+    """A read-only manager over an existing run's checkpoints and its latest step.
+
+    Creates nothing: a mistyped path raises `CheckpointError` and leaves no directory behind.
+    The caller closes the manager.
+    """
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no checkpoint (directory not found)")
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    manager = ocp.CheckpointManager(directory, options=options)
+    step = manager.latest_step()
+    if step is None:
+        manager.close()
+        raise CheckpointError(f"{directory}: no checkpoint")
+    return manager, step
+
+
 def load_params(workdir, abstract_params: Any) -> Any:
     """Params of the latest checkpoint of another run (`model.init_from = "checkpoint:DIR"`).
 
     Only the `params` subtree is read; the optimizer state of that run is not touched.
     """
-    directory = checkpoint_dir(workdir)
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
-    step = manager.latest_step()
-    if step is None:
-        raise CheckpointError(f"{directory}: no checkpoint to load params from")
-    item = directory / str(step) / "state"
+    manager, step = open_latest(workdir)
+    manager.close()
+    item = checkpoint_dir(workdir) / str(step) / "state"
     target = {"params": abstract_params}
     restore_args = jax.tree.map(
         lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
@@ -77,5 +92,4 @@ def load_params(workdir, abstract_params: Any) -> Any:
                 item=target, restore_args=restore_args, partial_restore=True
             ),
         )
-    manager.close()
     return restored["params"]

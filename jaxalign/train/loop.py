@@ -404,9 +404,9 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str | pathlib.Path) -> dict
     run = setup(config)
     if not config.data.eval:
         raise ConfigError("data.eval is empty: nothing to evaluate on")
-    manager = ckpt.make_manager(workdir, async_save=False)
+    manager, step = ckpt.open_latest(workdir)
     try:
-        state, _ = ckpt.restore(manager, run.abstract_target())
+        state, _ = ckpt.restore(manager, run.abstract_target(), step)
     finally:
         manager.close()
     ref_params = (

@@ -89,6 +89,18 @@ def test_eval_command_matches_the_runs_final_eval(sft_run):
     assert float(printed["loss"]) == pytest.approx(result["eval"]["loss"], rel=1e-5)
 
 
+def test_reading_a_mistyped_run_directory_raises_and_creates_nothing(tmp_path):
+    from jaxalign.checkpoint.convert import read_model_config
+    from jaxalign.errors import CheckpointError
+
+    typo = tmp_path / "no-such-run"
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        read_model_config(typo)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        _latest_params(typo, models.get_preset("tiny-64"))
+    assert not typo.exists()
+
+
 def test_dpo_smoke_from_the_sft_checkpoint(sft_run, tmp_path):
     sft_dir, _ = sft_run
     config = _config(DPO, f"model.init_from=checkpoint:{sft_dir}")
