@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.kernels import token_kl, token_logprobs
-from jaxalign.kernels._dispatch import FALLBACK_ORDER
+from jaxalign.kernels import FALLBACK_ORDER, token_kl, token_logprobs
 
 
 def naive_logprobs(h, w, t):

@@ -71,10 +71,14 @@ def forward(
     tokens: Int[Array, "B T"],
     positions: Int[Array, "B T"] | None = None,
     segment_ids: Int[Array, "B T"] | None = None,
+    *,
+    mesh=None,
+    rules=None,
 ) -> Float[Array, "B T D"]:
     """Final-normed hidden states. ``positions`` default ``arange(T)``; ``segment_ids`` (0 =
-    padding) restrict attention to tokens of the same packed sequence."""
-    return bind(config, params)(tokens, positions, segment_ids)
+    padding) restrict attention to tokens of the same packed sequence. With sharding ``rules``
+    (and a ``mesh``) the activations are annotated with their logical axes (`Transformer`)."""
+    return bind(config, params)(tokens, positions, segment_ids, mesh=mesh, rules=rules)
 
 
 def unembedding(config: ModelConfig, params: Params) -> Float[Array, "D V"]:

@@ -20,10 +20,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.rope import apply_rope, rope_inv_freq
+from jaxalign.sharding.rules import ShardingRules, with_logical_constraint
 
 INIT_STD = 0.02
 
@@ -251,7 +253,13 @@ class Transformer(nnx.Module):
         tokens: Int[Array, "B T"],
         positions: Int[Array, "B T"] | None = None,
         segment_ids: Int[Array, "B T"] | None = None,
+        *,
+        mesh: Mesh | None = None,
+        rules: ShardingRules | None = None,
     ) -> Float[Array, "B T D"]:
+        """With `rules`, the residual stream (after the embedding and after every block) is
+        constrained to its logical axes ("batch", "seq", "act_embed") on `mesh` (or the mesh set
+        with `jax.set_mesh`; none: no constraint)."""
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -269,15 +277,20 @@ class Transformer(nnx.Module):
         )
         graphdef, layer_state = nnx.split(self.layers)
 
+        def constrain(h):
+            if rules is None:
+                return h
+            return with_logical_constraint(h, ("batch", "seq", "act_embed"), rules, mesh)
+
         def body(h, state):
             h, _ = nnx.merge(graphdef, state)(h, positions, mask)
-            return h, None
+            return constrain(h), None
 
         if self.config.remat != "none":
             body = jax.checkpoint(
                 body, policy=_REMAT_POLICIES[self.config.remat], prevent_cse=False
             )
-        h, _ = jax.lax.scan(body, self.embed(tokens), layer_state)
+        h, _ = jax.lax.scan(body, constrain(self.embed(tokens)), layer_state)
         return self.final_norm(h)
 
     def call_with_cache(
