@@ -20,10 +20,10 @@ from jaxalign.errors import ConfigError
 
 def base_config() -> ConfigDict:
     c = ConfigDict()
-    # Which objective trains: sft | dpo (any paired loss or mix, pair data) | unpaired (kto, bco,
-    # npo: {prompt, completion, label} or forget-set SFT records) | reward (scalar-head reward
-    # model, Bradley-Terry on pairs)
-    c.trainer = "dpo"
+    # The trainer family (jaxalign.train.families): sft | paired (any paired loss or mix, pair
+    # data; "dpo" is an alias) | unpaired (kto, bco, npo: {prompt, completion, label} or
+    # forget-set SFT records) | reward (scalar-head reward model, Bradley-Terry on pairs)
+    c.trainer = "paired"
     c.seed = 0  # parameter init and any sampling
     c.steps = 1000  # optimizer updates
     c.log_every = 10  # metrics to console, metrics.jsonl and TensorBoard every N steps
@@ -92,6 +92,13 @@ def base_config() -> ConfigDict:
     c.mesh.data = 1  # mesh axis sizes; -1 fills with the remaining devices
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
+    # Multi-slice TPU (or multi-host GPU) runs: how many slices (hosts) each mesh axis spans over
+    # the data-centre network; `mesh` is then the shape within one slice (jaxalign.sharding.
+    # make_mesh). All 1 = one slice. E.g. 2 slices of v5p-128: dcn_mesh.data=2.
+    c.dcn_mesh = ConfigDict()
+    c.dcn_mesh.data = 1
+    c.dcn_mesh.fsdp = 1
+    c.dcn_mesh.tensor = 1
     c.sharding = "fsdp"  # ShardingRules preset: dp | fsdp | fsdp_tp
 
     c.checkpoint = ConfigDict()

@@ -17,7 +17,7 @@ from jaxalign import models
 from jaxalign.checkpoint import manager as ckpt
 from jaxalign.config import apply_overrides, load_config
 from jaxalign.errors import TrainingError
-from jaxalign.train import setup, steps, train
+from jaxalign.train import setup, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SFT = str(ROOT / "configs/sft/tiny.py")
@@ -196,42 +196,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     steps_saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     params = _latest_params(tmp_path, models.get_preset("tiny-64"))
     assert steps_saved and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
-
-
-def test_gradient_accumulation_equals_one_big_batch():
-    config = _config(SFT, "data.pack=False")
-    run = setup(config)
-    from jaxalign.data import load_tokenizer, make_sft_pipeline
-
-    tok = load_tokenizer(str(ROOT / config.tokenizer))
-    batch = next(
-        make_sft_pipeline(
-            str(ROOT / config.data.train),
-            tok,
-            batch_size=16,
-            max_len=32,
-            max_prompt_len=24,
-            seed=3,
-        )
-    )
-    # Pad mode: row r is sequence r, so the batch splits by rows into two micro-batches.
-    halves = []
-    for part in (slice(0, 8), slice(8, 16)):
-        micro = {k: v[part] for k, v in batch.items()}
-        micro["seq_index"] = np.where(micro["seq_index"] >= 0, micro["seq_index"] - part.start, -1)
-        halves.append(micro)
-    params = models.init_params(run.model_config, jax.random.key(0))
-    state = {"step": np.int32(0), "params": params, "opt_state": run.tx.init(params)}
-    step = jax.jit(steps.make_train_step(run.objective, run.tx, run.schedule))
-    one, m1 = step(state, None, run.global_batch([batch]))
-    two, m2 = step(state, None, run.global_batch(halves))
-    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
-    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-        one["params"],
-        two["params"],
-    )
 
 
 def test_cli_unknown_config_key_names_it(tmp_path):
