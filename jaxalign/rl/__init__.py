@@ -2,6 +2,6 @@
 rewards (rule rewards, scaling, transforms) and the KL controller. Policy losses live in
 ``jaxalign.losses.policy``."""
 
-from jaxalign.rl import advantages, kl_control
+from jaxalign.rl import advantages, kl_control, rewards
 
-__all__ = ["advantages", "kl_control"]
+__all__ = ["advantages", "kl_control", "rewards"]
