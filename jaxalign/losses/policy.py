@@ -128,7 +128,8 @@ def clipped_policy_loss(
     if dual_clip is not None:
         check_range("dual_clip", dual_clip, 1.0, float("inf"), low_open=True)
     real = mask > 0
-    log_ratio = jnp.clip(logps - old_logps, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).astype(jnp.float32)
+    logps, old_logps = logps.astype(jnp.float32), old_logps.astype(jnp.float32)
+    log_ratio = jnp.clip(logps - old_logps, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = jnp.exp(log_ratio)
     adv = advantages.astype(jnp.float32)
     unclipped = -adv * ratio
@@ -170,12 +171,12 @@ def gspo_policy_loss(
     check_range("clip_low", clip_low, 0.0, 1.0)
     check_range("clip_high", clip_high, 0.0, float("inf"))
     real = mask > 0
+    logps, old_logps = logps.astype(jnp.float32), old_logps.astype(jnp.float32)
     log_ratio = jnp.clip(jnp.where(real, logps - old_logps, 0.0), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    log_ratio = log_ratio.astype(jnp.float32)
     length = jnp.maximum(jnp.sum(real, axis=1, keepdims=True), 1).astype(jnp.float32)
     seq_log_ratio = jax.lax.stop_gradient(jnp.sum(log_ratio, axis=1, keepdims=True) / length)
     token_log_s = seq_log_ratio + logps - jax.lax.stop_gradient(logps)
-    token_log_s = jnp.clip(token_log_s, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).astype(jnp.float32)
+    token_log_s = jnp.clip(token_log_s, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     s = jnp.exp(token_log_s)
     adv = advantages.astype(jnp.float32)
     unclipped = -adv * s
@@ -226,7 +227,7 @@ def aggregate(
     if norm_length is not None:
         check_range("norm_length", norm_length, 1, float("inf"))
     real = mask > 0
-    values = jnp.where(real, token_values, 0.0).astype(jnp.float32)
+    values = jnp.where(real, token_values.astype(jnp.float32), 0.0)
     tokens = jnp.sum(real, axis=1).astype(jnp.float32)
     rows = jnp.sum(tokens > 0).astype(jnp.float32)
     if mode == "token-mean":
@@ -257,11 +258,11 @@ def value_loss(
     if clip is not None:
         check_range("clip", clip, 0.0, float("inf"))
     real = mask > 0
-    v = values.astype(jnp.float32)
-    loss = 0.5 * jnp.square(v - returns)
+    v, v_old, ret = (x.astype(jnp.float32) for x in (values, old_values, returns))
+    loss = 0.5 * jnp.square(v - ret)
     if clip is not None:
-        v_clipped = old_values + jnp.clip(v - old_values, -clip, clip)
-        loss_clipped = 0.5 * jnp.square(v_clipped - returns)
+        v_clipped = v_old + jnp.clip(v - v_old, -clip, clip)
+        loss_clipped = 0.5 * jnp.square(v_clipped - ret)
         loss = jnp.where(loss_clipped > loss, loss_clipped, loss)
     return jnp.where(real, loss, 0.0)
 
@@ -284,7 +285,8 @@ def truncated_importance_weights(
     cap bounds the variance. No gradient flows through w.
     """
     check_range("cap", cap, 0.0, float("inf"), low_open=True)
-    log_w = jnp.minimum(trainer_old_logps - sampler_logps, jnp.log(cap)).astype(jnp.float32)
+    log_w = trainer_old_logps.astype(jnp.float32) - sampler_logps.astype(jnp.float32)
+    log_w = jnp.minimum(log_w, jnp.log(cap))
     return jnp.where(mask > 0, jax.lax.stop_gradient(jnp.exp(log_w)), 0.0)
 
 

@@ -380,3 +380,16 @@ def test_kl_estimator_gradients(seed):
         np.testing.assert_allclose(_expected(f32(theta), est, ref_logits), reverse_kl, rtol=1e-5)
     k2 = _expected(f32(theta), policy.kl_k2, ref_logits)
     np.testing.assert_allclose(k2, np.sum(pi * d**2 / 2), rtol=1e-5)  # biased: not reverse_kl
+
+
+def test_bfloat16_in_float32_out():
+    logps, old, a, mask = (jnp.asarray(x, jnp.bfloat16) for x in inputs(8))
+    outs = [
+        *policy.clipped_policy_loss(logps, old, a, mask, dual_clip=3.0)[0:1],
+        *policy.clipped_policy_loss(logps, old, a, mask)[1].values(),
+        *policy.gspo_policy_loss(logps, old, a, mask)[0:1],
+        *policy.aggregate(logps, mask, "token-mean"),
+        policy.value_loss(logps, old, a, mask),
+        policy.truncated_importance_weights(logps, old, mask),
+    ]
+    assert all(x.dtype == jnp.float32 for x in outs)

@@ -292,3 +292,20 @@ def test_token_level():
     mask = random_mask(np.random.default_rng(9))
     a = np.arange(B, dtype=np.float64) - 2
     np.testing.assert_array_equal(adv.token_level(f32(a), f32(mask)), a[:, None] * mask)
+
+
+def test_bfloat16_in_float32_out():
+    rng = np.random.default_rng(10)
+    mask = jnp.asarray(random_mask(rng), jnp.bfloat16)
+    x = jnp.asarray(rng.normal(size=(B, T)), jnp.bfloat16)
+    r = jnp.asarray(rng.normal(size=B), jnp.bfloat16)
+    outs = [
+        *adv.gae(x, x, mask),
+        adv.group_advantages(r, 3),
+        adv.rloo_advantages(r, 3),
+        adv.kl_shaped_rewards(r, x, mask, kl_coef=0.1),
+        adv.reinforce_pp_advantages(r, x, mask, kl_coef=0.1),
+        adv.whiten(x, mask),
+        adv.token_level(r, mask),
+    ]
+    assert all(o.dtype == jnp.float32 for o in outs)
