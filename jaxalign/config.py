@@ -87,6 +87,10 @@ def base_config() -> ConfigDict:
     c.optimizer.weight_decay = 0.0  # AdamW decoupled weight decay (not on norms or biases)
     c.optimizer.clip_norm = 1.0  # global gradient-norm clipping (0 = off)
     c.optimizer.grad_accum = 1  # micro-batches per update; the batch size stays the total
+    # 0: a non-finite loss or gradient stops the run (before anything is saved). k > 0: skip an
+    # update whose gradients are not finite (params and optimizer state unchanged, counted as
+    # `updates_skipped`), and stop only after more than k such updates in a row.
+    c.optimizer.skip_nonfinite = 0
 
     c.mesh = ConfigDict()
     c.mesh.data = 1  # mesh axis sizes; -1 fills with the remaining devices
@@ -130,7 +134,13 @@ def parse_arg(arg: str | None, **defaults) -> ConfigDict:
             value = ast.literal_eval(raw.strip())
         except (ValueError, SyntaxError):
             value = raw.strip()
-        out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+        kind = type(defaults[key])
+        try:
+            out[key] = kind(value) if defaults[key] is not None else value
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f'config argument "{item}": expected {kind.__name__} for "{key}"'
+            ) from None
     return out
 
 

@@ -46,6 +46,10 @@ class WithRetain:
     def num_bad_records(self) -> int:
         return self.main.num_bad_records + self.retain.num_bad_records
 
+    @property
+    def num_truncated(self) -> int:
+        return self.main.num_truncated + self.retain.num_truncated
+
 
 def make_batches(
     spec: BatchSpec,

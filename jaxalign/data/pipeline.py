@@ -55,6 +55,7 @@ import grain
 import numpy as np
 
 from jaxalign.data import formats, layout
+from jaxalign.data.errors import DataError
 from jaxalign.data.sources import JsonlSource, RecordTransform
 from jaxalign.data.templates import Template, get_template
 from jaxalign.data.tokenizers import Tokenizer, load_tokenizer
@@ -80,9 +81,11 @@ def _tokenize(
     max_prompt_len: int,
     add_bos: bool,
 ) -> dict:
-    """Normalised example -> {"seqs": [(ids, prompt_len), ...], **scalar fields}."""
-    seqs = [
-        formats.tokenize_example(
+    """Normalised example -> {"seqs": [(ids, prompt_len), ...], "truncated": bool, **scalar
+    fields}."""
+    seqs, truncated = [], False
+    for r in example["responses"]:
+        ids, prompt_len, cut = formats.tokenize_example(
             tokenizer,
             template,
             example["messages"],
@@ -92,11 +95,10 @@ def _tokenize(
             max_prompt_len=max_prompt_len,
             add_bos=add_bos,
         )
-        for r in example["responses"]
-    ]
+        seqs.append((ids, prompt_len))
+        truncated |= cut
     out = {k: v for k, v in example.items() if k not in ("messages", "system", "responses")}
-    out["seqs"] = seqs
-    return out
+    return out | {"seqs": seqs, "truncated": truncated}
 
 
 class _ResumableIterator:
@@ -187,6 +189,9 @@ class BatchIterator(_ResumableIterator):
         self.pad_id = pad_id
         self.extra_fields = tuple(extra_fields)
         self.num_examples = num_examples
+        # Examples whose prompt or response was cut to max_prompt_len / max_len, counted as
+        # batches are built (this iterator's lifetime, not saved).
+        self.num_truncated = 0
         self._seqs_per_example = 2 if kind == "pair" or kl_sequences else 1
         self.num_sequences = batch_size * self._seqs_per_example
 
@@ -230,6 +235,7 @@ class BatchIterator(_ResumableIterator):
             longest = max(len(p[3]) - 1 for p in placed)
             T = next(b for b in self.length_buckets if b >= longest)
         self._next += len(examples)
+        self.num_truncated += sum(ex["truncated"] for ex in examples)
         return self._assemble(examples, placed, rows, T)
 
     def _assemble(
@@ -273,8 +279,9 @@ def _index_dataset(
     ds = grain.MapDataset.source(source)[process_index::process_count]
     num_examples = len(ds)
     if num_examples == 0:
-        raise ValueError(
-            f"{source.path}: no records for process {process_index} of {process_count}"
+        raise DataError(
+            f"{source.path}: {len(source)} records leave none for process {process_index} of "
+            f"{process_count} (each process reads its own slice)"
         )
     if shuffle:
         ds = ds.shuffle(seed=seed)
@@ -725,3 +732,7 @@ class Prefetch:
     @property
     def num_bad_records(self) -> int:
         return self.iterator.num_bad_records
+
+    @property
+    def num_truncated(self) -> int:
+        return self.iterator.num_truncated

@@ -10,9 +10,12 @@ from jaxalign.train.run import init_params, setup
 LOOPS = {"offline": offline.train}
 
 
-def train(config, workdir) -> dict:
-    """Run (or resume) the config's trainer family in `workdir`; returns its last metrics."""
-    return LOOPS[families.get(config.trainer).loop](config, workdir)
+def train(config, workdir, *, allow_config_change: bool = False) -> dict:
+    """Run (or resume) the config's trainer family in `workdir`; returns the run's summary
+    (`WORKDIR/summary.json`). A workdir holding a run of another config is refused unless
+    `allow_config_change` (`jaxalign.train.workdir`)."""
+    loop = LOOPS[families.get(config.trainer).loop]
+    return loop(config, workdir, allow_config_change=allow_config_change)
 
 
 __all__ = ["evaluate_checkpoint", "init_params", "setup", "train"]

@@ -71,7 +71,10 @@ def make_loss(config: ConfigDict) -> losses.Bound | losses.Mix:
             )
         return losses.mix([tuple(t) for t in terms])
     except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"loss {name!r}: {e}") from None
+        message = str(e.args[0] if e.args else e).removeprefix("jaxalign: ")
+        raise ConfigError(
+            message if message.startswith("unknown loss") else f"loss {name!r}: {message}"
+        ) from None
 
 
 def ref_cache_settings(config: ConfigDict) -> dict:

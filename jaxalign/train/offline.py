@@ -11,8 +11,10 @@ SIGTERM (preemption) finishes the current step, saves, and exits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
+import sys
 import time
 
 import jax
@@ -23,6 +25,7 @@ from jaxalign.checkpoint import manager as ckpt
 from jaxalign.config import to_dict
 from jaxalign.data import Prefetch
 from jaxalign.errors import ConfigError
+from jaxalign.train import workdir as workdirs
 from jaxalign.train.metrics import MetricsWriter
 from jaxalign.train.objectives import finalize_metrics
 from jaxalign.train.run import (
@@ -30,6 +33,7 @@ from jaxalign.train.run import (
     Run,
     check_finite,
     checkpoint_due,
+    checkpoints,
     init_params,
     setup,
     start,
@@ -61,7 +65,8 @@ def make_evaluator(run: Run, ref_params):
 
 def evaluate_checkpoint(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Evaluate the latest checkpoint of a run on `data.eval` (the reference is the run's
-    initial weights, as in training)."""
+    initial weights, as in training). `config` is normally the run's own recorded config
+    (`jaxalign eval` reads WORKDIR/config.json)."""
     run = setup(config)
     if not config.data.eval:
         raise ConfigError("data.eval is empty: nothing to evaluate on")
@@ -74,62 +79,143 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str | pathlib.Path) -> dict
     return make_evaluator(run, ref_params)(state["params"], state.get("loss_state"))
 
 
-def train(config: ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Run (or resume) training as configured; returns the last train and eval metrics."""
-    workdir = pathlib.Path(workdir)
-    run = setup(config)
-    manager = ckpt.make_manager(
-        workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
-    )
-    # Batches are built on a thread while the device runs the previous step.
-    pipeline = Prefetch(run.batches(config.data.train, train=True))
-    state, ref_params = start(run, manager, pipeline)
+def train(
+    config: ConfigDict, workdir: str | pathlib.Path, *, allow_config_change: bool = False
+) -> dict:
+    """Run (or resume) training as configured; returns the run's summary (`summary.json`):
+    the last train and eval metrics, timing and the last checkpoint."""
+    main = jax.process_index() == 0
+    workdir = workdirs.prepare(workdir) if main else pathlib.Path(workdir)
+    # SIGTERM / Ctrl-C from here on stop the run cleanly (`Preemption`).
+    with Preemption() as stop, workdirs.RunLock(workdir) if main else contextlib.nullcontext():
+        changed = (
+            workdirs.check_config(workdir, config, allow_change=allow_config_change) if main else []
+        )
+        run = setup(config)
+        # Batches are built on a thread while the device runs the previous step.
+        pipeline = Prefetch(run.batches(config.data.train, train=True))
+        try:
+            with checkpoints(config, workdir) as manager:
+                latest = manager.latest_step()
+                if latest is not None and latest >= config.steps:
+                    print(
+                        f"jaxalign: {workdir} already finished at step {latest} (steps="
+                        f"{config.steps}); nothing to do",
+                        file=sys.stderr,
+                    )
+                    return workdirs.read_summary(workdir) or {"steps": latest}
+                state, ref_params = start(run, manager, pipeline)
+                if main:
+                    workdirs.write_config(workdir, config)
+                return _loop(run, workdir, manager, pipeline, state, ref_params, changed, stop)
+        finally:
+            pipeline.close()
+
+
+def _loop(run: Run, workdir, manager, pipeline, state, ref_params, changed, stop) -> dict:
+    config = run.config
     first = int(state["step"])
+    if first and jax.process_index() == 0:
+        workdirs.trim_metrics(workdir, first)
     train_step = run.jit_train_step()
     evaluate = make_evaluator(run, ref_params)
+    record = to_dict(config) | {"model_config": dataclasses.asdict(run.model_config)}
     writer = MetricsWriter(workdir, total_steps=config.steps, start_step=first)
+    if first:
+        writer.print(f"resuming from step {first} of {config.steps} ({workdir})")
+    if changed:
+        writer.print(f"config changed since the last start: {', '.join(changed)}")
     if pipeline.num_bad_records:
         writer.print(
             f"{config.data.train}: skipped {pipeline.num_bad_records} malformed records "
             "(data.skip_bad_records=True)"
         )
-    record = to_dict(config) | {"model_config": dataclasses.asdict(run.model_config)}
-    last_train, last_eval = {}, None
+    last_train, last_eval, saved = {}, None, None
+    started, total_tokens, truncated = time.perf_counter(), 0.0, 0
     try:
-        with Preemption() as stop:
-            if first == 0 and config.data.eval:
-                last_eval = evaluate(state["params"], state.get("loss_state"))
-                writer.write(0, last_eval, split="eval")
-            tick, tokens = time.perf_counter(), 0.0
-            for step in range(first, config.steps):
-                micro = [next(pipeline) for _ in range(config.optimizer.grad_accum)]
-                state, metrics = train_step(state, ref_params, run.global_batch(micro))
-                writer.advance()
-                done = step + 1
-                tokens = tokens + metrics["tokens"]  # stays on device: no sync per step
-                if done % config.log_every == 0 or done == config.steps:
-                    check_finite(metrics, done, manager, workdir)
-                    now = time.perf_counter()
-                    metrics = dict(metrics) | {
-                        "tokens_per_s": float(tokens) / max(now - tick, 1e-9)
-                    }
-                    tick, tokens = now, 0.0
-                    last_train = writer.write(done, metrics)
-                if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-                    eval_metrics = evaluate(state["params"], state.get("loss_state"))
-                    writer.write(done, eval_metrics or {}, split="eval")
-                if checkpoint_due(config, done, bool(stop)):
-                    check_finite(metrics, done, manager, workdir)
-                    ckpt.save(manager, done, state, pipeline.get_state(), record)
-                if stop:
-                    writer.print(f"step {done}: SIGTERM received; checkpoint saved, exiting")
-                    break
-            if not stop and config.data.eval:
-                last_eval = evaluate(state["params"], state.get("loss_state"))
-                writer.write(config.steps, last_eval, split="eval")
+        if first == 0 and config.data.eval:
+            last_eval = evaluate(state["params"], state.get("loss_state"))
+            writer.write(0, last_eval, split="eval")
+        tick, tokens = time.perf_counter(), 0.0
+        if stop:  # stopped before the first step: nothing new to save
+            writer.print(f"{stop.name} received before training started; exiting")
+        for step in range(first, first if stop else config.steps):
+            micro = [next(pipeline) for _ in range(config.optimizer.grad_accum)]
+            state, metrics = train_step(state, ref_params, run.global_batch(micro))
+            writer.advance()
+            done = step + 1
+            tokens = tokens + metrics["tokens"]  # stays on device: no sync per step
+            if done % config.log_every == 0 or done == config.steps:
+                check_finite(metrics, done, config, manager, workdir)
+                now, tokens = time.perf_counter(), float(tokens)
+                metrics = dict(metrics) | {"tokens_per_s": tokens / max(now - tick, 1e-9)}
+                if pipeline.num_truncated != truncated:
+                    if not truncated:
+                        writer.print(_truncation_note(config))
+                    truncated = pipeline.num_truncated
+                    metrics["data/truncated_examples"] = truncated
+                tick, total_tokens, tokens = now, total_tokens + tokens, 0.0
+                last_train = writer.write(done, metrics)
+            if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+                eval_metrics = evaluate(state["params"], state.get("loss_state"))
+                writer.write(done, eval_metrics or {}, split="eval")
+            if checkpoint_due(config, done, bool(stop)):
+                check_finite(metrics, done, config, manager, workdir)
+                ckpt.save(manager, done, state, pipeline.get_state(), record)
+                saved = done
+            if stop:
+                writer.print(f"step {done}: {stop.name} received; checkpoint saved, exiting")
+                break
+        if not stop and config.data.eval:
+            last_eval = evaluate(state["params"], state.get("loss_state"))
+            writer.write(config.steps, last_eval, split="eval")
     finally:
-        pipeline.close()
-        manager.wait_until_finished()
-        manager.close()
         writer.close()
-    return {"train": last_train, "eval": last_eval, "preempted": bool(stop)}
+    wall = time.perf_counter() - started
+    summary = {
+        "trainer": config.trainer,
+        "workdir": str(workdir),
+        "steps": [first, (saved or first) if stop else config.steps],
+        "stopped_by": stop.name,
+        "wall_time_s": wall,
+        "tokens_per_s": total_tokens / max(wall, 1e-9),
+        "train": last_train,
+        "eval": last_eval,
+        "checkpoint": str(ckpt.checkpoint_dir(workdir) / str(saved)) if saved else None,
+        "truncated_examples": pipeline.num_truncated,
+        "skipped_records": pipeline.num_bad_records,
+    }
+    if jax.process_index() == 0:
+        workdirs.write_summary(workdir, summary)
+        print(format_summary(summary), file=sys.stderr)
+    return summary
+
+
+def _truncation_note(config: ConfigDict) -> str:
+    return (
+        f"{config.data.train}: some examples are longer than data.max_len={config.data.max_len} "
+        f"/ data.max_prompt_len={config.data.max_prompt_len} and are truncated (counted in "
+        "metrics as data/truncated_examples)"
+    )
+
+
+_SUMMARY_KEYS = ("loss", "rewards/accuracy", "rewards/margin", "logps/accuracy", "rewards/gap")
+
+
+def format_summary(summary: dict) -> str:
+    """The end-of-run lines printed on the console."""
+    first, last = summary["steps"]
+    lines = [
+        f"summary: {summary['trainer']} steps {first} -> {last} in {summary['wall_time_s']:.1f} s"
+        f" ({summary['tokens_per_s']:,.0f} tokens/s)"
+        + (f", stopped by {summary['stopped_by']}" if summary["stopped_by"] else "")
+    ]
+    for split in ("train", "eval"):
+        values = summary[split] or {}
+        shown = [f"{k} {values[k]:.4g}" for k in _SUMMARY_KEYS if k in values]
+        if shown:
+            lines.append(f"  {split:5s}  " + ", ".join(shown))
+    if summary["truncated_examples"]:
+        lines.append(f"  {summary['truncated_examples']} examples truncated to data.max_len")
+    lines.append(f"  checkpoint {summary['checkpoint']}  (summary.json in {summary['workdir']})")
+    return "\n".join(lines)

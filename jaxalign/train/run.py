@@ -9,8 +9,10 @@ loop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import pathlib
 import signal
 
@@ -44,8 +46,11 @@ def model_config_from(config: ConfigDict) -> models.ModelConfig:
         from jaxalign.checkpoint.convert import read_model_config
 
         mc = read_model_config(where).replace(dtype="float32", param_dtype="float32")
-    else:
+    elif config.model.preset in models.PRESETS:
         mc = models.get_preset(config.model.preset)
+    else:
+        known = ", ".join(sorted(models.PRESETS))
+        raise ConfigError(f'model.preset "{config.model.preset}" is unknown (known: {known})')
     changes = {}
     if config.model.dtype:
         changes["dtype"] = config.model.dtype
@@ -271,20 +276,54 @@ def start(run: Run, manager, pipeline) -> tuple[dict, object]:
     return state, ref_params
 
 
-def check_finite(metrics: dict, step: int, manager, workdir) -> None:
+def check_finite(metrics: dict, step: int, config: ConfigDict, manager, workdir) -> None:
     """Stop the run (TrainingError naming the step and the last good checkpoint) when the loss or
     the gradient norm is not finite. Called at every log step and before every save, so a
-    non-finite state is never written."""
-    bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(float(metrics[k]))), None)
-    if bad is None:
+    non-finite state is never written: the "last good" checkpoint is the newest one saved, and
+    every save follows this check of its step. (A state that is finite but already diverged, say
+    weights of 1e5, is not detected: watch the loss.)
+
+    With `optimizer.skip_nonfinite` = k > 0 the optimizer skips updates whose gradients are not
+    finite (metrics `nonfinite_streak`: consecutive so far, `updates_skipped`: in all) and the
+    run goes on, until more than k in a row were non-finite: the optimizer then applies one."""
+    limit = config.optimizer.skip_nonfinite
+    if limit:
+        streak = int(metrics["nonfinite_streak"])
+        bad = streak > limit
+        what = f"{streak} consecutive non-finite gradients (optimizer.skip_nonfinite={limit})"
+    else:
+        name = next((k for k in ("loss", "grad_norm") if not math.isfinite(float(metrics[k]))), "")
+        bad = bool(name)
+        what = f"{'loss' if name == 'loss' else 'gradient norm'} is not finite"
+    if not bad:
         return
     manager.wait_until_finished()
     last = manager.latest_step()
     where = ckpt.checkpoint_dir(workdir) / str(last) if last is not None else "none"
-    what = "loss" if bad == "loss" else "gradient norm"
-    raise TrainingError(
-        f"step {step}: {what} is not finite; stopped. Last good checkpoint: {where}"
+    raise TrainingError(f"step {step}: {what}; stopped. Last good checkpoint: {where}")
+
+
+@contextlib.contextmanager
+def checkpoints(config: ConfigDict, workdir: pathlib.Path):
+    """The run's checkpoint manager; closed (after pending saves) on exit. A checkpoints directory
+    this run created and never saved into (a failed start) is removed again."""
+    directory = ckpt.checkpoint_dir(workdir)
+    fresh = not directory.exists()
+    manager = ckpt.make_manager(
+        workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
+    try:
+        yield manager
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        if (
+            fresh
+            and jax.process_index() == 0
+            and directory.is_dir()
+            and not any(directory.iterdir())
+        ):
+            directory.rmdir()
 
 
 def checkpoint_due(config: ConfigDict, done: int, stopping: bool) -> bool:
@@ -293,8 +332,12 @@ def checkpoint_due(config: ConfigDict, done: int, stopping: bool) -> bool:
 
 
 class Preemption:
-    """`with Preemption() as stop:` SIGTERM sets `stop` (truthy) instead of killing the process,
-    so the loop finishes its step, saves and exits; the previous handler is restored on exit."""
+    """`with Preemption() as stop:` the first SIGTERM (preemption) or SIGINT (Ctrl-C) sets `stop`
+    (truthy) instead of killing the process, so the loop finishes its step, saves and exits; a
+    second SIGINT ends the process at once with status 130 (an exception could land in a callback
+    that swallows it; a checkpoint being written is left in Orbax's temporary directory, never
+    half-visible). The previous handlers are restored on exit. `stop.name` names the signal
+    received first."""
 
     def __init__(self):
         self.signals: list[int] = []
@@ -302,9 +345,22 @@ class Preemption:
     def __bool__(self) -> bool:
         return bool(self.signals)
 
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signals[0]).name if self.signals else ""
+
+    def _handle(self, sig, frame):
+        if sig == signal.SIGINT and signal.SIGINT in self.signals:
+            os.write(2, b"\njaxalign: interrupted\n")
+            os._exit(130)
+        self.signals.append(sig)
+
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGTERM, lambda sig, _: self.signals.append(sig))
+        self._previous = {
+            s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)
+        }
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
