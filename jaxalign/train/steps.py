@@ -115,7 +115,12 @@ def token_logps(model_config, params, batch, implementation=None):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return kernels.token_logprobs(
-            hidden, unembedding, batch["targets"], mask=mask, implementation=implementation
+            hidden,
+            unembedding,
+            batch["targets"],
+            mask=mask,
+            implementation=implementation,
+            softcap=model_config.final_logit_softcap,
         )
     return kernels.sharded_token_logprobs(
         hidden,
@@ -126,6 +131,7 @@ def token_logps(model_config, params, batch, implementation=None):
         token_axes=("data", "fsdp"),
         mask=mask,
         implementation=implementation,
+        softcap=model_config.final_logit_softcap,
     )
 
 
