@@ -396,7 +396,7 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", where: str = "config.jso
     window, pattern = _read_sliding_window(hf, family, where)
     n_heads = hf["num_attention_heads"]
 
-    def number(key: str, present: bool) -> float | None:
+    def cap(key: str, present: bool) -> float | None:
         return None if not present or hf.get(key) is None else float(hf[key])
 
     return ModelConfig(
@@ -420,9 +420,9 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", where: str = "config.jso
         post_norms=family.gemma,
         embed_scale=family.gemma,
         activation="gelu_tanh" if family.gemma else "silu",
-        query_pre_attn_scalar=number("query_pre_attn_scalar", family.gemma),
-        attn_logit_softcap=number("attn_logit_softcapping", family.attn_softcap),
-        final_logit_softcap=number("final_logit_softcapping", family.gemma),
+        query_pre_attn_scalar=int(hf["query_pre_attn_scalar"]) if family.gemma else None,
+        attn_logit_softcap=cap("attn_logit_softcapping", family.attn_softcap),
+        final_logit_softcap=cap("final_logit_softcapping", family.gemma),
         max_seq_len=hf.get("max_position_embeddings", 4096),
         dtype=dtype,
         param_dtype=dtype,
@@ -497,7 +497,7 @@ def config_to_hf(config: ModelConfig, family: Family, torch_dtype: str) -> dict[
         "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.head_dim,
-        "hidden_act": "gelu_pytorch_tanh" if family.gemma else "silu",
+        **({} if family.gemma else {"hidden_act": "silu"}),  # Gemma: hidden_activation
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,

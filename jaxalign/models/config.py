@@ -82,7 +82,7 @@ class ModelConfig:
     post_norms: bool = False
     embed_scale: bool = False
     activation: str = "silu"
-    query_pre_attn_scalar: float | None = None
+    query_pre_attn_scalar: int | None = None
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
     max_seq_len: int = 4096
