@@ -135,7 +135,12 @@ def token_logps(
     mask = batch["loss_mask"] > 0
     if mesh is None or mesh.size == 1:
         return kernels.token_logprobs(
-            hidden, unembedding, batch["targets"], mask=mask, implementation=implementation
+            hidden,
+            unembedding,
+            batch["targets"],
+            mask=mask,
+            implementation=implementation,
+            softcap=model_config.final_logit_softcap,
         )
     return kernels.sharded_token_logprobs(
         hidden,
@@ -146,6 +151,7 @@ def token_logps(
         token_axes=("data", "fsdp"),
         mask=mask,
         implementation=implementation,
+        softcap=model_config.final_logit_softcap,
     )
 
 
