@@ -20,7 +20,10 @@ copy; export pulls one stacked parameter to the host at a time and flushes each 
 once it reaches ``max_shard_size``. Host memory stays near one copy of the model.
 
 Export writes the directory under a temporary sibling name and renames it into place at the end,
-so a failed export never leaves a partial model directory.
+so a failed export never leaves a partial model directory. With a tokenizer it also writes the
+special token ids and, when the tokenizer source has none, a tokenizer config, so that
+transformers alone tokenises a prompt to jaxalign's ids and ``generate`` stops at EOS
+(``save_hf``).
 """
 
 from __future__ import annotations
@@ -836,8 +839,7 @@ def save_hf(
     limit = _parse_size(max_shard_size)
     if path.exists() and not overwrite:
         raise CheckpointError(
-            f"{path}: already exists (pass overwrite=True, or --overwrite to jaxalign convert, "
-            "to replace it)"
+            f"{path}: already exists (replace it with --overwrite, or overwrite=True in Python)"
         )
     export = _tokenizer_export(tokenizer) if tokenizer is not None else None
     writer = jax.process_index() == 0

@@ -4,6 +4,9 @@ config, the run's recorded tokenizer), and export/import hygiene: corrupt safete
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import io
 import json
 import os
@@ -66,15 +69,18 @@ def _bigram_params() -> dict:
     return params
 
 
-def _greedy(params, prompt: list[int], max_new: int, eos: int) -> list[int]:
-    """jaxalign's greedy continuation (full forward on a fixed-length padded row: causal, so the
-    padding after the last real token does not change its logits)."""
-    width = len(prompt) + max_new
-    step = jax.jit(lambda p, t: models.logits(CONFIG, p, models.forward(CONFIG, p, t)))
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(config, params, tokens):
+    return models.logits(config, params, models.forward(config, params, tokens))
+
+
+def _greedy(config, params, prompt: list[int], max_new: int, eos: int) -> list[int]:
+    """jaxalign's greedy continuation: full forwards on one padded row of fixed width (causal,
+    so the padding after the last real token does not change its logits; one compilation)."""
     ids = list(prompt)
-    while len(ids) < width:
-        row = jnp.asarray([ids + [0] * (width - len(ids))], jnp.int32)
-        ids.append(int(jnp.argmax(step(params, row)[0, len(ids) - 1])))
+    while len(ids) < len(prompt) + max_new:
+        row = jnp.asarray([ids + [0] * (64 - len(ids))], jnp.int32)
+        ids.append(int(jnp.argmax(_logits(config, params, row)[0, len(ids) - 1])))
         if ids[-1] == eos:
             break
     return ids[len(prompt) :]
@@ -82,8 +88,6 @@ def _greedy(params, prompt: list[int], max_new: int, eos: int) -> list[int]:
 
 def _save_run(workdir: pathlib.Path, params: dict, tokenizer: str) -> None:
     """A checkpoint as a training run leaves it: params + the config record naming the tokenizer."""
-    import dataclasses
-
     manager = ckpt.make_manager(workdir, keep=1, async_save=False)
     record = {"tokenizer": tokenizer, "model_config": dataclasses.asdict(CONFIG)}
     ckpt.save(manager, 10, {"params": params}, {}, record)
@@ -93,8 +97,6 @@ def _save_run(workdir: pathlib.Path, params: dict, tokenizer: str) -> None:
 
 def _main(*argv) -> tuple[int, str, str]:
     """`jaxalign ...` in process: (exit status, stdout, stderr)."""
-    import contextlib
-
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -162,11 +164,10 @@ def test_exported_model_generate_stops_at_eos_and_decodes_like_jaxalign(exported
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     tok = transformers.AutoTokenizer.from_pretrained(out)
     ours = load_tokenizer(ROOT / DEMO_TOKENIZER)
-    assert model.generation_config.eos_token_id == 2
     params = _bigram_params()  # what the run saved
     for prompt in _demo_prompts(2):
         prompt_ids = _prompt_ids(ours, prompt)
-        want = _greedy(params, prompt_ids, 10, ours.eos_id)
+        want = _greedy(CONFIG, params, prompt_ids, 10, ours.eos_id)
         assert want == [213, 216, 223, 2]  # the construction holds in jaxalign
         text = PLAIN.render_prompt([{"role": "user", "content": prompt}], None)
         inputs = tok(text, return_tensors="pt")
@@ -176,6 +177,49 @@ def test_exported_model_generate_stops_at_eos_and_decodes_like_jaxalign(exported
         assert new == want
         assert new[-1] == tok.eos_token_id
         assert tok.decode(new, skip_special_tokens=True) == ours.decode(want) == "12"
+    assert model.generation_config.eos_token_id == 2
+
+
+@pytest.mark.slow
+def test_sft_demo_model_exported_stops_at_eos(tmp_path, monkeypatch):
+    """The issue's case end to end: a short SFT run on the demo task (it learns to end answers
+    with EOS), `jaxalign convert to-hf` with no --tokenizer, then transformers alone: same prompt
+    ids, same greedy tokens ending with EOS, same decoded text as jaxalign. Fast sibling: the
+    constructed-model tests above."""
+    from jaxalign.checkpoint import convert
+    from jaxalign.config import apply_overrides, load_config
+    from jaxalign.train import train
+
+    monkeypatch.chdir(ROOT)  # the config's data and tokenizer paths are relative to the repo
+    config = load_config("configs/sft/tiny.py:steps=60")
+    config = apply_overrides(config, ["eval_every=0", "log_every=30", "checkpoint.every=60"])
+    train(config, tmp_path / "run")
+    status, stdout, err = _main("convert", "to-hf", "--checkpoint", tmp_path / "run",
+                                "--out", tmp_path / "hf")  # fmt: skip
+    assert status == 0, err
+    assert f"tokenizer: {DEMO_TOKENIZER} (recorded by the run" in stdout
+
+    model_config = convert.read_model_config(tmp_path / "run")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+        models.abstract_params(model_config),
+    )
+    params = ckpt.load_params(tmp_path / "run", abstract)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = load_tokenizer(DEMO_TOKENIZER)
+    for prompt in _demo_prompts(5):
+        prompt_ids = _prompt_ids(ours, prompt)
+        want = _greedy(model_config, params, prompt_ids, 8, ours.eos_id)
+        text = PLAIN.render_prompt([{"role": "user", "content": prompt}], None)
+        inputs = tok(text, return_tensors="pt")
+        assert inputs["input_ids"][0].tolist() == prompt_ids
+        with torch.no_grad():
+            generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        new = generated[0, len(prompt_ids) :].tolist()
+        assert new == want and new[-1] == ours.eos_id, (prompt, new, want)
+        assert tok.decode(new, skip_special_tokens=True) == ours.decode(want)
 
 
 def test_sentencepiece_without_dummy_prefix(tmp_path):
