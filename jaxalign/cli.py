@@ -5,6 +5,7 @@
     jaxalign cache-ref --config configs/dpo/tiny.py --workdir runs/dpo-tiny [--out FILE]
     jaxalign convert from-hf --hf DIR --out CKPT
     jaxalign convert to-hf --checkpoint CKPT --out DIR [--tokenizer FILE] [--dtype bfloat16]
+        [--overwrite]
     jaxalign bench logprobs [-- benchmark flags]
 
 Errors a user can act on print one line, `jaxalign: ...`, and exit with status 2. A run stopped by
@@ -120,9 +121,22 @@ def _cmd_convert(args, overrides):
         _usage("convert takes no --config overrides")
     if args.direction == "from-hf":
         convert.from_hf(args.hf, args.out, dtype=args.dtype)
-    else:
-        convert.to_hf(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype)
+        print(f"wrote {args.out}")
+        return
+    shipped = convert.to_hf(
+        args.checkpoint,
+        args.out,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {args.out}")
+    if args.tokenizer is None and shipped is not None:
+        print(f"tokenizer: {shipped} (recorded by the run; --tokenizer ships another)")
+    elif shipped is None:
+        recorded = convert.run_tokenizer(args.checkpoint)
+        why = f"the run's {recorded} is not found from here" if recorded else "none recorded"
+        print(f"tokenizer: none shipped ({why}); pass --tokenizer FILE|DIR")
 
 
 def _cmd_bench(args, overrides):
@@ -175,8 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--hf", help="from-hf: Hugging Face model directory")
     conv.add_argument("--checkpoint", help="to-hf: a run directory or converted checkpoint")
     conv.add_argument("--out", required=True)
-    conv.add_argument("--tokenizer", help="to-hf: tokenizer file(s) directory to ship along")
+    conv.add_argument(
+        "--tokenizer",
+        help="to-hf: tokenizer file or directory to ship (default: the one the run recorded)",
+    )
     conv.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    conv.add_argument("--overwrite", action="store_true", help="to-hf: replace an existing --out")
     conv.set_defaults(run=_cmd_convert)
 
     bench = sub.add_parser("bench", help="run a benchmark script from benchmarks/")
