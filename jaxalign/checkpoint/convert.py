@@ -42,8 +42,9 @@ def from_hf(hf_dir, out, *, dtype=None) -> None:
     manager.close()
 
 
-def read_model_config(workdir) -> models.ModelConfig:
-    """The model config recorded in the latest checkpoint of a run or converted checkpoint."""
+def read_config_record(workdir) -> dict:
+    """The config record (JSON) of the latest checkpoint of a run or converted checkpoint: the
+    run's config (tokenizer, data.template, ...) and its "model_config"."""
     manager, step = ckpt.open_latest(workdir)
     try:
         record = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
@@ -53,7 +54,12 @@ def read_model_config(workdir) -> models.ModelConfig:
         raise CheckpointError(
             f"{ckpt.checkpoint_dir(workdir) / str(step)}: config records no model_config"
         )
-    return model_config_from_dict(record["config"]["model_config"])
+    return record["config"]
+
+
+def read_model_config(workdir) -> models.ModelConfig:
+    """The model config recorded in the latest checkpoint of a run or converted checkpoint."""
+    return model_config_from_dict(read_config_record(workdir)["model_config"])
 
 
 def to_hf(checkpoint, out, *, tokenizer=None, dtype=None) -> None:

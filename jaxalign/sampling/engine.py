@@ -168,6 +168,8 @@ def _decode_loop(
 ) -> dict[str, Array]:
     """Prefill + the whole decode loop (module docstring); returns the per-row output arrays."""
     rows = functools.partial(_rows, mesh=mesh, rules=rules)
+    # [R, V] arrays like the logits: rows over the batch axes, vocabulary as the unembedding's.
+    vocab_rows = functools.partial(_constrain, axes=("batch", "vocab"), mesh=mesh, rules=rules)
     tokens = prompts["prompt_tokens"]
     B, Tp = tokens.shape
     R, steps = B * n, max_new_tokens
@@ -192,7 +194,7 @@ def _decode_loop(
         .at[jnp.arange(B)[:, None], tokens]
         .max(prompts["prompt_segment_ids"] > 0)
     )
-    prompt_seen = rows(jnp.repeat(prompt_seen, n, axis=0))
+    prompt_seen = vocab_rows(jnp.repeat(prompt_seen, n, axis=0))
     prompt_lengths = rows(jnp.repeat(prompts["prompt_lengths"], n))
     temperature = knobs["temperature"]
 
@@ -229,7 +231,7 @@ def _decode_loop(
             "lengths": state["lengths"] + active,
             "stopped": state["stopped"] | stop,
             "done": state["done"] | stop | (t + 1 >= steps),
-            "seen": rows(state["seen"].at[jnp.arange(R), token].max(active)),
+            "seen": vocab_rows(state["seen"].at[jnp.arange(R), token].max(active)),
             "combine_state": combine_state,
         }
 
@@ -243,7 +245,7 @@ def _decode_loop(
         "lengths": rows(jnp.zeros((R,), jnp.int32)),
         "stopped": rows(jnp.zeros((R,), bool)),
         "done": prompt_lengths == 0,  # empty batch slots are not generated
-        "seen": rows(jnp.zeros((R, V), bool)),
+        "seen": vocab_rows(jnp.zeros((R, V), bool)),
         "combine_state": combine_state,
     }
     state = advance(state, first, jnp.int32(0))

@@ -52,23 +52,32 @@ def detokenize(
 ) -> GenerateResult:
     """Adds ``text`` and applies ``stop_strings``: a row whose completion contains one ends at
     the shortest token prefix whose text contains it (that token is the row's last, kept like a
-    stop token, finish_reason "stop"); its text is cut just before the stop string."""
+    stop token, finish_reason "stop"); its text is cut just before the stop string.
+
+    Ids the tokenizer does not have (a model vocabulary padded past the tokenizer's) render as
+    nothing; special tokens render as the tokenizer's ``decode`` renders them (EOS: nothing).
+    """
     tokens, lengths = result.tokens.copy(), result.lengths.copy()
     logprobs, policy = result.logprobs.copy(), result.policy_logprobs.copy()
     finish = result.finish_reason.copy()
+    vocab = getattr(tokenizer, "vocab_size", None)
+
+    def decode(ids: np.ndarray) -> str:
+        return tokenizer.decode(ids if vocab is None else ids[ids < vocab])
+
     texts = []
     for i in range(tokens.shape[0]):
         row = tokens[i, : lengths[i]]
-        text = tokenizer.decode(row)
+        text = decode(row)
         if stop_strings and _first_stop(text, stop_strings) >= 0:
             lo, hi = 1, len(row)  # smallest k whose prefix text contains a stop string
             while lo < hi:
                 mid = (lo + hi) // 2
-                if _first_stop(tokenizer.decode(row[:mid]), stop_strings) >= 0:
+                if _first_stop(decode(row[:mid]), stop_strings) >= 0:
                     hi = mid
                 else:
                     lo = mid + 1
-            text = tokenizer.decode(row[:lo])
+            text = decode(row[:lo])
             text = text[: _first_stop(text, stop_strings)]
             tokens[i, lo:] = pad_id
             logprobs[i, lo:] = 0.0
