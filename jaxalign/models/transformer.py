@@ -136,9 +136,13 @@ class Attention(nnx.Module):
         mask: Bool[Array, "B 1 T S"],
         kv_cache: tuple[Array, Array] | None = None,
         cache_index: Int[Array, ""] | None = None,
+        layer: Int[Array, ""] | None = None,
     ) -> tuple[Float[Array, "B T D"], tuple[Array, Array] | None]:
-        """Without ``kv_cache`` S = T. With it, k/v of the T new tokens are written into the
-        ``[B, S, K, H]`` cache at slot ``cache_index`` and the queries attend over all S slots."""
+        """Without ``kv_cache`` S = T. With it (the whole stacked ``[L, B, S, K, H]`` k/v cache),
+        k/v of the T new tokens are written into layer ``layer`` at slot ``cache_index`` and the
+        queries attend over all S slots of that layer. Writing only the new slots into the
+        stacked cache lets XLA update it in place inside the scan over layers (returning each
+        layer's cache as a scan output instead copies the whole cache on every decode step)."""
         c = self.config
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if c.qk_norm:
@@ -148,11 +152,11 @@ class Attention(nnx.Module):
         new_cache = None
         if kv_cache is not None:
             cache_k, cache_v = kv_cache
-            start = (0, cache_index, 0, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            start = (layer, 0, cache_index, 0, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
             new_cache = (cache_k, cache_v)
-            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+            k, v = cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype)
         # Logits and softmax run in float32 inside dot_product_attention; K < N heads broadcast.
         y = jax.nn.dot_product_attention(q, k, v, mask=mask)
         return self.o_proj(y), new_cache
@@ -183,8 +187,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.d_model, "embed", config.norm_eps, pdt)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, mask, kv_cache=None, cache_index=None):
-        h, new_cache = self.attn(self.attn_norm(x), positions, mask, kv_cache, cache_index)
+    def __call__(self, x, positions, mask, kv_cache=None, cache_index=None, layer=None):
+        h, new_cache = self.attn(self.attn_norm(x), positions, mask, kv_cache, cache_index, layer)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), new_cache
 
@@ -311,12 +315,16 @@ class Transformer(nnx.Module):
         )
         graphdef, layer_state = nnx.split(self.layers)
 
-        def body(h, xs):
-            state, cache_k, cache_v = xs
-            h, kv = nnx.merge(graphdef, state)(h, positions, mask, (cache_k, cache_v), index)
-            return h, kv
+        def body(carry, xs):
+            h, cache_k, cache_v = carry
+            state, layer = xs
+            block = nnx.merge(graphdef, state)
+            h, (cache_k, cache_v) = block(h, positions, mask, (cache_k, cache_v), index, layer)
+            return (h, cache_k, cache_v), None
 
-        h, (k, v) = jax.lax.scan(body, self.embed(tokens), (layer_state, cache["k"], cache["v"]))
+        layers = jnp.arange(cache["k"].shape[0])
+        carry = (self.embed(tokens), cache["k"], cache["v"])
+        (h, k, v), _ = jax.lax.scan(body, carry, (layer_state, layers))
         new_cache = {
             "k": k,
             "v": v,

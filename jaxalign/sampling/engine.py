@@ -269,6 +269,20 @@ def _decode_loop(
     return {k: state[k] for k in keys}
 
 
+def knobs(options: SamplingOptions) -> dict[str, np.ndarray]:
+    """The traced option values of the loop (one dtype each, so new values never recompile)."""
+    return {
+        "temperature": np.float32(options.temperature),
+        "top_k": np.int32(options.top_k),
+        "top_p": np.float32(options.top_p),
+        "min_p": np.float32(options.min_p),
+        "repetition_penalty": np.float32(options.repetition_penalty),
+        "presence_penalty": np.float32(options.presence_penalty),
+        "stop_ids": np.asarray(options.stop_ids, np.int32).reshape(-1),
+        "pad_id": np.int32(options.pad_id),
+    }
+
+
 def _params_mesh(params: Any) -> Mesh | None:
     """The mesh of the params' NamedShardings when they span several devices, else None."""
     sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
@@ -339,21 +353,11 @@ def decode(
     check_prompt_lengths(arrays["prompt_lengths"], options.max_new_tokens, max_seq_len)
     mesh = mesh if mesh is not None else _params_mesh(params[0])
     rules = rules if rules is not None else ShardingRules()
-    knobs = {
-        "temperature": np.float32(options.temperature),
-        "top_k": np.int32(options.top_k),
-        "top_p": np.float32(options.top_p),
-        "min_p": np.float32(options.min_p),
-        "repetition_penalty": np.float32(options.repetition_penalty),
-        "presence_penalty": np.float32(options.presence_penalty),
-        "stop_ids": np.asarray(options.stop_ids, np.int32).reshape(-1),
-        "pad_id": np.int32(options.pad_id),
-    }
     out = _decode_loop(
         params,
         _place(arrays, mesh, rules),
         rng,
-        knobs,
+        knobs(options),
         combine_state,
         configs=configs,
         combine=combine,
