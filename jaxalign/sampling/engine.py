@@ -65,7 +65,7 @@ from jaxalign.errors import ConfigError
 from jaxalign.sampling.options import SamplingOptions
 from jaxalign.sampling.result import GenerateResult, detokenize
 from jaxalign.sampling.token_choice import choose_tokens
-from jaxalign.sharding import ShardingRules, logical_to_spec, with_logical_constraint
+from jaxalign.sharding import ShardingRules, logical_to_spec, to_global, with_logical_constraint
 
 Combine = Callable[[list[Float[Array, "R V"]], Any], tuple[Float[Array, "R V"], Any]]
 PROMPT_KEYS = ("prompt_tokens", "prompt_segment_ids", "prompt_positions", "prompt_lengths")
@@ -291,16 +291,35 @@ def _params_mesh(params: Any) -> Mesh | None:
     return None
 
 
-def _place(arrays: dict[str, np.ndarray], mesh: Mesh | None, rules: ShardingRules) -> dict:
-    """Host prompt rows -> device arrays with rows over the batch axes (each process its own)."""
+def _place(
+    arrays: dict[str, np.ndarray], n: int, mesh: Mesh | None, rules: ShardingRules
+) -> tuple[dict, int]:
+    """Host prompt rows -> device arrays with rows over the batch axes, and the number of times
+    the loop repeats each row (n, or 1 when the rows were repeated here).
+
+    On one process, rows that do not divide the row shards fall back as in `logical_to_spec`. On
+    several, each passes its own rows (`jaxalign.sharding.to_global`), which must split evenly
+    over its row shards: when the B prompts do not but the B * n samples do, the prompts are
+    repeated n times here and prefilled as B * n rows (same rows, same tokens, n times the
+    prefill work)."""
     if mesh is None:
-        return {k: jnp.asarray(v) for k, v in arrays.items()}
+        return {k: jnp.asarray(v) for k, v in arrays.items()}, n
+    if jax.process_count() > 1:
+        try:
+            return to_global(arrays, mesh, rules), n
+        except ValueError:
+            pass
+        try:
+            repeated = {k: np.repeat(v, n, axis=0) for k, v in arrays.items()}
+            return to_global(repeated, mesh, rules), 1
+        except ValueError as e:
+            raise ConfigError(f"prompts x n samples: {e}") from None
     out = {}
     for k, v in arrays.items():
         axes = ("batch",) + (None,) * (v.ndim - 1)
         spec = logical_to_spec(axes, rules, shape=v.shape, mesh=mesh, name=k)
-        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v)
-    return out
+        out[k] = jax.device_put(v, NamedSharding(mesh, spec))
+    return out, n
 
 
 def _to_host(out: dict[str, Array], mesh: Mesh | None, rules: ShardingRules) -> dict:
@@ -353,16 +372,17 @@ def decode(
     check_prompt_lengths(arrays["prompt_lengths"], options.max_new_tokens, max_seq_len)
     mesh = mesh if mesh is not None else _params_mesh(params[0])
     rules = rules if rules is not None else ShardingRules()
+    placed, n = _place(arrays, options.n, mesh, rules)
     out = _decode_loop(
         params,
-        _place(arrays, mesh, rules),
+        placed,
         rng,
         knobs(options),
         combine_state,
         configs=configs,
         combine=combine,
         max_new_tokens=options.max_new_tokens,
-        n=options.n,
+        n=n,
         mesh=mesh,
         rules=rules,
     )
