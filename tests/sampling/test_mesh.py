@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxalign import models as M
-from jaxalign.sampling import SamplingOptions, generate, prompts_from_ids
+from jaxalign.sampling import SamplingOptions, engine, generate, prompts_from_ids
 from jaxalign.sharding import ShardingRules, make_mesh, shard_params
 
 PAD = 3
@@ -73,3 +73,32 @@ def test_mesh_is_taken_from_the_params_when_not_given(setup):
     sharded = shard_params(params, mesh, ShardingRules.preset("fsdp"), M.param_logical_axes(config))
     result = generate(config, sharded, prompts, rng=jax.random.key(1), options=SAMPLED)
     _same(result, one[SAMPLED.temperature])
+
+
+def test_cache_rows_and_kv_heads_are_sharded_as_the_rules_say(setup):
+    """The loop's cache [L, R, S, K, H] is constrained to rows over (data, fsdp) and kv heads
+    over tensor under "fsdp_tp" (read from the lowered program; nothing is compiled)."""
+    config, params, prompts, _ = setup
+    mesh, rules = make_mesh({"fsdp": 4, "tensor": 2}), ShardingRules.preset("fsdp_tp")
+    sharded = shard_params(params, mesh, rules, M.param_logical_axes(config))
+    placed, n = engine._place(
+        {k: np.asarray(prompts[k], np.int32) for k in engine.PROMPT_KEYS}, 2, mesh, rules
+    )
+    text = engine._decode_loop.lower(
+        (sharded,),
+        placed,
+        jax.random.key(1),
+        engine.knobs(GREEDY),
+        (),
+        configs=(config,),
+        combine=None,
+        max_new_tokens=10,
+        n=n,
+        mesh=mesh,
+        rules=rules,
+    ).as_text()
+    L, R, S, K, H = config.n_layers, 8, 16 + 10, config.n_kv_heads, config.head_dim
+    cache = f"tensor<{L}x{R}x{S}x{K}x{H}xf32>"
+    spec = '[{}, {"data", "fsdp"}, {}, {"tensor"}, {}]'
+    lines = [line for line in text.splitlines() if "sharding_constraint" in line and cache in line]
+    assert lines and all(spec in line for line in lines), lines
