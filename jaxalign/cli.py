@@ -1,8 +1,9 @@
-"""`jaxalign` command line: train, eval, convert, bench.
+"""`jaxalign` command line: train, eval, generate, convert, bench.
 
     jaxalign train --config configs/dpo/tiny.py --workdir runs/dpo-tiny --config.loss.beta=0.2
     jaxalign eval --workdir runs/dpo-tiny [--config.data.eval=FILE]   # the run's own config
     jaxalign cache-ref --config configs/dpo/tiny.py --workdir runs/dpo-tiny [--out FILE]
+    jaxalign generate --model checkpoint:runs/sft-tiny --prompts FILE.jsonl --out FILE.jsonl
     jaxalign convert from-hf --hf DIR --out CKPT
     jaxalign convert to-hf --checkpoint CKPT --out DIR [--tokenizer FILE] [--dtype bfloat16]
         [--overwrite]
@@ -114,6 +115,15 @@ def _cmd_cache_ref(args, overrides):
     print(f"wrote {out}; train with --config.data.ref_logps={out}")
 
 
+def _cmd_generate(args, overrides):
+    from jaxalign.sampling.cli_generate import run
+
+    if overrides:
+        raise SystemExit("jaxalign: generate takes no --config overrides")
+    n = run(args)
+    print(f"wrote {n} completions to {args.out}")
+
+
 def _cmd_convert(args, overrides):
     from jaxalign.checkpoint import convert
 
@@ -183,6 +193,30 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--workdir", help="run directory; the cache goes to DIR/ref_logps.jsonl")
     cache.add_argument("--out", help="the cache file (JSONL; default DIR/ref_logps.jsonl)")
     cache.set_defaults(run=_cmd_cache_ref)
+
+    gen = sub.add_parser(
+        "generate", help="sample completions for a JSONL file of prompts (jaxalign.sampling)"
+    )
+    gen.add_argument("--model", required=True, help="hf:DIR or checkpoint:RUN_DIR")
+    gen.add_argument("--prompts", required=True, help='JSONL of {"prompt": ...} records')
+    gen.add_argument("--out", required=True, help="output JSONL (written atomically)")
+    gen.add_argument("--tokenizer", help="default: the run's recorded / the HF dir's tokenizer")
+    gen.add_argument("--template", help="plain | chatml | llama3 (default: the run's, or plain)")
+    gen.add_argument("--max_new_tokens", type=int, default=128)
+    gen.add_argument("--n", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    gen.add_argument("--top_k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--min_p", type=float, default=0.0, help="0 = off")
+    gen.add_argument("--repetition_penalty", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--presence_penalty", type=float, default=0.0, help="0 = off")
+    gen.add_argument("--stop", nargs="+", action="extend", help="stop strings")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
+    gen.add_argument("--best_of", type=int, default=0, help="sample N, keep the best by --reward")
+    gen.add_argument("--worst", action="store_true", help="with --best_of: keep the worst")
+    gen.add_argument("--reward", help="with --best_of: a reward name (demo_judge)")
+    gen.set_defaults(run=_cmd_generate)
 
     conv = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face format")
     conv.add_argument("direction", choices=["from-hf", "to-hf"])

@@ -45,8 +45,9 @@ def from_hf(hf_dir, out, *, dtype=None) -> None:
 
 
 def read_record(workdir) -> dict:
-    """The config record of the latest checkpoint: a training run's config dict plus
-    "model_config", or {"model_config": ...} for a converted checkpoint."""
+    """The config record of the latest checkpoint: a training run's config dict (tokenizer,
+    data.template, ...) plus "model_config", or {"model_config": ...} for a converted
+    checkpoint."""
     manager, step = ckpt.open_latest(workdir)
     try:
         record = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
