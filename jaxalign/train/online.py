@@ -113,7 +113,17 @@ def _rollout(run: Run, params, prompts: dict, key, options, scorer: Scorer, step
     )
     records = [prompts["records"][i] for i in result.prompt_index]
     rows = rollout_rows(arrays, result, options.pad_id)
-    rewards, per_fn = scorer(records, result.text, rows, step)
+    # Empty slots at the end of a finite prompt file (no record) get reward 0, unscored.
+    real = np.array([r is not None for r in records])
+    picked = {k: v[real] for k, v in rows.items()}
+    texts = [t for t, keep in zip(result.text, real, strict=True) if keep]
+    scored, scored_fn = scorer([r for r in records if r is not None], texts, picked, step)
+    rewards = np.zeros(len(records), np.float32)
+    rewards[real] = scored
+    per_fn = {}
+    for name, values in scored_fn.items():
+        per_fn[name] = np.zeros(len(records), np.float32)
+        per_fn[name][real] = values
     return rows | {"rewards": rewards}, per_fn, result
 
 
