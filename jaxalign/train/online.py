@@ -296,12 +296,14 @@ def _loop(s: Session) -> dict:
         )
         generated = float(np.sum(result.lengths))
         batch, prepared, rl_state = to_batch(state, ref_params, rows)
-        state = state | {"rl": rl_state}
         rollout_s = time.perf_counter() - tick
-        updates = []
+        # The train step donates what it updates (step, params, optimizer); the loop's own state
+        # (KL coefficient, reward statistics) stays out of it.
+        updated, updates = {k: v for k, v in state.items() if k != "rl"}, []
         for minibatch in _minibatches(run, batch, key, take):
-            state, metrics = train_step(state, ref_params, minibatch)
+            updated, metrics = train_step(updated, ref_params, minibatch)
             updates.append(metrics)
+        state = updated | {"rl": rl_state}
         metrics = jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *updates)
         writer.advance()
         done = step + 1

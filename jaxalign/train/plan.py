@@ -98,7 +98,8 @@ def _compile(run):
             run.param_shardings,
         )
     step = run.jit_train_step()
-    return step.lower(run.abstract_target(), ref, abstract_batch(run)).compile()
+    state = {k: v for k, v in run.abstract_target().items() if k != "rl"}  # the step's own state
+    return step.lower(state, ref, abstract_batch(run)).compile()
 
 
 def _flops(compiled) -> float:

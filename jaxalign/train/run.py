@@ -117,10 +117,13 @@ class Run:
         )
 
     def jit_train_step(self):
+        """The jitted update; it takes and donates the state it updates: everything but an online
+        loop's own "rl" entry (KL coefficient, reward statistics), which the loop carries."""
+        shardings = {k: v for k, v in self.state_shardings.items() if k != "rl"}
         return jax.jit(
             steps.make_train_step(self.objective, self.tx, self.schedule),
-            in_shardings=(self.state_shardings, self._ref_shardings(), None),
-            out_shardings=(self.state_shardings, self.replicated),
+            in_shardings=(shardings, self._ref_shardings(), None),
+            out_shardings=(shardings, self.replicated),
             donate_argnums=0,
         )
 

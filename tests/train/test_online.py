@@ -1,0 +1,154 @@
+"""Online RL end to end on the tiny model: every family moves its metric the right way, and the
+failure modes peers shipped are pinned (the EOS trained, fresh keys per step, the sampler's
+temperature in the old log-probs, untruncated ratio denominators, ratio 1 on the first update).
+
+The families start from a short SFT run on the demo task (the model then answers with numbers);
+their reward is "the answer starts with 1" (`format` reward, pattern "1.*"), which a few updates
+can learn, so a short run shows the direction of each family's metric. Held-out accuracy on the
+demo's arithmetic (the judge) takes longer runs: `test_online_demo.py` (slow) and the README.
+"""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from jaxalign.config import apply_overrides, load_config
+from jaxalign.train import init_params, policy, setup, train
+from jaxalign.train import online as online_loop
+from jaxalign.train.updates import initial_rl_state
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TOKENIZER = f"tokenizer={ROOT / 'data/demo/tokenizer.model'}"
+STARTS_WITH_ONE = "rl.rewards=(('format', 1.0, {'pattern': '1.*'}),)"
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sft")
+    config = apply_overrides(
+        load_config(f"{ROOT / 'configs/sft/tiny.py'}"),
+        [TOKENIZER, "steps=150", "data.eval=", "log_every=50", "checkpoint.every=150"],
+    )
+    with config.unlocked():
+        config.data.train = str(ROOT / config.data.train)
+    train(config, workdir)
+    return workdir
+
+
+def _config(family, sft_dir, *overrides):
+    config = load_config(f"{ROOT / 'configs' / family / 'tiny.py'}")
+    return apply_overrides(
+        config,
+        [
+            TOKENIZER,
+            f"data.train={ROOT / 'data/demo/sft_train.jsonl'}",
+            "data.eval=",
+            f"model.init_from=checkpoint:{sft_dir}",
+            "data.batch_size=8",
+            "rl.group_size=4",
+            "rl.max_new_tokens=4",
+            "log_every=1",
+            "checkpoint.every=1000",
+            "optimizer.lr=5e-4",
+            STARTS_WITH_ONE,
+            *overrides,
+        ],
+    )
+
+
+def _train_records(workdir):
+    return [r for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "train"]
+
+
+@pytest.mark.parametrize(
+    "family, overrides",
+    [
+        ("grpo", ()),
+        ("ppo", ("rl.minibatches=2",)),
+        ("rloo", ()),
+        ("reinforce_pp", ()),
+        ("online_dpo", ("rl.group_size=2",)),
+        ("rft", ("rl.rft_min_reward=1.0",)),
+    ],
+)
+def test_each_family_raises_its_reward(family, overrides, sft_dir, tmp_path):
+    steps = 16
+    summary = train(_config(family, sft_dir, f"steps={steps}", *overrides), tmp_path)
+    records = _train_records(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    first = np.mean([r["reward"] for r in records[:4]])
+    last = np.mean([r["reward"] for r in records[-4:]])
+    assert last > first + 0.15, (family, first, last)
+    assert np.isfinite(summary["train"]["loss"])
+
+
+def _state(run):
+    """A fresh train state and its reference, as a run starts."""
+    params = init_params(run)
+    state = {"step": np.int32(0), "params": params, "opt_state": run.tx.init(params)}
+    return state, jax.tree.map(np.copy, params)
+
+
+def _rl(run):
+    return {"rl": initial_rl_state(run.config)}
+
+
+def _rollout(run, params, *, key):
+    prompts = next(run.batches(run.config.data.train, train=True))
+    scorer = online_loop.Scorer(run)
+    options = online_loop.sampling_options(run)
+    rows, _, result = online_loop._rollout(run, params, prompts, key, options, scorer, 0)
+    return rows, result
+
+
+def test_the_old_log_probs_are_the_samplers_and_the_first_ratio_is_one(sft_dir):
+    """Old log-probs come from the training kernels at the sampling temperature; they equal the
+    sampler's own (top-p truncation is not in either: the ratio's denominator is the untruncated
+    distribution) and the first update's ratio is 1."""
+    config = _config("grpo", sft_dir, "rl.temperature=0.7", "rl.top_p=0.5", "rl.kl_coef=0.04")
+    run = setup(config)
+    state, ref = _state(run)
+    rows, _ = _rollout(run, state["params"], key=jax.random.key(3))
+    batch, metrics, _ = run.family.to_batch(run)(state | _rl(run), ref, rows)
+    mask = np.asarray(batch["loss_mask"]) > 0
+    old, sampler = np.asarray(batch["old_logps"]), np.asarray(batch["sampler_logps"])
+    np.testing.assert_allclose(old[mask], sampler[mask], atol=1e-5, rtol=0)
+    assert float(metrics["sampler_logprob_diff"]) < 1e-5
+    # At temperature 1 (the mistake) the trainer's log-probs differ from the sampler's by far more.
+    plain = policy.rollout_logps(run.model_config, state["params"], rows, temperature=1.0)
+    assert np.abs(np.asarray(plain)[mask] - sampler[mask]).mean() > 1e-2
+    _, update = run.jit_train_step()(state, ref, jax.tree.map(lambda x: x[None], batch))
+    assert abs(float(update["ratio"]) - 1.0) < 1e-6
+    assert float(update["clip_ratio/low"]) == 0.0 and float(update["clip_ratio/high"]) == 0.0
+
+
+def test_each_step_samples_with_a_fresh_key(sft_dir):
+    run = setup(_config("grpo", sft_dir))
+    params = init_params(run)
+    step = [jax.random.fold_in(jax.random.key(0), t) for t in (0, 1, 0)]
+    (a, _), (b, _), (c, _) = (_rollout(run, params, key=k) for k in step)
+    assert not np.array_equal(a["tokens"], b["tokens"])
+    np.testing.assert_array_equal(a["tokens"], c["tokens"])  # resumption samples the same
+
+
+def test_the_eos_that_ends_a_completion_is_trained(sft_dir):
+    """The loss mask ends with the EOS that stopped a completion, and the update moves its
+    log-prob: rewarding the completions that stopped raises P(EOS) where they stopped."""
+    run = setup(_config("grpo", sft_dir, "rl.kl_coef=0.0"))
+    state, ref = _state(run)
+    rows, result = _rollout(run, state["params"], key=jax.random.key(0))
+    stopped = np.nonzero(result.finish_reason == "stop")[0]
+    assert len(stopped) and len(stopped) < len(result.finish_reason)
+    last = np.array([np.nonzero(rows["loss_mask"][r] > 0)[0][-1] for r in stopped])
+    assert (rows["targets"][stopped, last] == run.tokenizer.eos_id).all()
+    rewarded = rows | {"rewards": (result.finish_reason == "stop").astype(np.float32)}
+    to_batch = run.family.to_batch(run)
+    batch, _, _ = to_batch(state | _rl(run), ref, rewarded)
+    new_state, _ = run.jit_train_step()(state, ref, jax.tree.map(lambda x: x[None], batch))
+    after, _, _ = to_batch(new_state | _rl(run), ref, rewarded)
+    before_eos = np.asarray(batch["old_logps"])[stopped, last]
+    after_eos = np.asarray(after["old_logps"])[stopped, last]
+    assert (after_eos > before_eos).mean() > 0.8
