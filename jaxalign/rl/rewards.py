@@ -23,6 +23,7 @@ pure JAX and jittable. ``reward_model_scores`` scores rollout rows with a traine
 import dataclasses
 import difflib
 import functools
+import importlib
 import inspect
 import math
 import re
@@ -175,13 +176,35 @@ def _weight(value: Any, where: str) -> Weight:
     )
 
 
+def _imported(name: str, where: str) -> Callable[..., RewardFn]:
+    """A user's reward factory named ``"package.module:function"`` (the module importable from
+    the working directory or PYTHONPATH): ``function(**params)`` returns the reward."""
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise ConfigError(
+            f'{where}: reward "{name}": cannot import {module_name}: {type(e).__name__}: {e}'
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f'{where}: reward "{name}": {module_name} has no function {attr!r}')
+    return factory
+
+
 def _build(name: str, kwargs: Mapping[str, Any], where: str) -> RewardFn:
-    if name not in RULE_REWARDS:
+    if ":" in name:
+        factory = _imported(name, where)
+    elif name not in RULE_REWARDS:
         close = difflib.get_close_matches(name, RULE_REWARDS, n=1)
         hint = f' (did you mean "{close[0]}"?)' if close else ""
         known = ", ".join(sorted(RULE_REWARDS))
-        raise ConfigError(f'{where}: unknown reward "{name}"{hint}; known rewards: {known}')
-    factory = RULE_REWARDS[name]
+        raise ConfigError(
+            f'{where}: unknown reward "{name}"{hint}; known rewards: {known}, or '
+            '"package.module:factory" for your own'
+        )
+    else:
+        factory = RULE_REWARDS[name]
     params = inspect.signature(factory).parameters
     for key in kwargs:
         if key not in params:
@@ -207,7 +230,8 @@ def _build(name: str, kwargs: Mapping[str, Any], where: str) -> RewardFn:
 def rewards_from_config(terms: Sequence[Sequence[Any]]) -> list[RewardSpec]:
     """Reward specs from config terms ``(name, weight)`` or ``(name, weight, {params})``.
 
-    ``name`` a key of ``RULE_REWARDS``; ``weight`` a number or a linear ramp ``{"start": a,
+    ``name`` a key of ``RULE_REWARDS`` or ``"package.module:factory"``, a function of yours
+    that takes the params as keyword arguments and returns a reward; ``weight`` a number or a linear ramp ``{"start": a,
     "end": b, "steps": n}``; ``params`` the factory's keyword arguments (``format``: pattern;
     ``length``: target, scale; ``exact_match``: field). A name used twice is labelled
     ``name#k`` (k its position). Anything wrong raises ``ConfigError`` naming the term.
@@ -233,6 +257,14 @@ def rewards_from_config(terms: Sequence[Sequence[Any]]) -> list[RewardSpec]:
         label = name if names.count(name) == 1 else f"{name}#{k}"
         specs.append(RewardSpec(label, _build(name, dict(params), where), _weight(weight, where)))
     return specs
+
+
+def _prompt_of(record) -> str:
+    prompt = record.get("prompt") if hasattr(record, "get") else None
+    if not isinstance(prompt, str):
+        return ""
+    shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+    return f" (prompt {shown!r})"
 
 
 def score_rule_rewards(
@@ -264,16 +296,18 @@ def score_rule_rewards(
                 value = spec.fn(record, completion)
             except Exception as e:
                 raise DataError(
-                    f'reward "{spec.name}" failed on record {i}: {type(e).__name__}: {e}'
+                    f'reward "{spec.name}" failed on record {i}{_prompt_of(record)}: '
+                    f"{type(e).__name__}: {e}"
                 ) from e
             if not _is_number(value) and not isinstance(value, np.number):
                 raise DataError(
-                    f'reward "{spec.name}" returned {value!r} for record {i} (expected a number)'
+                    f'reward "{spec.name}" returned {value!r} for record {i}{_prompt_of(record)} '
+                    "(expected a number)"
                 )
             if not math.isfinite(value):
                 raise DataError(
-                    f'reward "{spec.name}" returned {value} for record {i} (expected a finite '
-                    "number)"
+                    f'reward "{spec.name}" returned {value} for record {i}{_prompt_of(record)} '
+                    "(expected a finite number)"
                 )
             values[i] = value
         total += spec.weight_at(step) * values

@@ -226,10 +226,22 @@ def _group_of_two(config: ConfigDict, family: str) -> None:
         )
 
 
-def _policy(*, kl_in_loss: bool, value_head: bool, family: str, pairs: bool = False):
+def _splits(config: ConfigDict, examples: int, what: str) -> None:
+    """An update's examples per step must split into `rl.minibatches` x `optimizer.grad_accum`."""
+    parts = config.rl.minibatches * config.optimizer.grad_accum
+    if config.rl.minibatches < 1 or examples % parts:
+        raise ConfigError(
+            f"{what} = {examples} per step do not split into rl.minibatches="
+            f"{config.rl.minibatches} x optimizer.grad_accum={config.optimizer.grad_accum}"
+        )
+
+
+def _policy(*, kl_in_loss: bool, value_head: bool, family: str, compares: bool = False):
     def build(config: ConfigDict, model_config, mesh) -> Objective:
-        if pairs:
+        if compares:
             _group_of_two(config, family)
+        rows = config.data.batch_size * config.rl.group_size
+        _splits(config, rows, "data.batch_size x rl.group_size rollout rows")
         if config.rl.aggregation not in policy_losses.AGGREGATIONS:
             raise ConfigError(
                 f'rl.aggregation "{config.rl.aggregation}" is unknown (known: '
@@ -253,7 +265,13 @@ def _policy(*, kl_in_loss: bool, value_head: bool, family: str, pairs: bool = Fa
 
 def online_dpo(config: ConfigDict, model_config, mesh) -> Objective:
     _group_of_two(config, "online_dpo")
+    _splits(config, config.data.batch_size, "data.batch_size pairs")
     return paired(config, model_config, mesh)
+
+
+def rft(config: ConfigDict, model_config, mesh) -> Objective:
+    _splits(config, config.data.batch_size, "data.batch_size best completions")
+    return sft(config, model_config, mesh)
 
 
 def _online(objective, estimator, *, kl_in_loss=False, head=None) -> Family:
@@ -275,12 +293,12 @@ FAMILIES: dict[str, Family] = {
         _policy(kl_in_loss=False, value_head=True, family="ppo"), None, head=heads.VALUE_HEAD
     ),
     "grpo": _online(
-        _policy(kl_in_loss=True, value_head=False, family="grpo"),
+        _policy(kl_in_loss=True, value_head=False, family="grpo", compares=True),
         updates.grpo_advantages,
         kl_in_loss=True,
     ),
     "rloo": _online(
-        _policy(kl_in_loss=False, value_head=False, family="rloo", pairs=True),
+        _policy(kl_in_loss=False, value_head=False, family="rloo", compares=True),
         updates.rloo_advantages,
     ),
     "reinforce_pp": _online(
@@ -288,7 +306,7 @@ FAMILIES: dict[str, Family] = {
         updates.reinforce_pp_advantages,
     ),
     "online_dpo": Family(online_dpo, prompt_batches, loop="online", to_batch=updates.pair_batch),
-    "rft": Family(sft, prompt_batches, loop="online", to_batch=updates.best_batch),
+    "rft": Family(rft, prompt_batches, loop="online", to_batch=updates.best_batch),
 }
 ALIASES = {"dpo": "paired"}
 

@@ -27,7 +27,7 @@ from ml_collections import ConfigDict
 
 from jaxalign import sampling, sharding
 from jaxalign.checkpoint import manager as ckpt
-from jaxalign.errors import ConfigError, TrainingError
+from jaxalign.errors import ConfigError, DataError, TrainingError
 from jaxalign.models import heads
 from jaxalign.rl import rewards as rl_rewards
 from jaxalign.rl.rollout import rollout_rows
@@ -76,7 +76,10 @@ class Scorer:
             self.weight = rl.reward_model_weight
 
     def __call__(self, records, texts, rows, step) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        total, per_fn = rl_rewards.score_rule_rewards(self.specs, records, list(texts), step)
+        try:
+            total, per_fn = rl_rewards.score_rule_rewards(self.specs, records, list(texts), step)
+        except DataError as e:
+            raise TrainingError(f"step {step}: {e}; the step is refused, nothing saved") from None
         total, per_fn = np.asarray(total, np.float32), {k: np.asarray(v) for k, v in per_fn.items()}
         if self.model is not None:
             scores = np.asarray(rl_rewards.reward_model_scores(*self.model, rows))

@@ -137,7 +137,14 @@ class Run:
     def global_batch(self, micro_batches: list[dict]) -> dict:
         """Host batches -> one global batch with a leading micro-batch axis, rows sharded."""
         stacked = {k: np.stack([b[k] for b in micro_batches]) for k in micro_batches[0]}
-        return sharding.to_global(stacked, self.mesh, self.rules, row_axis=1)
+        try:
+            return sharding.to_global(stacked, self.mesh, self.rules, row_axis=1)
+        except ValueError as e:
+            split = " x rl.group_size / rl.minibatches" if self.family.loop == "online" else ""
+            raise ConfigError(
+                f"{e}: the rows of a micro-batch (data.batch_size{split} / optimizer.grad_accum / "
+                "processes) must split evenly over the mesh's row shards"
+            ) from None
 
     def batches(self, path: str, *, train: bool):
         """The family's batch iterator over one split (endless for training, one pass else)."""

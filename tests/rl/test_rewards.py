@@ -148,7 +148,7 @@ def test_a_failing_reward_names_itself_and_the_record(fn, match):
 
 def test_missing_record_field_is_a_data_error():
     specs = R.rewards_from_config((("exact_match", 1.0, {"field": "answer"}),))
-    with pytest.raises(DataError, match='reward "exact_match" failed on record 1: .*no field'):
+    with pytest.raises(DataError, match='reward "exact_match" failed on record 1.*no field'):
         R.score_rule_rewards(specs, [{"answer": "1"}, {"prompt": "p"}], ["1", "1"], 0)
 
 

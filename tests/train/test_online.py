@@ -85,6 +85,36 @@ def test_each_family_raises_its_reward(family, overrides, sft_dir, tmp_path):
     assert np.isfinite(summary["train"]["loss"])
 
 
+def test_a_random_reward_does_not_raise_held_out_accuracy(sft_dir, tmp_path, monkeypatch):
+    """The control run: GRPO rewarded by coin flips (a deterministic hash of prompt and
+    completion) does not raise the judge's held-out accuracy of the SFT start, greedy or sampled,
+    beyond the noise of 200 held-out prompts; the judge is logged at weight 0 and its training
+    reward does not rise either."""
+    (tmp_path / "coin_flips.py").write_text(
+        "import zlib\n\n"
+        "def coin():\n"
+        "    def reward(record, completion):\n"
+        "        return float(zlib.crc32((record['prompt'] + completion).encode()) % 2)\n"
+        "    return reward\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rewards = "rl.rewards=(('coin_flips:coin', 1.0), ('demo_judge', 0.0))"
+    held_out = f"data.eval={ROOT / 'data/demo/prompts_eval.jsonl'}"
+    train(_config("grpo", sft_dir, "steps=16", rewards, held_out), tmp_path / "run")
+    records = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
+    before, after = (r for r in records if r["split"] == "eval")
+    assert before["step"] == 0 and after["step"] == 16
+    n = 200  # held-out prompts: a rise within twice the standard error of the difference is noise
+    for metric in ("reward/greedy", "reward/sampled"):
+        p, q = before[metric], after[metric]
+        noise = 2 * np.sqrt((p * (1 - p) + q * (1 - q)) / n)
+        assert q - p < noise, (metric, p, q, noise)
+    train_records = [r for r in records if r["split"] == "train"]
+    first = np.mean([r["rewards/demo_judge"] for r in train_records[:4]])
+    last = np.mean([r["rewards/demo_judge"] for r in train_records[-4:]])
+    assert last <= first + 0.05, (first, last)
+
+
 def _state(run):
     """A fresh train state and its reference, as a run starts."""
     params = init_params(run)
