@@ -246,6 +246,26 @@ PRESETS: dict[str, ModelConfig] = {
         norm_eps=1e-5,
         max_seq_len=8192,
     ),
+    # meta-llama/Llama-3.2-1B (tied embeddings; the ~1B model of the GPU device suite)
+    "llama3.2-1b": ModelConfig(
+        vocab_size=128256,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        d_ff=8192,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+        norm_eps=1e-5,
+        tie_embeddings=True,
+        max_seq_len=131072,
+    ),
     # meta-llama/Llama-3.1-70B
     "llama3.1-70b": ModelConfig(
         vocab_size=128256,
