@@ -15,9 +15,9 @@ prints one line and the suite goes on; the exit status is non-zero if any part f
   "highest"): relative error ||out - ref|| / ||ref|| of the values and the gradients, float32
   and bfloat16, ragged N and V. Pass: <= 2e-3 for float32 inputs (Triton's float32 dot is
   tf32), <= 1e-2 for bfloat16 inputs.
-- ``attention``: cuDNN fused attention (``jax.nn.dot_product_attention(implementation="cudnn")``)
-  with GQA, causal and packed-segment masks, values and gradients against the XLA path in
-  float32; pass <= 1e-2 (bf16 inputs).
+- ``attention``: the model's cuDNN fused attention (``jaxalign.models.attention.attend``,
+  ``implementation="cudnn"``) with GQA, causal and packed-segment masks, values and gradients
+  against the XLA path in float32; pass <= 1e-2 (bf16 inputs).
 - ``logprob``: ``token_logprobs`` forward + backward at N=8192, D=4096, V=131072 bf16 for each
   implementation the dispatch offers (goal <= 50 ms); TFLOP/s at 6NDV (the useful matmuls) and
   the fraction of the measured matmul rate.
@@ -310,8 +310,10 @@ def attention_check(impl: str, q, k, v, mask):
     import jax
     import jax.numpy as jnp
 
+    from jaxalign.models.attention import attend
+
     def loss(q, k, v):
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        out = attend(q, k, v, mask, scale=None, implementation=impl)
         weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
         return jnp.sum(out.astype(jnp.float32) * weights), out
 
@@ -413,6 +415,7 @@ def part_dpo(rec: Recorder, sizes: Sizes, dry: bool, ceilings: dict) -> None:
 
     from jaxalign import models
     from jaxalign.config import base_config
+    from jaxalign.models.attention import resolve
     from jaxalign.train import plan
     from jaxalign.train.run import init_params, setup
 
@@ -466,10 +469,12 @@ def part_dpo(rec: Recorder, sizes: Sizes, dry: bool, ceilings: dict) -> None:
             "mfu_datasheet": model_flops / step_s / 1e12 / datasheet if datasheet else None,
             "tokens_per_s": tokens / step_s,
             "loss": loss,
+            "attention": resolve(mc.attention),
         },
     )
     rec.row(
-        f"DPO step {sizes.model} {sizes.pairs} pairs x {sizes.seq_len} (policy+ref, AdamW)",
+        f"DPO step {sizes.model} {sizes.pairs} pairs x {sizes.seq_len} (policy+ref, AdamW, "
+        f"{resolve(mc.attention)} attention)",
         f"{step_s * 1e3:.0f} ms, {tokens / step_s:,.0f} tok/s, MFU {mfu:.1%} of measured peak"
         + (f" ({model_flops / step_s / 1e12 / datasheet:.1%} of datasheet)" if datasheet else "")
         + f", by-hand FLOPs {by_hand / step_s / 1e12 / peak:.0%}, compile {r['compile_s']:.0f} s",

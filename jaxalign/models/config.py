@@ -8,6 +8,7 @@ import numpy as np
 
 REMAT_POLICIES = ("none", "full", "dots")
 ACTIVATIONS = ("silu", "gelu_tanh")
+ATTENTIONS = ("auto", "xla", "cudnn")  # jaxalign.models.attention
 ROPE_SCALING_TYPES = ("llama3", "linear")
 
 
@@ -60,6 +61,11 @@ class ModelConfig:
     tanh-approximate GELU), ``query_pre_attn_scalar`` s (attention logits scaled by ``s ** -0.5``
     instead of ``H ** -0.5``), ``attn_logit_softcap`` and ``final_logit_softcap`` c (logits
     z -> c * tanh(z / c); the final cap applies in ``logits`` and in the log-prob/KL kernels).
+
+    ``attention`` picks the attention kernel of the forward pass (``jaxalign.models.attention``):
+    "auto" (cuDNN fused attention on GPU, XLA elsewhere), "xla" (the reference) or "cudnn". It
+    changes how, not what, the model computes (the soft-capped attention of Gemma 2 and decoding
+    with a KV cache always use XLA).
     """
 
     vocab_size: int
@@ -89,6 +95,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -108,6 +115,10 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.sliding_window_pattern={self.sliding_window_pattern}; expected an "
                 "integer >= 1 together with a sliding_window"
+            )
+        if self.attention not in ATTENTIONS:
+            raise ValueError(
+                f"ModelConfig.attention={self.attention!r}; expected one of {ATTENTIONS}"
             )
         if self.activation not in ACTIVATIONS:
             raise ValueError(
