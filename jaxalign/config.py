@@ -40,6 +40,7 @@ def base_config() -> ConfigDict:
     c.model.init_from = ""
     c.model.dtype = ""  # activation dtype override ("" = the preset's), e.g. bfloat16
     c.model.remat = ""  # rematerialisation override ("" = the preset's): none | full | dots
+    c.model.attention = ""  # attention kernel ("" = the preset's, "auto"): auto | xla | cudnn
 
     c.tokenizer = "data/demo/tokenizer.model"  # SentencePiece .model or HF tokenizer.json
 

@@ -8,6 +8,7 @@ import numpy as np
 
 REMAT_POLICIES = ("none", "full", "dots")
 ACTIVATIONS = ("silu", "gelu_tanh")
+ATTENTIONS = ("auto", "xla", "cudnn")  # jaxalign.models.attention
 ROPE_SCALING_TYPES = ("llama3", "linear")
 
 
@@ -60,6 +61,11 @@ class ModelConfig:
     tanh-approximate GELU), ``query_pre_attn_scalar`` s (attention logits scaled by ``s ** -0.5``
     instead of ``H ** -0.5``), ``attn_logit_softcap`` and ``final_logit_softcap`` c (logits
     z -> c * tanh(z / c); the final cap applies in ``logits`` and in the log-prob/KL kernels).
+
+    ``attention`` picks the attention kernel of the forward pass (``jaxalign.models.attention``):
+    "auto" (cuDNN fused attention on GPU, XLA elsewhere), "xla" (the reference) or "cudnn". It
+    changes how, not what, the model computes (the soft-capped attention of Gemma 2 and decoding
+    with a KV cache always use XLA).
     """
 
     vocab_size: int
@@ -89,6 +95,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -108,6 +115,10 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.sliding_window_pattern={self.sliding_window_pattern}; expected an "
                 "integer >= 1 together with a sliding_window"
+            )
+        if self.attention not in ATTENTIONS:
+            raise ValueError(
+                f"ModelConfig.attention={self.attention!r}; expected one of {ATTENTIONS}"
             )
         if self.activation not in ACTIVATIONS:
             raise ValueError(
@@ -245,6 +256,26 @@ PRESETS: dict[str, ModelConfig] = {
         rope_theta=500000.0,
         norm_eps=1e-5,
         max_seq_len=8192,
+    ),
+    # meta-llama/Llama-3.2-1B (tied embeddings; the ~1B model of the GPU device suite)
+    "llama3.2-1b": ModelConfig(
+        vocab_size=128256,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        d_ff=8192,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+        norm_eps=1e-5,
+        tie_embeddings=True,
+        max_seq_len=131072,
     ),
     # meta-llama/Llama-3.1-70B
     "llama3.1-70b": ModelConfig(

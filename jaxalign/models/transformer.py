@@ -33,6 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
+from jaxalign.models.attention import attend
 from jaxalign.models.config import ModelConfig, local_layers
 from jaxalign.models.rope import apply_rope, layer_inv_freq
 from jaxalign.sharding.rules import ShardingRules, with_logical_constraint
@@ -181,8 +182,9 @@ class Attention(nnx.Module):
             k, v = cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype)
         scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
         if c.attn_logit_softcap is None:
-            # Logits and softmax run in float32 in dot_product_attention; K < N heads broadcast.
-            y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+            # Logits and softmax run in float32; K < N heads broadcast. Decode steps: XLA.
+            impl = c.attention if kv_cache is None else "xla"
+            y = attend(q, k, v, mask, scale=scale, implementation=impl)
         else:  # dot_product_attention has no soft-cap
             scale = 1 / math.sqrt(c.head_dim) if scale is None else scale
             y = softcapped_attention(q, k, v, mask, scale, c.attn_logit_softcap)

@@ -59,7 +59,12 @@ def model_config_from(config: ConfigDict) -> models.ModelConfig:
         changes["dtype"] = config.model.dtype
     if config.model.remat:
         changes["remat"] = config.model.remat
-    return dataclasses.replace(mc, **changes)
+    if config.model.attention:
+        changes["attention"] = config.model.attention
+    try:
+        return dataclasses.replace(mc, **changes)
+    except ValueError as e:  # a bad model.dtype / remat / attention override
+        raise ConfigError(f"model: {e}") from None
 
 
 def state_shardings(mesh, param_shardings, abstract_state):

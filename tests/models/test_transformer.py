@@ -16,6 +16,7 @@ TINY = ["tiny-64", "tiny-qwen2", "tiny-qwen3"]
 PUBLISHED = {
     "llama2-7b": 6_738_415_616,
     "llama3-8b": 8_030_261_248,
+    "llama3.2-1b": 1_235_814_400,
     "llama3.1-70b": 70_553_706_496,
     "mistral-7b": 7_248_023_552,
     "qwen2.5-0.5b": 494_032_768,

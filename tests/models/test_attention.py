@@ -1,0 +1,116 @@
+"""jaxalign.models.attention: the attention call against float64 NumPy written from the formula
+(GQA, causal, packed segments, sliding window; values and gradients), the choice by platform,
+and the config key that picks it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign import models as M
+from jaxalign.config import base_config
+from jaxalign.errors import ConfigError
+from jaxalign.models import attention as A
+from jaxalign.models.transformer import attention_mask
+from jaxalign.train.run import model_config_from
+
+
+def _inputs(B=2, T=12, N=4, K=2, H=8, seed=0):
+    k = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(k[0], (B, T, N, H), jnp.float32)
+    kk = jax.random.normal(k[1], (B, T, K, H), jnp.float32)
+    v = jax.random.normal(k[2], (B, T, K, H), jnp.float32)
+    cot = jax.random.normal(k[3], (B, T, N, H), jnp.float32)
+    # Row 0: one sequence; row 1: two packed sequences, then padding (segment 0).
+    seg = np.array([[1] * T, [1] * 5 + [2] * 4 + [0] * (T - 9)], np.int32)
+    pos = np.array([np.arange(T), [*range(5), *range(4), *([0] * (T - 9))]], np.int32)
+    return q, kk, v, cot, jnp.asarray(seg), jnp.asarray(pos)
+
+
+def _numpy_attention(q, k, v, mask, scale):
+    """softmax over keys of scale q.k (masked keys excluded) times v, query head n on kv head
+    n // (N / K), float64."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, T, N, H = q.shape
+    G = N // k.shape[2]
+    out = np.zeros_like(q)
+    m = np.asarray(mask)[:, 0]
+    for b in range(B):
+        for n in range(N):
+            s = scale * q[b, :, n] @ k[b, :, n // G].T
+            s = np.where(m[b], s, -np.inf)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            out[b, :, n] = p @ v[b, :, n // G]
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_xla_matches_numpy_values_and_gradients(window):
+    q, k, v, cot, seg, pos = _inputs()
+    T = q.shape[1]
+    slots = jnp.arange(T)
+    mask = attention_mask(seg, seg, slots, slots, pos, pos, window)
+    scale = 0.3
+    out = A.attend(q, k, v, mask, scale=scale, implementation="xla")
+    ref = _numpy_attention(q, k, v, mask, scale)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+    # Gradients: d/dq sum(out * cot) against central differences of the float64 reference.
+    grads = jax.grad(
+        lambda q, k, v: jnp.sum(A.attend(q, k, v, mask, scale=scale, implementation="xla") * cot),
+        argnums=(0, 1, 2),
+    )(q, k, v)
+    c = np.asarray(cot, np.float64)
+    rng = np.random.default_rng(0)
+    for i, x in enumerate((q, k, v)):
+        for _ in range(6):
+            idx = tuple(rng.integers(0, d) for d in x.shape)
+            eps = 1e-4
+            xs = [np.asarray(t, np.float64) for t in (q, k, v)]
+            xs[i][idx] += eps
+            up = np.sum(_numpy_attention(*xs, mask, scale) * c)
+            xs[i][idx] -= 2 * eps
+            down = np.sum(_numpy_attention(*xs, mask, scale) * c)
+            np.testing.assert_allclose(grads[i][idx], (up - down) / (2 * eps), atol=2e-3)
+
+
+def test_auto_is_xla_off_gpu_and_cudnn_on_gpu(monkeypatch):
+    q, k, v, _, seg, pos = _inputs()
+    slots = jnp.arange(q.shape[1])
+    mask = attention_mask(seg, seg, slots, slots, pos, pos, None)
+    auto = A.attend(q, k, v, mask, scale=None, implementation="auto")
+    xla = A.attend(q, k, v, mask, scale=None, implementation="xla")
+    np.testing.assert_array_equal(auto, xla)
+    for backend, expected in (("cpu", "xla"), ("tpu", "xla"), ("gpu", "cudnn"), ("cuda", "cudnn")):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert A.resolve("auto") == expected
+        assert A.resolve("xla") == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    with pytest.raises(ValueError, match='attention="cudnn" needs a GPU backend'):
+        A.resolve("cudnn")
+    with pytest.raises(ValueError, match="expected one of"):
+        A.resolve("flash")
+
+
+def test_model_forward_xla_equals_auto_on_cpu_packed_and_windowed():
+    """tiny-gemma3 has local and global layers (per-layer masks scanned as data)."""
+    config = M.get_preset("tiny-gemma3")
+    params = M.init_params(config, jax.random.key(0))
+    _, _, _, _, seg, pos = _inputs()
+    tokens = jax.random.randint(jax.random.key(1), seg.shape, 0, config.vocab_size)
+    auto = M.forward(config, params, tokens, pos, seg)
+    xla = M.forward(config.replace(attention="xla"), params, tokens, pos, seg)
+    np.testing.assert_array_equal(auto, xla)
+
+
+def test_config_key_picks_the_attention():
+    c = base_config()
+    assert model_config_from(c).attention == "auto"
+    c.model.attention = "xla"
+    assert model_config_from(c).attention == "xla"
+    c.model.attention = "flash"
+    with pytest.raises(ConfigError, match="attention='flash'"):
+        model_config_from(c)
+    with pytest.raises(ValueError, match="ModelConfig.attention"):
+        M.get_preset("tiny-64", attention="splash")
