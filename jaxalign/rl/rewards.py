@@ -231,10 +231,11 @@ def rewards_from_config(terms: Sequence[Sequence[Any]]) -> list[RewardSpec]:
     """Reward specs from config terms ``(name, weight)`` or ``(name, weight, {params})``.
 
     ``name`` a key of ``RULE_REWARDS`` or ``"package.module:factory"``, a function of yours
-    that takes the params as keyword arguments and returns a reward; ``weight`` a number or a linear ramp ``{"start": a,
-    "end": b, "steps": n}``; ``params`` the factory's keyword arguments (``format``: pattern;
-    ``length``: target, scale; ``exact_match``: field). A name used twice is labelled
-    ``name#k`` (k its position). Anything wrong raises ``ConfigError`` naming the term.
+    that takes the params as keyword arguments and returns a reward; ``weight`` a number or a
+    linear ramp ``{"start": a, "end": b, "steps": n}``; ``params`` the factory's keyword
+    arguments (``format``: pattern; ``length``: target, scale; ``exact_match``: field). A name
+    used twice is labelled ``name#k`` (k its position). Anything wrong raises ``ConfigError``
+    naming the term.
     """
     if isinstance(terms, str | bytes) or not terms:
         raise ConfigError(
