@@ -225,3 +225,22 @@ def test_pallas_lowers_for_hardware(platform, module, softcap):
 
     lowered = jax.jit(jax.grad(loss, (0, 1))).trace(h, w, t).lower(lowering_platforms=(platform,))
     assert ("tpu_custom_call" if platform == "tpu" else "triton") in lowered.as_text()
+
+
+def test_the_gpu_kernel_takes_float32_master_weights_with_bfloat16_activations():
+    """Mixed precision hands the kernel bf16 hidden states and the f32 unembedding: it computes
+    as with the unembedding cast to bf16 (Triton multiplies like types only), and the
+    unembedding's gradient comes back in float32."""
+    h, w, t, _ = _inputs(5, dtype=jnp.float32)
+    h = h.reshape(-1, D).astype(jnp.bfloat16)
+    t = t.reshape(-1)
+
+    def run(w):
+        return jax.value_and_grad(
+            lambda w: pallas_gpu.logprobs(h, w, t, block_size=BLOCK, interpret=True)[0].sum()
+        )(w)
+
+    (mixed, dw_mixed), (cast, dw_cast) = run(w), run(w.astype(jnp.bfloat16))
+    assert dw_mixed.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(mixed), np.asarray(cast))
+    np.testing.assert_array_equal(np.asarray(dw_mixed), np.asarray(dw_cast, np.float32))

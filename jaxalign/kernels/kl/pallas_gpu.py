@@ -204,5 +204,7 @@ def kl(
     interpret: bool = False,
 ) -> PerToken:
     """Per-token KL(p || q) in float32 on GPU (``interpret=True``: anywhere); gradients to p;
-    logits soft-capped by ``softcap``."""
-    return _kl(hidden_p, unembedding_p, hidden_q, unembedding_q, block_size, softcap, interpret)
+    logits soft-capped by ``softcap``. Each unembedding is cast to its hidden's dtype (the
+    compute dtype of mixed precision; Triton multiplies like types only)."""
+    wp, wq = unembedding_p.astype(hidden_p.dtype), unembedding_q.astype(hidden_q.dtype)
+    return _kl(hidden_p, wp, hidden_q, wq, block_size, softcap, interpret)

@@ -284,8 +284,11 @@ def logprobs(
     """Per-token ``(logp, entropy, sum_sq)`` in float32 on GPU (``interpret=True``: anywhere).
 
     ``block_size`` is the vocab tile Tv (rounded up to a power of two); ``targets`` in ``[0, V)``;
-    logits soft-capped by ``softcap``.
+    logits soft-capped by ``softcap``. The unembedding is cast to the hidden's dtype (the compute
+    dtype of mixed precision: float32 master weights, bfloat16 activations; Triton multiplies like
+    types only); its gradient comes back in its own dtype.
     """
+    w = unembedding.astype(hidden.dtype)
     return _logprobs(
-        hidden, unembedding, targets, block_size, return_entropy, return_sum_sq, softcap, interpret
+        hidden, w, targets, block_size, return_entropy, return_sum_sq, softcap, interpret
     )
