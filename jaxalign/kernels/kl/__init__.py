@@ -4,7 +4,7 @@ sampled-token KL estimators k1, k2, k3 (Schulman, 2020, "Approximating KL diverg
 Implementations (``implementation=``), as for ``token_logprobs``: ``reference`` (two full logits
 tensors; the spec), ``xla`` (vocab-blocked online logsumexp, ``custom_vjp``), ``pallas_tpu`` and
 ``pallas_gpu`` (forward, dh_p and dW_p kernels). ``None`` picks by backend with the fallback order
-of ``jaxalign.kernels._dispatch.FALLBACK_ORDER`` (tpu -> pallas_tpu, gpu -> pallas_gpu,
+of ``jaxalign.kernels._dispatch.FALLBACK_ORDER`` (tpu -> pallas_tpu, gpu -> xla,
 cpu -> xla).
 """
 

@@ -13,7 +13,8 @@ Implementations (``implementation=``):
 - ``"pallas_gpu"``: Pallas Triton kernels (forward, dH, dW).
 
 ``None`` picks by ``jax.default_backend()``: tpu -> pallas_tpu, xla, reference;
-gpu -> pallas_gpu, xla, reference; cpu -> xla, reference (first that imports).
+gpu -> xla, pallas_gpu, reference (xla measured 5x faster on an H200); cpu -> xla, reference
+(first that imports).
 
 Multi-device: XLA's SPMD partitioner cannot split a Pallas custom call, so under ``jax.jit`` with
 inputs sharded over several devices call ``sharded_token_logprobs`` (``jax.shard_map``; batch axes
