@@ -1,6 +1,8 @@
-"""`make demo`: SFT a tiny model from scratch on the bundled arithmetic task, then DPO it.
+"""`make demo`: SFT a tiny model from scratch on the bundled arithmetic task, then DPO it, then
+GRPO from the SFT checkpoint with the task's judge as the reward.
 
-Prints held-out preference metrics before and after DPO. Runs on 2 CPU cores in a few minutes.
+Prints held-out preference metrics before and after DPO, and the judge's held-out accuracy of
+greedy and sampled answers before and after GRPO. Runs on 2 CPU cores in a few minutes.
 The run directories are under runs/demo/ (recreated each time).
 """
 
@@ -29,11 +31,11 @@ def main() -> None:
     runs = ROOT / "runs" / "demo"
     shutil.rmtree(runs, ignore_errors=True)
     start = time.perf_counter()
-    print("== 1/2 SFT from scratch (configs/sft/tiny.py)", flush=True)
+    print("== 1/3 SFT from scratch (configs/sft/tiny.py)", flush=True)
     sft = train(load_config(str(ROOT / "configs/sft/tiny.py")), runs / "sft")
     print(f"   held-out NLL after SFT: {sft['eval']['loss']:.4f}", flush=True)
 
-    print("== 2/2 DPO from the SFT checkpoint (configs/dpo/tiny.py)", flush=True)
+    print("== 2/3 DPO from the SFT checkpoint (configs/dpo/tiny.py)", flush=True)
     dpo_config = apply_overrides(
         load_config(str(ROOT / "configs/dpo/tiny.py")),
         [f"model.init_from=checkpoint:{runs / 'sft'}"],
@@ -46,6 +48,17 @@ def main() -> None:
         print(f"  {text:<60} {before[key]:8.4f} -> {after[key]:8.4f}")
     print("  (before DPO the policy is the reference: every margin is exactly 0, a tie, so the")
     print("   preference accuracy starts at 0 with chance at 0.5)")
+
+    print("\n== 3/3 GRPO from the SFT checkpoint, the judge as reward (configs/grpo/tiny.py)")
+    grpo_config = apply_overrides(
+        load_config(str(ROOT / "configs/grpo/tiny.py")),
+        [f"model.init_from=checkpoint:{runs / 'sft'}"],
+    )
+    grpo = train(grpo_config, runs / "grpo")
+    before, after = _first_eval(runs / "grpo" / "metrics.jsonl"), grpo["eval"]
+    print(f"\nHeld-out prompts ({grpo_config.data.eval}), judge accuracy before -> after GRPO:")
+    for key, text in (("reward/greedy", "greedy answers"), ("reward/sampled", "sampled at T=1")):
+        print(f"  {text:<60} {before[key]:8.4f} -> {after[key]:8.4f}")
     print(f"\ntotal time {time.perf_counter() - start:.0f} s; runs in {runs}")
 
 

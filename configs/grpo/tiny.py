@@ -16,13 +16,13 @@ from jaxalign.rl.variants import apply_variant
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, steps=200, smoke=False, variant="grpo")
+    arg = parse_arg(arg, steps=120, smoke=False, variant="grpo")
     c = base_config()
     c.trainer = "grpo"
     c.model.preset = "tiny-64"
     c.data.train = "data/demo/sft_train.jsonl"
     c.data.eval = "data/demo/prompts_eval.jsonl"
-    c.data.batch_size = 4 if arg.smoke else 16  # prompts per step
+    c.data.batch_size = 4 if arg.smoke else 32  # prompts per step
     c.data.max_prompt_len = 16
     c.rl.group_size = 8
     c.rl.max_new_tokens = 8
@@ -35,8 +35,8 @@ def get_config(arg=None):
     apply_variant(c, arg.variant)
     c.steps = 3 if arg.smoke else arg.steps
     c.log_every = 1 if arg.smoke else 10
-    c.eval_every = 0 if arg.smoke else 100
+    c.eval_every = 0 if arg.smoke else 40
     c.eval_batches = 1 if arg.smoke else 0
-    c.checkpoint.every = 2 if arg.smoke else 100
+    c.checkpoint.every = 2 if arg.smoke else 60
     c.lock()
     return c
