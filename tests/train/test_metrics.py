@@ -4,9 +4,7 @@ config that asks for W&B without the package is a one-line ConfigError."""
 
 import glob
 import json
-import struct
 import sys
-import time
 
 import jax
 import pytest
@@ -17,15 +15,6 @@ from jaxalign.train import workdir as workdirs
 from jaxalign.train.metrics import MetricsWriter
 
 
-@pytest.fixture(autouse=True)
-def _wandb_home(tmp_path, monkeypatch):
-    """W&B's own settings and caches under the test's directory, nothing from the network."""
-    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-
-
 def _workdir(tmp_path, *overrides):
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -33,55 +22,11 @@ def _workdir(tmp_path, *overrides):
     return workdir
 
 
-def _records_of(path) -> list:
-    """The records of an offline W&B run file (its LevelDB-style log: a 7-byte file header, then
-    in 32 KiB blocks records of checksum u32, length u16, type u8 and data; types 1 full, 2
-    first, 3 middle, 4 last piece), parsed as W&B's protobuf `Record`s."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = open(path, "rb").read()
-    out, pos, pending = [], 7, b""
-    while pos + 7 <= len(data):
-        space = 32768 - pos % 32768
-        if space < 7:
-            pos += space
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        pending += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            out.append(record)
-            pending = b""
-    return out
-
-
-def offline_records(run_dir) -> list:
-    """The run's records once W&B's service has written them all (its `exit` record): `finish()`
-    can return before the service process has flushed the offline file."""
-    (path,) = glob.glob(f"{run_dir}/run-*.wandb")
-    for _ in range(600):
-        records = _records_of(path)
-        if records and records[-1].WhichOneof("record_type") == "exit":
-            return records
-        time.sleep(0.1)
-    raise AssertionError(f"{path}: no exit record after 60 s")
-
-
-def history(run_dir) -> list[dict]:
-    return [
-        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
-        for r in offline_records(run_dir)
-        if r.WhichOneof("record_type") == "history"
-    ]
-
-
 def _strip(rows):
     return [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
 
 
-def test_wandb_offline_holds_history_and_config(tmp_path, monkeypatch):
+def test_wandb_offline_holds_history_and_config(tmp_path, monkeypatch, wandb_offline):
     monkeypatch.setenv("WANDB_MODE", "offline")  # mode "" follows WANDB_MODE
     workdir = _workdir(tmp_path, "metrics.wandb.project=jaxalign-test", "metrics.wandb.name=dpo")
     writer = MetricsWriter(workdir, total_steps=4)
@@ -89,11 +34,11 @@ def test_wandb_offline_holds_history_and_config(tmp_path, monkeypatch):
     writer.write(2, {"loss": 0.5, "rewards/margin": 0.125})
     writer.close()
     (run_dir,) = glob.glob(f"{workdir}/wandb/offline-run-*")
-    assert _strip(history(run_dir)) == [
+    assert _strip(wandb_offline.history(run_dir)) == [
         {"step": 0, "eval/loss": 0.75},
         {"step": 2, "train/loss": 0.5, "train/rewards/margin": 0.125},
     ]
-    (run,) = [r.run for r in offline_records(run_dir) if r.WhichOneof("record_type") == "run"]
+    (run,) = [r.run for r in wandb_offline.records(run_dir) if r.WhichOneof("record_type") == "run"]
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
     assert (run.project, run.display_name) == ("jaxalign-test", "dpo")
     assert config["metrics"]["wandb"]["project"] == "jaxalign-test"  # the whole config
@@ -107,10 +52,10 @@ def test_wandb_offline_holds_history_and_config(tmp_path, monkeypatch):
     runs = sorted(glob.glob(f"{workdir}/wandb/offline-run-*"))
     assert len(runs) == 2 and all(r.endswith(f"-{run_id}") for r in runs)
     resumed = runs[1] if runs[0] == run_dir else runs[0]
-    assert _strip(history(resumed)) == [{"step": 4, "train/loss": 0.25}]
+    assert _strip(wandb_offline.history(resumed)) == [{"step": 4, "train/loss": 0.25}]
 
 
-def test_wandb_mode_from_the_config_and_only_process_0(tmp_path, monkeypatch):
+def test_wandb_mode_from_the_config_and_only_process_0(tmp_path, monkeypatch, wandb_offline):
     workdir = _workdir(tmp_path, "metrics.wandb.project=p", "metrics.wandb.mode=offline")
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     writer = MetricsWriter(workdir, total_steps=2)
@@ -125,14 +70,14 @@ def test_wandb_mode_from_the_config_and_only_process_0(tmp_path, monkeypatch):
     assert len(glob.glob(f"{workdir}/wandb/offline-run-*")) == 1
 
 
-def test_wandb_off_by_default(tmp_path):
+def test_wandb_off_by_default(tmp_path, wandb_offline):
     workdir = _workdir(tmp_path)
     writer = MetricsWriter(workdir, total_steps=1)
     writer.close()
     assert writer.wandb is None and not (workdir / "wandb").exists()
 
 
-def test_wandb_asked_for_but_not_installed_or_mistyped(tmp_path, monkeypatch):
+def test_wandb_asked_for_but_not_installed_or_mistyped(tmp_path, monkeypatch, wandb_offline):
     workdir = _workdir(tmp_path, "metrics.wandb.project=p")
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails
     with pytest.raises(ConfigError) as e:
