@@ -1,7 +1,8 @@
 """`make demo`: SFT a tiny model from scratch on the bundled arithmetic task, then DPO it.
 
-Prints held-out preference metrics before and after DPO. Runs on 2 CPU cores in a few minutes.
-The run directories are under runs/demo/ (recreated each time).
+Prints held-out preference metrics before and after DPO and draws both runs' training curves to
+runs/demo/curves.png (`jaxalign.plot`). Runs on 2 CPU cores in a few minutes. The run directories
+are under runs/demo/ (recreated each time).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from jaxalign.config import apply_overrides, load_config  # noqa: E402
+from jaxalign.plot import plot_runs  # noqa: E402
 from jaxalign.train import train  # noqa: E402
 
 ROWS = (
@@ -46,7 +48,10 @@ def main() -> None:
         print(f"  {text:<60} {before[key]:8.4f} -> {after[key]:8.4f}")
     print("  (before DPO the policy is the reference: every margin is exactly 0, a tie, so the")
     print("   preference accuracy starts at 0 with chance at 0.5)")
-    print(f"\ntotal time {time.perf_counter() - start:.0f} s; runs in {runs}")
+    curves = runs / "curves.png"
+    plot_runs([str(runs / "sft"), str(runs / "dpo")], str(curves))
+    print(f"\ntraining curves: {curves} (jaxalign plot {runs / 'sft'} {runs / 'dpo'} --out ...)")
+    print(f"total time {time.perf_counter() - start:.0f} s; runs in {runs}")
 
 
 def _first_eval(path: pathlib.Path) -> dict:

@@ -48,6 +48,7 @@ import numpy as np
 
 from jaxalign.data.errors import RecordError
 from jaxalign.data.templates import Template, check_messages
+from jaxalign.errors import ConfigError
 
 _TEXT_OR_MESSAGES = "a string or a list of messages"
 # Where an assistant turn starts in an Anthropic HH transcript ("\n\nHuman: ...\n\nAssistant: ...").
@@ -218,6 +219,15 @@ def _extras(rec: dict, fields: tuple[str, ...]) -> dict:
     return out
 
 
+def check_lengths(max_len: int, max_prompt_len: int) -> None:
+    """``0 < max_prompt_len < max_len`` (a response keeps at least two tokens), else ConfigError."""
+    if not 0 < max_prompt_len < max_len:
+        raise ConfigError(
+            f"need 0 < max_prompt_len < max_len, got {max_prompt_len}, {max_len} "
+            "(data.max_prompt_len, data.max_len)"
+        )
+
+
 def _cut_prompt(bos: list[int], body: list[int], max_prompt_len: int) -> list[int]:
     """BOS + the last tokens of `body`, at most `max_prompt_len` in all; never empty."""
     keep = max_prompt_len - len(bos)
@@ -266,8 +276,7 @@ def tokenize_example(
     prompt's own tokenisation (all of them unless a token spans the prompt / response boundary,
     which then belongs to the response); otherwise prompt and response are tokenised separately.
     """
-    if not 0 < max_prompt_len < max_len:
-        raise ValueError(f"need 0 < max_prompt_len < max_len, got {max_prompt_len}, {max_len}")
+    check_lengths(max_len, max_prompt_len)
     prompt_text = template.render_prompt(messages, system)
     response_text = template.render_response(response, messages, system)
     body = tokenizer.encode(prompt_text)

@@ -338,8 +338,7 @@ def _make_pipeline(
         tokenizer = load_tokenizer(tokenizer)
     if max_prompt_len is None:
         max_prompt_len = max_len // 2
-    if not 0 < max_prompt_len < max_len:
-        raise ValueError(f"need 0 < max_prompt_len < max_len, got {max_prompt_len}, {max_len}")
+    formats.check_lengths(max_len, max_prompt_len)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     seqs_per_example = 2 if kind == "pair" or kl_sequences else 1
