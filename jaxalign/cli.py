@@ -1,10 +1,12 @@
-"""`jaxalign` command line: train, eval, convert, bench.
+"""`jaxalign` command line: train, eval, generate, convert, bench.
 
     jaxalign train --config configs/dpo/tiny.py --workdir runs/dpo-tiny --config.loss.beta=0.2
     jaxalign eval --workdir runs/dpo-tiny [--config.data.eval=FILE]   # the run's own config
     jaxalign cache-ref --config configs/dpo/tiny.py --workdir runs/dpo-tiny [--out FILE]
+    jaxalign generate --model checkpoint:runs/sft-tiny --prompts FILE.jsonl --out FILE.jsonl
     jaxalign convert from-hf --hf DIR --out CKPT
     jaxalign convert to-hf --checkpoint CKPT --out DIR [--tokenizer FILE] [--dtype bfloat16]
+        [--overwrite]
     jaxalign bench logprobs [-- benchmark flags]
     jaxalign data inspect FILE --config CFG [--config.key=value] [--show 3] [--plot lengths.png]
     jaxalign plot RUN [RUN ...] --out curves.png
@@ -115,6 +117,15 @@ def _cmd_cache_ref(args, overrides):
     print(f"wrote {out}; train with --config.data.ref_logps={out}")
 
 
+def _cmd_generate(args, overrides):
+    from jaxalign.sampling.cli_generate import run
+
+    if overrides:
+        raise SystemExit("jaxalign: generate takes no --config overrides")
+    n = run(args)
+    print(f"wrote {n} completions to {args.out}")
+
+
 def _cmd_convert(args, overrides):
     from jaxalign.checkpoint import convert
 
@@ -122,9 +133,22 @@ def _cmd_convert(args, overrides):
         _usage("convert takes no --config overrides")
     if args.direction == "from-hf":
         convert.from_hf(args.hf, args.out, dtype=args.dtype)
-    else:
-        convert.to_hf(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype)
+        print(f"wrote {args.out}")
+        return
+    shipped = convert.to_hf(
+        args.checkpoint,
+        args.out,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {args.out}")
+    if args.tokenizer is None and shipped is not None:
+        print(f"tokenizer: {shipped} (recorded by the run; --tokenizer ships another)")
+    elif shipped is None:
+        recorded = convert.run_tokenizer(args.checkpoint)
+        why = f"the run's {recorded} is not found from here" if recorded else "none recorded"
+        print(f"tokenizer: none shipped ({why}); pass --tokenizer FILE|DIR")
 
 
 def _cmd_bench(args, overrides):
@@ -194,13 +218,41 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--out", help="the cache file (JSONL; default DIR/ref_logps.jsonl)")
     cache.set_defaults(run=_cmd_cache_ref)
 
+    gen = sub.add_parser(
+        "generate", help="sample completions for a JSONL file of prompts (jaxalign.sampling)"
+    )
+    gen.add_argument("--model", required=True, help="hf:DIR or checkpoint:RUN_DIR")
+    gen.add_argument("--prompts", required=True, help='JSONL of {"prompt": ...} records')
+    gen.add_argument("--out", required=True, help="output JSONL (written atomically)")
+    gen.add_argument("--tokenizer", help="default: the run's recorded / the HF dir's tokenizer")
+    gen.add_argument("--template", help="plain | chatml | llama3 (default: the run's, or plain)")
+    gen.add_argument("--max_new_tokens", type=int, default=128)
+    gen.add_argument("--n", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    gen.add_argument("--top_k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--min_p", type=float, default=0.0, help="0 = off")
+    gen.add_argument("--repetition_penalty", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--presence_penalty", type=float, default=0.0, help="0 = off")
+    gen.add_argument("--stop", nargs="+", action="extend", help="stop strings")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
+    gen.add_argument("--best_of", type=int, default=0, help="sample N, keep the best by --reward")
+    gen.add_argument("--worst", action="store_true", help="with --best_of: keep the worst")
+    gen.add_argument("--reward", help="with --best_of: a reward name (demo_judge)")
+    gen.set_defaults(run=_cmd_generate)
+
     conv = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face format")
     conv.add_argument("direction", choices=["from-hf", "to-hf"])
     conv.add_argument("--hf", help="from-hf: Hugging Face model directory")
     conv.add_argument("--checkpoint", help="to-hf: a run directory or converted checkpoint")
     conv.add_argument("--out", required=True)
-    conv.add_argument("--tokenizer", help="to-hf: tokenizer file(s) directory to ship along")
+    conv.add_argument(
+        "--tokenizer",
+        help="to-hf: tokenizer file or directory to ship (default: the one the run recorded)",
+    )
     conv.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    conv.add_argument("--overwrite", action="store_true", help="to-hf: replace an existing --out")
     conv.set_defaults(run=_cmd_convert)
 
     bench = sub.add_parser("bench", help="run a benchmark script from benchmarks/")

@@ -24,7 +24,10 @@ copy; export pulls one stacked parameter to the host at a time and flushes each 
 once it reaches ``max_shard_size``. Host memory stays near one copy of the model.
 
 Export writes the directory under a temporary sibling name and renames it into place at the end,
-so a failed export never leaves a partial model directory.
+so a failed export never leaves a partial model directory. With a tokenizer it also writes the
+special token ids and, when the tokenizer source has none, a tokenizer config, so that
+transformers alone tokenises a prompt to jaxalign's ids and ``generate`` stops at EOS
+(``save_hf``).
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ import math
 import os
 import pathlib
 import re
+import secrets
 import shutil
-import tempfile
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -552,13 +556,20 @@ def config_to_hf(config: ModelConfig, family: Family, torch_dtype: str) -> dict[
 
 
 class _SafetensorsReader:
-    """Tensors of a single-file or index-sharded safetensors checkpoint, opened lazily (mmap)."""
+    """Tensors of a single-file or index-sharded safetensors checkpoint, opened lazily (mmap).
+
+    A truncated or corrupt file raises `CheckpointError` naming it (safetensors validates the
+    header and that the data section covers every tensor when the file is opened).
+    """
 
     def __init__(self, path: pathlib.Path, stack: ExitStack):
         self._path, self._stack, self._handles = path, stack, {}
         index = path / INDEX_NAME
         if index.exists():
-            self.files = dict(json.loads(index.read_text())["weight_map"])
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
+            self.files = dict(weight_map)
             for file in sorted(set(self.files.values())):
                 if not (path / file).exists():
                     raise CheckpointError(f"{index}: lists shard {file}, which does not exist")
@@ -568,10 +579,16 @@ class _SafetensorsReader:
             raise CheckpointError(f"{path}: neither {SAFETENSORS_NAME} nor {INDEX_NAME} found")
 
     def _open(self, file: str):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         if file not in self._handles:
-            handle = safe_open(str(self._path / file), framework="numpy")
+            try:
+                handle = safe_open(str(self._path / file), framework="numpy")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(
+                    f"{self._path / file}: not a readable safetensors file ({e}); truncated or "
+                    "corrupt? Export or download it again"
+                ) from None
             self._handles[file] = self._stack.enter_context(handle)
         return self._handles[file]
 
@@ -589,6 +606,16 @@ class _SafetensorsReader:
 
     def get(self, name: str) -> np.ndarray:
         return self._open(self.files[name]).get_tensor(name)
+
+
+def _read_json(file: pathlib.Path) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -657,7 +684,7 @@ def load_hf_config(path: str | os.PathLike, *, dtype: Any = "float32") -> ModelC
     config_file = pathlib.Path(path) / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{config_file}: not found; expected a Hugging Face model directory")
-    hf = json.loads(config_file.read_text())
+    hf = _read_json(config_file)
     return config_from_hf(hf, dtype=_resolve_dtype(dtype, "dtype"), where=str(config_file))
 
 
@@ -677,7 +704,7 @@ def load_hf(
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{config_file}: not found; expected a Hugging Face model directory")
-    hf = json.loads(config_file.read_text())
+    hf = _read_json(config_file)
     with ExitStack() as stack:
         reader = _SafetensorsReader(path, stack)
         if dtype is None:
@@ -834,32 +861,122 @@ def _write_weights(
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _tokenizer_sources(tokenizer: str | os.PathLike) -> list[pathlib.Path]:
+SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class _TokenizerExport:
+    """What ``save_hf(..., tokenizer=...)`` puts into the exported directory."""
+
+    copies: dict[str, pathlib.Path]  # file name in the export -> source file
+    writes: dict[str, str]  # file name in the export -> contents (see `_hf_tokenizer_files`)
+    generation: dict[str, Any]  # generation_config.json; its special ids also go to config.json
+
+
+def _tokenizer_export(tokenizer: str | os.PathLike) -> _TokenizerExport:
+    """Tokenizer files, special token ids and, when the source has no ``tokenizer_config.json``,
+    the files with which transformers tokenises as jaxalign does.
+
+    A single file is shipped as ``tokenizer.json`` (``*.json``) or ``tokenizer.model``
+    (SentencePiece), the names transformers looks for. The special ids come from the source
+    directory's ``generation_config.json``, else its ``config.json``, else the tokenizer itself
+    (`jaxalign.data.load_tokenizer`: the ids training used).
+    """
     source = pathlib.Path(tokenizer)
     if source.is_file():
-        return [source]
-    if not source.is_dir():
+        copies = {("tokenizer.json" if source.suffix == ".json" else "tokenizer.model"): source}
+        generation = {}
+    elif source.is_dir():
+        copies = {f: source / f for f in TOKENIZER_FILES if (source / f).is_file()}
+        if not copies:
+            raise CheckpointError(
+                f"tokenizer={source}: contains none of the tokenizer files {list(TOKENIZER_FILES)}"
+            )
+        generation = _source_generation_config(source)
+    else:
         raise CheckpointError(f"tokenizer={source}: no such file or directory")
-    files = [source / f for f in TOKENIZER_FILES if (source / f).is_file()]
-    if not files:
-        raise CheckpointError(
-            f"tokenizer={source}: contains none of the tokenizer files {list(TOKENIZER_FILES)}"
-        )
-    return files
+    writes = {}
+    if not generation or "tokenizer_config.json" not in copies:
+        tok = _load_tokenizer(source)
+        if not generation:
+            generation = {"bos_token_id": tok.bos_id} if tok.bos_id >= 0 else {}
+            generation |= {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+        if "tokenizer_config.json" not in copies:
+            writes = _hf_tokenizer_files(tok)
+            copies = {name: file for name, file in copies.items() if name not in writes}
+    return _TokenizerExport(copies, writes, generation)
 
 
-def _generation_config(tokenizer: str | os.PathLike | None) -> dict[str, Any]:
-    """The source directory's generation_config.json, else its special token ids, else {}."""
-    source = pathlib.Path(tokenizer) if tokenizer is not None else None
-    if source is None or not source.is_dir():
-        return {}
+def _source_generation_config(source: pathlib.Path) -> dict[str, Any]:
+    """The directory's generation_config.json, else the special ids of its config.json, else {}."""
     if (source / "generation_config.json").is_file():
-        return json.loads((source / "generation_config.json").read_text())
+        return _read_json(source / "generation_config.json")
     if (source / "config.json").is_file():
-        hf = json.loads((source / "config.json").read_text())
-        keys = ("bos_token_id", "eos_token_id", "pad_token_id")
-        return {k: hf[k] for k in keys if hf.get(k) is not None}
+        hf = _read_json(source / "config.json")
+        return {k: hf[k] for k in SPECIAL_ID_KEYS if hf.get(k) is not None}
     return {}
+
+
+def _load_tokenizer(source: pathlib.Path):
+    from jaxalign.data.tokenizers import load_tokenizer
+
+    try:
+        return load_tokenizer(str(source))
+    except Exception as e:  # sentencepiece raises RuntimeError, tokenizers a bare Exception
+        raise CheckpointError(f"tokenizer={source}: cannot be loaded ({e})") from None
+
+
+def _hf_tokenizer_files(tok) -> dict[str, str]:
+    """Files (name -> text) with which ``AutoTokenizer.from_pretrained`` alone encodes a prompt as
+    jaxalign does, ``[BOS] + encode(text)`` (no EOS), and knows the special tokens.
+
+    SentencePiece: a ``tokenizer_config.json`` for ``LlamaTokenizer``, whose ``add_bos_token``
+    / ``add_eos_token`` set the BOS handling and whose ``add_prefix_space`` mirrors the model's
+    ``add_dummy_prefix``. ``tokenizer.json``: transformers 5 ignores ``add_bos_token`` when a
+    ``tokenizer.json`` is present, so the BOS handling goes into that file's post-processor
+    (rewritten as ``[BOS] $A``, or ``$A`` without a BOS), with a ``tokenizer_config.json`` for
+    ``PreTrainedTokenizerFast`` naming the special tokens.
+    """
+    from jaxalign.data.tokenizers import SentencePieceTokenizer
+
+    if isinstance(tok, SentencePieceTokenizer):
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=tok.path)
+        token = sp.id_to_piece
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            "add_bos_token": tok.bos_id >= 0,
+            "add_eos_token": False,
+            # add_dummy_prefix on: "a" encodes to "▁a" (or "▁", "a").
+            "add_prefix_space": sp.encode("a", out_type=str)[0].startswith("▁"),
+            "unk_token": token(sp.unk_id()),
+        }
+        files = {}
+    else:
+        import tokenizers
+
+        backend = tokenizers.Tokenizer.from_file(tok.path)
+        token = backend.id_to_token
+        bos = [(token(tok.bos_id), tok.bos_id)] if tok.bos_id >= 0 else []
+        first = f"{bos[0][0]}:0 " if bos else ""
+        second = f"{bos[0][0]}:1 " if bos else ""
+        backend.post_processor = tokenizers.processors.TemplateProcessing(
+            single=f"{first}$A:0", pair=f"{first}$A:0 {second}$B:1", special_tokens=bos
+        )
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        files = {"tokenizer.json": backend.to_str(pretty=True)}
+    config |= {
+        "bos_token": token(tok.bos_id) if tok.bos_id >= 0 else None,
+        "eos_token": token(tok.eos_id),
+        "pad_token": token(tok.pad_id),
+        "clean_up_tokenization_spaces": False,
+    }
+    return files | {"tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False)}
+
+
+def _write_json(file: pathlib.Path, value: dict) -> None:
+    file.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 def save_hf(
@@ -873,17 +990,23 @@ def save_hf(
     architecture: str | None = None,
     overwrite: bool = False,
 ) -> pathlib.Path:
-    """Writes a complete Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads.
+    """Writes a complete Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` and
+    ``AutoTokenizer.from_pretrained`` load with no further arguments.
 
     Contents: safetensors weights (sharded above ``max_shard_size``, with
     ``model.safetensors.index.json``), ``config.json``, ``generation_config.json`` and, when
-    ``tokenizer`` is a tokenizer file or a directory (e.g. the original HF model directory), its
-    tokenizer files; special token ids come from that directory's generation_config.json or
-    config.json. ``dtype``: stored dtype (default: the params' dtype). ``architecture``: the HF
-    class to write (default inferred from the config, see ``family_for``). The directory is built
-    under a temporary sibling name and renamed into place, so a failure leaves nothing behind; an
-    existing ``path`` is an error unless ``overwrite``. In multi-host runs every process must call
-    this (params are gathered); only process 0 writes.
+    ``tokenizer`` is a tokenizer file (SentencePiece ``.model`` or ``tokenizer.json``) or a
+    directory (e.g. the original HF model directory), its tokenizer files. The special token ids
+    (``bos_token_id``, ``eos_token_id``, ``pad_token_id``; in both config files, so ``generate``
+    stops at EOS) come from that directory's generation_config.json or config.json, else from the
+    tokenizer itself; when the source has no ``tokenizer_config.json`` one is written so that the
+    exported tokenizer adds BOS exactly as jaxalign's pipelines do (see `_tokenizer_config`).
+    ``dtype``: stored dtype (default: the params' dtype). ``architecture``: the HF class to write
+    (default inferred from the config, see ``family_for``). The directory is built under a
+    temporary sibling name and renamed into place, so a failure leaves nothing behind; files and
+    directory get the modes the process umask gives. An existing ``path`` is an error unless
+    ``overwrite``. In multi-host runs every process must call this (params are gathered); only
+    process 0 writes.
     """
     path = pathlib.Path(path).absolute()
     family = family_for(config, architecture)
@@ -893,27 +1016,35 @@ def save_hf(
         dtype = params["embed"]["embedding"].dtype
     dtype = _resolve_dtype(dtype, "save_hf")
     limit = _parse_size(max_shard_size)
-    token_files = _tokenizer_sources(tokenizer) if tokenizer is not None else []
     if path.exists() and not overwrite:
-        raise CheckpointError(f"{path}: already exists (pass overwrite=True to replace it)")
+        raise CheckpointError(
+            f"{path}: already exists (replace it with --overwrite, or overwrite=True in Python)"
+        )
+    export = _tokenizer_export(tokenizer) if tokenizer is not None else None
     writer = jax.process_index() == 0
     if not writer:  # take part in the gathers only
         for _ in _hf_tensors(config, params, entries, _DTYPES[dtype]):
             pass
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # mode 0o777 minus the umask
     try:
         _write_weights(tmp, config, params, entries, _DTYPES[dtype], limit)
+        generation = export.generation if export is not None else {}
         hf_config = config_to_hf(config, family, dtype)
-        generation = _generation_config(tokenizer)
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if key in generation:
-                hf_config[key] = generation[key]
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        for file in token_files:
-            shutil.copy2(file, tmp / file.name)
+        hf_config |= {k: generation[k] for k in SPECIAL_ID_KEYS if k in generation}
+        _write_json(tmp / "config.json", hf_config)
+        _write_json(tmp / "generation_config.json", generation)
+        if export is not None:
+            for name, file in export.copies.items():
+                shutil.copyfile(file, tmp / name)
+            for name, text in export.writes.items():
+                (tmp / name).write_text(text + "\n")
+        # safetensors creates its files 0o600; give every file the umask's mode, as open() would.
+        file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666
+        for file in tmp.iterdir():
+            file.chmod(file_mode)
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             os.replace(path, old)

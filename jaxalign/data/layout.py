@@ -28,6 +28,10 @@ A training batch (one host's micro-batch):
                                          reference cache's `CACHE_FIELDS`), 0 on empty slots
     retain/<key>          an SFT batch of the retain set, every key above under this prefix
 
+A rollout batch (online RL, `jaxalign.rl.rollout`): one completion per row, sequence r = row r,
+the rows above plus float32 [R, T] token fields aligned with the targets (`BatchSpec.token_fields`:
+the sampler's and the old policy's log-probs, the reference's, advantages, values, returns).
+
 A prompt batch (generation), left-padded so every prompt ends at column Tp - 1:
 
     prompt_tokens      int32   [E, Tp]
@@ -76,17 +80,20 @@ class BatchSpec:
     """What a family's batches hold beyond the row arrays.
 
     records: the record format they are read from ("sft" `{prompt, completion}` or messages,
-      "pair" `{prompt, chosen, rejected}`, "unpaired" `{prompt, completion, label}`).
+      "pair" `{prompt, chosen, rejected}`, "unpaired" `{prompt, completion, label}`), or
+      "rollout" (built from sampled completions, `jaxalign.rl.rollout`).
     kl_sequences: unpaired batches also carry each example's mismatched KL sequence (KTO).
     fields: per-example float32 data fields beside `example_mask` (labels excluded: they follow
       from `records`), e.g. `data.extra_fields` and the cached reference log-probs.
     retain: an SFT batch of the retain set rides along under `RETAIN_PREFIX`.
+    token_fields: float32 [R, T] fields aligned with the targets (rollout batches).
     """
 
-    records: Literal["sft", "pair", "unpaired"]
+    records: Literal["sft", "pair", "unpaired", "rollout"]
     kl_sequences: bool = False
     fields: tuple[str, ...] = ()
     retain: bool = False
+    token_fields: tuple[str, ...] = ()
 
     @property
     def sequences_per_example(self) -> int:
@@ -139,6 +146,7 @@ def abstract(
     one = {k: struct((rows, T), dtype) for k, dtype in ROW_FIELDS.items()}
     names = (EXAMPLE_MASK, *((LABELS,) if spec.records == "unpaired" else ()), *spec.fields)
     one |= {k: struct((examples,), np.float32) for k in names}
+    one |= {k: struct((rows, T), np.float32) for k in spec.token_fields}
     if spec.retain:
         sft = abstract(
             BatchSpec("sft"),

@@ -540,10 +540,14 @@ def _encode_prompt_example(
         template,
         example["messages"],
         example["system"],
-        max_prompt_len=max_prompt_len,
+        max_prompt_len=max_prompt_len + 1,  # one more: a cut prompt shows itself
         add_bos=add_bos,
     )
-    return {"ids": np.asarray(ids, np.int32), "record": example["record"]}
+    truncated = len(ids) > max_prompt_len
+    if truncated:  # cut from the left, BOS kept
+        bos = 1 if add_bos and tokenizer.bos_id >= 0 else 0
+        ids = ids[:bos] + ids[bos + 1 :]
+    return {"ids": np.asarray(ids, np.int32), "record": example["record"], "truncated": truncated}
 
 
 class PromptIterator(_ResumableIterator):
@@ -579,6 +583,7 @@ class PromptIterator(_ResumableIterator):
         self.length_buckets = tuple(sorted(length_buckets))
         self.pad_id = pad_id
         self.num_examples = num_examples
+        self.num_truncated = 0  # prompts cut to max_prompt_len, counted as batches are built
 
     def __next__(self) -> dict:
         if self._next >= self._len:
@@ -586,6 +591,7 @@ class PromptIterator(_ResumableIterator):
         n = min(self.batch_size, self._len - self._next)
         examples = [self._ds[self._next + j] for j in range(n)]
         self._next += n
+        self.num_truncated += sum(ex["truncated"] for ex in examples)
         B = self.batch_size
         lengths = np.zeros(B, np.int32)
         lengths[:n] = [len(ex["ids"]) for ex in examples]

@@ -158,9 +158,13 @@ class Attention(nnx.Module):
         inv_freq: Float[Array, " H2"],
         kv_cache: tuple[Array, Array] | None = None,
         cache_index: Int[Array, ""] | None = None,
+        layer: Int[Array, ""] | None = None,
     ) -> tuple[Float[Array, "B T D"], tuple[Array, Array] | None]:
-        """Without ``kv_cache`` S = T. With it, k/v of the T new tokens are written into the
-        ``[B, S, K, H]`` cache at slot ``cache_index`` and the queries attend over all S slots.
+        """Without ``kv_cache`` S = T. With it (the whole stacked ``[L, B, S, K, H]`` k/v cache),
+        k/v of the T new tokens are written into layer ``layer`` at slot ``cache_index`` and the
+        queries attend over all S slots of that layer. Writing only the new slots into the
+        stacked cache lets XLA update it in place inside the scan over layers (returning each
+        layer's cache as a scan output instead copies the whole cache on every decode step).
         ``inv_freq`` are this layer's RoPE frequencies."""
         c = self.config
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -170,11 +174,11 @@ class Attention(nnx.Module):
         new_cache = None
         if kv_cache is not None:
             cache_k, cache_v = kv_cache
-            start = (0, cache_index, 0, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            start = (layer, 0, cache_index, 0, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
             new_cache = (cache_k, cache_v)
-            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+            k, v = cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype)
         scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
         if c.attn_logit_softcap is None:
             # Logits and softmax run in float32 in dot_product_attention; K < N heads broadcast.
@@ -245,9 +249,9 @@ class Block(nnx.Module):
             self.mlp_post_norm = norm()
         self.post_norms = config.post_norms
 
-    def __call__(self, x, positions, mask, inv_freq, kv_cache=None, cache_index=None):
+    def __call__(self, x, positions, mask, inv_freq, kv_cache=None, cache_index=None, layer=None):
         h, new_cache = self.attn(
-            self.attn_norm(x), positions, mask, inv_freq, kv_cache, cache_index
+            self.attn_norm(x), positions, mask, inv_freq, kv_cache, cache_index, layer
         )
         x = x + (self.attn_post_norm(h) if self.post_norms else h)
         h = self.mlp(self.mlp_norm(x))
@@ -394,15 +398,20 @@ class Transformer(nnx.Module):
         )
         graphdef, layer_state = nnx.split(self.layers)
 
-        def body(h, xs):
-            state, local, inv_freq, cache_k, cache_v = xs
+        def body(carry, xs):
+            h, cache_k, cache_v = carry
+            state, local, inv_freq, layer = xs
             mask = jnp.where(local, masks[1], masks[0])
             block = nnx.merge(graphdef, state)
-            h, kv = block(h, positions, mask, inv_freq, (cache_k, cache_v), index)
-            return h, kv
+            h, (cache_k, cache_v) = block(
+                h, positions, mask, inv_freq, (cache_k, cache_v), index, layer
+            )
+            return (h, cache_k, cache_v), None
 
-        xs = (layer_state, *self._layer_data(), cache["k"], cache["v"])
-        h, (k, v) = jax.lax.scan(body, self.embed(tokens), xs)
+        layers = jnp.arange(cache["k"].shape[0])
+        carry = (self.embed(tokens), cache["k"], cache["v"])
+        xs = (layer_state, *self._layer_data(), layers)
+        (h, k, v), _ = jax.lax.scan(body, carry, xs)
         new_cache = {
             "k": k,
             "v": v,

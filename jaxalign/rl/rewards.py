@@ -16,24 +16,29 @@ and ``completion`` the decoded completion text. A config names them::
 ``records[i]`` is the record of completion i (repeat each prompt's record G times). A reward that
 raises or returns a non-finite number raises ``DataError`` naming the reward and the record index;
 the loop refuses the step. The array functions (scaling, overlong penalty, LSC, InfAlign) are
-pure JAX and jittable. Reward-model scoring lives with the reward model (``jaxalign.train``).
+pure JAX and jittable. ``reward_model_scores`` scores rollout rows with a trained reward model
+(a decoder with ``params["reward_head"]``, `jaxalign.models.heads`).
 """
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from jaxalign import models
 from jaxalign.data.demo_task import judge
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.losses.reward import lsc_combine, lsc_transform
+from jaxalign.models import heads
 
 RewardFn = Callable[[Mapping[str, Any], str], float]
 Weight = float | Callable[[int], float]
@@ -378,3 +383,31 @@ __all__ = [
     "score_rule_rewards",
     "update_reward_stats",
 ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reward-model scoring.
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _reward_model_scores(model_config, params, rows):
+    hidden = models.forward(
+        model_config,
+        heads.decoder_params(params),
+        rows["tokens"],
+        rows["positions"],
+        rows["segment_ids"],
+    )
+    T = rows["segment_ids"].shape[1]
+    last = T - 1 - jnp.argmax(rows["segment_ids"][:, ::-1] > 0, axis=1)
+    h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    return heads.apply_scalar_head(params[heads.REWARD_HEAD], h)
+
+
+def reward_model_scores(model_config, params, rows) -> HostSeq:
+    """A reward model's score of each rollout row (`jaxalign.rl.rollout.rollout_rows`): its head
+    on the hidden state of the row's last real input, whose target is the completion's last token
+    (the EOS for a completion that stopped), as the reward trainer scores a sequence. float32
+    [R], on the host."""
+    arrays = {k: rows[k] for k in ("tokens", "positions", "segment_ids")}
+    return np.asarray(_reward_model_scores(model_config, params, arrays), np.float32)

@@ -3,11 +3,11 @@
 jaxalign.train.train(config, workdir)    # runs the loop of the config's family
 """
 
-from jaxalign.train import families, offline
+from jaxalign.train import families, offline, online
 from jaxalign.train.offline import evaluate_checkpoint
 from jaxalign.train.run import init_params, setup
 
-LOOPS = {"offline": offline.train}
+LOOPS = {"offline": offline.train, "online": online.train}
 
 
 def train(config, workdir, *, allow_config_change: bool = False) -> dict:

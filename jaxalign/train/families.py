@@ -8,6 +8,12 @@ cache. Nothing else chooses by the family's name.
 | `unpaired` | kto / bco / npo (+ retain)    | unpaired (kto, bco), |               | offline |
 |            |                               | sft (npo forget set) |               |         |
 | `reward`   | Bradley-Terry reward model    | pair                 | `reward_head` | offline |
+| `ppo`      | clipped PG + value loss, GAE  | prompts              | `value_head`  | online  |
+| `grpo`     | clipped PG, group advantages  | prompts              |               | online  |
+| `rloo`     | clipped PG, leave-one-out     | prompts              |               | online  |
+| `reinforce_pp` | clipped PG, REINFORCE++   | prompts              |               | online  |
+| `online_dpo` | any paired loss on (best, worst) of a group | prompts |            | online  |
+| `rft`      | SFT on each group's best      | prompts              |               | online  |
 
 `trainer="dpo"` is an alias of `paired` (it runs any paired loss, not only DPO).
 """
@@ -25,11 +31,12 @@ import jax
 from ml_collections import ConfigDict
 
 from jaxalign import losses
-from jaxalign.data import layout, make_batches, make_ref_join
+from jaxalign.data import layout, make_batches, make_prompt_pipeline, make_ref_join
 from jaxalign.errors import ConfigError
+from jaxalign.losses import policy as policy_losses
 from jaxalign.models import heads
 from jaxalign.sharding import ShardingRules
-from jaxalign.train import objectives, reward
+from jaxalign.train import objectives, policy, reward, updates
 from jaxalign.train.objectives import Objective
 
 
@@ -38,10 +45,14 @@ class Family:
     """Everything that differs between trainer families.
 
     objective: (config, model_config, mesh) -> Objective (its `batch` is the batch spec).
-    batches: (run, path, *, train) -> the batch iterator of one split.
+    batches: (run, path, *, train) -> the batch iterator of one split (prompt batches for the
+      online families).
     head: the name of a scalar head in the params tree (`jaxalign.models.heads`), or None.
     takes_ref_cache: `data.ref_logps` (`jaxalign cache-ref`) applies.
-    loop: which loop runs it ("offline": one batch, one update).
+    loop: which loop runs it ("offline": one batch, one update; "online": sample, score,
+      update, `jaxalign.train.online`).
+    to_batch: online families: (run) -> the rollout-to-update-batch function
+      (`jaxalign.train.updates`).
     """
 
     objective: Callable[..., Objective]
@@ -49,6 +60,7 @@ class Family:
     head: str | None = None
     takes_ref_cache: bool = False
     loop: str = "offline"
+    to_batch: Callable | None = None
 
 
 def make_loss(config: ConfigDict) -> losses.Bound | losses.Mix:
@@ -186,11 +198,97 @@ def offline_batches(run, path: str, *, train: bool):
     )
 
 
+def prompt_batches(run, path: str, *, train: bool):
+    """Prompt batches (`jaxalign.data.make_prompt_pipeline`) of the online families: each host
+    reads its share of `data.batch_size` prompts; endless and shuffled for training, one pass in
+    file order for evaluation."""
+    data = run.config.data
+    return make_prompt_pipeline(
+        path,
+        run.tokenizer,
+        batch_size=data.batch_size // jax.process_count(),
+        max_prompt_len=data.max_prompt_len,
+        seed=data.shuffle_seed,
+        shuffle=train,
+        template=data.template,
+        skip_bad_records=data.skip_bad_records,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_epochs=None if train else 1,
+    )
+
+
+def _group_of_two(config: ConfigDict, family: str) -> None:
+    if config.rl.group_size < 2:
+        raise ConfigError(
+            f"rl.group_size={config.rl.group_size}: {family} compares the completions of a "
+            "prompt, so it needs at least 2"
+        )
+
+
+def _policy(*, kl_in_loss: bool, value_head: bool, family: str, pairs: bool = False):
+    def build(config: ConfigDict, model_config, mesh) -> Objective:
+        if pairs:
+            _group_of_two(config, family)
+        if config.rl.aggregation not in policy_losses.AGGREGATIONS:
+            raise ConfigError(
+                f'rl.aggregation "{config.rl.aggregation}" is unknown (known: '
+                f"{', '.join(policy_losses.AGGREGATIONS)})"
+            )
+        if config.rl.ratio not in ("token", "sequence"):
+            raise ConfigError(f'rl.ratio "{config.rl.ratio}": expected "token" or "sequence"')
+        place = _placement(config, mesh)
+        return policy.policy_objective(
+            model_config,
+            config.rl,
+            kl_in_loss=kl_in_loss,
+            value_head=value_head,
+            mesh=place["mesh"],
+            rules=place["rules"],
+            impl=place["implementation"],
+        )
+
+    return build
+
+
+def online_dpo(config: ConfigDict, model_config, mesh) -> Objective:
+    _group_of_two(config, "online_dpo")
+    return paired(config, model_config, mesh)
+
+
+def _online(objective, estimator, *, kl_in_loss=False, head=None) -> Family:
+    return Family(
+        objective,
+        prompt_batches,
+        head=head,
+        loop="online",
+        to_batch=lambda run: updates.policy_batch(run, estimator, kl_in_loss=kl_in_loss),
+    )
+
+
 FAMILIES: dict[str, Family] = {
     "sft": Family(sft, offline_batches),
     "paired": Family(paired, offline_batches, takes_ref_cache=True),
     "unpaired": Family(unpaired, offline_batches),
     "reward": Family(reward_model, offline_batches, head=heads.REWARD_HEAD),
+    "ppo": _online(
+        _policy(kl_in_loss=False, value_head=True, family="ppo"), None, head=heads.VALUE_HEAD
+    ),
+    "grpo": _online(
+        _policy(kl_in_loss=True, value_head=False, family="grpo"),
+        updates.grpo_advantages,
+        kl_in_loss=True,
+    ),
+    "rloo": _online(
+        _policy(kl_in_loss=False, value_head=False, family="rloo", pairs=True),
+        updates.rloo_advantages,
+    ),
+    "reinforce_pp": _online(
+        _policy(kl_in_loss=False, value_head=False, family="reinforce_pp"),
+        updates.reinforce_pp_advantages,
+    ),
+    "online_dpo": Family(online_dpo, prompt_batches, loop="online", to_batch=updates.pair_batch),
+    "rft": Family(sft, prompt_batches, loop="online", to_batch=updates.best_batch),
 }
 ALIASES = {"dpo": "paired"}
 

@@ -11,10 +11,7 @@ SIGTERM (preemption) finishes the current step, saves, and exits.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import pathlib
-import sys
 import time
 
 import jax
@@ -22,21 +19,16 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from jaxalign.checkpoint import manager as ckpt
-from jaxalign.config import to_dict
-from jaxalign.data import Prefetch
 from jaxalign.errors import ConfigError
-from jaxalign.train import workdir as workdirs
-from jaxalign.train.metrics import MetricsWriter
 from jaxalign.train.objectives import finalize_metrics
 from jaxalign.train.run import (
-    Preemption,
     Run,
+    Session,
     check_finite,
     checkpoint_due,
-    checkpoints,
     init_params,
+    session,
     setup,
-    start,
 )
 
 
@@ -84,52 +76,16 @@ def train(
 ) -> dict:
     """Run (or resume) training as configured; returns the run's summary (`summary.json`):
     the last train and eval metrics, timing and the last checkpoint."""
-    main = jax.process_index() == 0
-    workdir = workdirs.prepare(workdir) if main else pathlib.Path(workdir)
-    # SIGTERM / Ctrl-C from here on stop the run cleanly (`Preemption`).
-    with Preemption() as stop, workdirs.RunLock(workdir) if main else contextlib.nullcontext():
-        changed = (
-            workdirs.check_config(workdir, config, allow_change=allow_config_change) if main else []
-        )
-        run = setup(config)
-        # Batches are built on a thread while the device runs the previous step.
-        pipeline = Prefetch(run.batches(config.data.train, train=True))
-        try:
-            with checkpoints(config, workdir) as manager:
-                latest = manager.latest_step()
-                if latest is not None and latest >= config.steps:
-                    print(
-                        f"jaxalign: {workdir} already finished at step {latest} (steps="
-                        f"{config.steps}); nothing to do",
-                        file=sys.stderr,
-                    )
-                    return workdirs.read_summary(workdir) or {"steps": latest}
-                state, ref_params = start(run, manager, pipeline)
-                if main:
-                    workdirs.write_config(workdir, config)
-                return _loop(run, workdir, manager, pipeline, state, ref_params, changed, stop)
-        finally:
-            pipeline.close()
+    with session(config, workdir, allow_config_change=allow_config_change) as s:
+        return s.finished if s.finished is not None else _loop(s)
 
 
-def _loop(run: Run, workdir, manager, pipeline, state, ref_params, changed, stop) -> dict:
-    config = run.config
-    first = int(state["step"])
-    if first and jax.process_index() == 0:
-        workdirs.trim_metrics(workdir, first)
+def _loop(s: Session) -> dict:
+    run, config, state, ref_params, first = s.run, s.run.config, s.state, s.ref_params, s.first
+    pipeline, manager, stop, workdir = s.pipeline, s.manager, s.stop, s.workdir
     train_step = run.jit_train_step()
     evaluate = make_evaluator(run, ref_params)
-    record = to_dict(config) | {"model_config": dataclasses.asdict(run.model_config)}
-    writer = MetricsWriter(workdir, total_steps=config.steps, start_step=first)
-    if first:
-        writer.print(f"resuming from step {first} of {config.steps} ({workdir})")
-    if changed:
-        writer.print(f"config changed since the last start: {', '.join(changed)}")
-    if pipeline.num_bad_records:
-        writer.print(
-            f"{config.data.train}: skipped {pipeline.num_bad_records} malformed records "
-            "(data.skip_bad_records=True)"
-        )
+    writer = s.writer
     last_train, last_eval, saved = {}, None, None
     started, total_tokens, truncated = time.perf_counter(), 0.0, 0
     try:
@@ -161,7 +117,7 @@ def _loop(run: Run, workdir, manager, pipeline, state, ref_params, changed, stop
                 writer.write(done, eval_metrics or {}, split="eval")
             if checkpoint_due(config, done, bool(stop)):
                 check_finite(metrics, done, config, manager, workdir)
-                ckpt.save(manager, done, state, pipeline.get_state(), record)
+                ckpt.save(manager, done, state, pipeline.get_state(), s.record)
                 saved = done
             if stop:
                 writer.print(f"step {done}: {stop.name} received; checkpoint saved, exiting")
@@ -171,24 +127,13 @@ def _loop(run: Run, workdir, manager, pipeline, state, ref_params, changed, stop
             writer.write(config.steps, last_eval, split="eval")
     finally:
         writer.close()
-    wall = time.perf_counter() - started
-    summary = {
-        "trainer": config.trainer,
-        "workdir": str(workdir),
-        "steps": [first, (saved or first) if stop else config.steps],
-        "stopped_by": stop.name,
-        "wall_time_s": wall,
-        "tokens_per_s": total_tokens / max(wall, 1e-9),
-        "train": last_train,
-        "eval": last_eval,
-        "checkpoint": str(ckpt.checkpoint_dir(workdir) / str(saved)) if saved else None,
-        "truncated_examples": pipeline.num_truncated,
-        "skipped_records": pipeline.num_bad_records,
-    }
-    if jax.process_index() == 0:
-        workdirs.write_summary(workdir, summary)
-        print(format_summary(summary), file=sys.stderr)
-    return summary
+    return s.finish(
+        saved=saved,
+        wall=time.perf_counter() - started,
+        tokens=total_tokens,
+        train=last_train,
+        eval=last_eval,
+    )
 
 
 def _truncation_note(config: ConfigDict) -> str:
@@ -197,25 +142,3 @@ def _truncation_note(config: ConfigDict) -> str:
         f"/ data.max_prompt_len={config.data.max_prompt_len} and are truncated (counted in "
         "metrics as data/truncated_examples)"
     )
-
-
-_SUMMARY_KEYS = ("loss", "rewards/accuracy", "rewards/margin", "logps/accuracy", "rewards/gap")
-
-
-def format_summary(summary: dict) -> str:
-    """The end-of-run lines printed on the console."""
-    first, last = summary["steps"]
-    lines = [
-        f"summary: {summary['trainer']} steps {first} -> {last} in {summary['wall_time_s']:.1f} s"
-        f" ({summary['tokens_per_s']:,.0f} tokens/s)"
-        + (f", stopped by {summary['stopped_by']}" if summary["stopped_by"] else "")
-    ]
-    for split in ("train", "eval"):
-        values = summary[split] or {}
-        shown = [f"{k} {values[k]:.4g}" for k in _SUMMARY_KEYS if k in values]
-        if shown:
-            lines.append(f"  {split:5s}  " + ", ".join(shown))
-    if summary["truncated_examples"]:
-        lines.append(f"  {summary['truncated_examples']} examples truncated to data.max_len")
-    lines.append(f"  checkpoint {summary['checkpoint']}  (summary.json in {summary['workdir']})")
-    return "\n".join(lines)

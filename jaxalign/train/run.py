@@ -15,6 +15,7 @@ import math
 import os
 import pathlib
 import signal
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +27,12 @@ from ml_collections import ConfigDict
 from jaxalign import models, sharding
 from jaxalign.checkpoint import manager as ckpt
 from jaxalign.config import check_known_keys, to_dict
-from jaxalign.data import load_tokenizer
+from jaxalign.data import Prefetch, load_tokenizer
 from jaxalign.errors import ConfigError, TrainingError
 from jaxalign.models import heads
-from jaxalign.train import families, steps
+from jaxalign.train import families, steps, updates
+from jaxalign.train import workdir as workdirs
+from jaxalign.train.metrics import MetricsWriter
 from jaxalign.train.objectives import Objective
 from jaxalign.train.optimizer import learning_rate_schedule, make_optimizer
 
@@ -202,6 +205,8 @@ def setup(config: ConfigDict, *, devices=None, read_files: bool = True, model_co
     }
     if objective.initial_loss_state is not None:
         abstract_state["loss_state"] = jax.eval_shape(lambda: objective.initial_loss_state)
+    if family.loop == "online":  # the loop's own state: KL controller, reward statistics
+        abstract_state["rl"] = jax.eval_shape(lambda: updates.initial_rl_state(config))
     return Run(
         config=config,
         family=family,
@@ -227,6 +232,17 @@ def init_params(run: Run):
     if run.family.head:
         init = jax.jit(heads.init_scalar_head, static_argnums=0, out_shardings=head_sharding)
         params[run.family.head] = init(run.model_config)
+    if run.family.head == heads.VALUE_HEAD and config.rl.value_init:
+        # PPO's critic starts as the reward model's head (trained on the same decoder start).
+        from jaxalign.train.reward import load_reward_model
+
+        rm_config, rm_params = load_reward_model(config.rl.value_init)
+        if rm_config.d_model != run.model_config.d_model:
+            raise ConfigError(
+                f"rl.value_init={config.rl.value_init}: its model width {rm_config.d_model} is "
+                f"not the policy's {run.model_config.d_model}"
+            )
+        params[heads.VALUE_HEAD] = jax.device_put(rm_params[heads.REWARD_HEAD], head_sharding)
     return params
 
 
@@ -273,6 +289,8 @@ def start(run: Run, manager, pipeline) -> tuple[dict, object]:
     }
     if run.objective.initial_loss_state is not None:
         state["loss_state"] = jax.device_put(run.objective.initial_loss_state, run.replicated)
+    if "rl" in run.abstract_state:
+        state["rl"] = jax.device_put(updates.initial_rl_state(run.config), run.replicated)
     return state, ref_params
 
 
@@ -364,3 +382,130 @@ class Preemption:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class Session:
+    """A started run: what every loop begins with (`session`)."""
+
+    run: Run
+    workdir: pathlib.Path
+    manager: object
+    pipeline: object
+    stop: Preemption
+    writer: MetricsWriter | None = None
+    state: dict | None = None
+    ref_params: object = None
+    first: int = 0
+    record: dict | None = None
+    finished: dict | None = None  # the summary of a run that had already finished
+
+    def finish(self, *, saved, wall, tokens, train, eval, **extra) -> dict:
+        """The run's summary: printed, written to WORKDIR/summary.json and returned."""
+        config = self.run.config
+        stopped = bool(self.stop)
+        summary = {
+            "trainer": config.trainer,
+            "workdir": str(self.workdir),
+            "steps": [self.first, (saved or self.first) if stopped else config.steps],
+            "stopped_by": self.stop.name,
+            "wall_time_s": wall,
+            "tokens_per_s": tokens / max(wall, 1e-9),
+            "train": train,
+            "eval": eval,
+            "checkpoint": str(ckpt.checkpoint_dir(self.workdir) / str(saved)) if saved else None,
+            "truncated_examples": self.pipeline.num_truncated,
+            "skipped_records": self.pipeline.num_bad_records,
+            **extra,
+        }
+        if jax.process_index() == 0:
+            workdirs.write_summary(self.workdir, summary)
+            print(format_summary(summary), file=sys.stderr)
+        return summary
+
+
+@contextlib.contextmanager
+def session(config: ConfigDict, workdir, *, allow_config_change: bool = False):
+    """Start (or resume) a run in `workdir`, for any loop: the workdir checked and locked
+    (`jaxalign.train.workdir`), SIGTERM / Ctrl-C handled (`Preemption`) from here on, the run set
+    up, its batches built on a thread ahead of the device (`Prefetch`), the checkpoint manager
+    opened, the state initialised or restored, the config recorded, the metrics writer opened
+    (metrics past the restored step dropped). A run that had already finished yields a session
+    with `finished` set to its summary and nothing else started."""
+    main = jax.process_index() == 0
+    workdir = workdirs.prepare(workdir) if main else pathlib.Path(workdir)
+    with Preemption() as stop, workdirs.RunLock(workdir) if main else contextlib.nullcontext():
+        changed = (
+            workdirs.check_config(workdir, config, allow_change=allow_config_change) if main else []
+        )
+        run = setup(config)
+        pipeline = Prefetch(run.batches(config.data.train, train=True))
+        try:
+            with checkpoints(config, workdir) as manager:
+                s = Session(run, workdir, manager, pipeline, stop)
+                latest = manager.latest_step()
+                if latest is not None and latest >= config.steps:
+                    print(
+                        f"jaxalign: {workdir} already finished at step {latest} (steps="
+                        f"{config.steps}); nothing to do",
+                        file=sys.stderr,
+                    )
+                    s.finished = workdirs.read_summary(workdir) or {"steps": [latest, latest]}
+                    yield s
+                    return
+                s.state, s.ref_params = start(run, manager, pipeline)
+                s.first = int(s.state["step"])
+                s.record = to_dict(config) | {"model_config": dataclasses.asdict(run.model_config)}
+                if main:
+                    workdirs.write_config(workdir, config)
+                    if s.first:
+                        workdirs.trim_metrics(workdir, s.first)
+                s.writer = MetricsWriter(workdir, total_steps=config.steps, start_step=s.first)
+                try:
+                    if s.first:
+                        s.writer.print(
+                            f"resuming from step {s.first} of {config.steps} ({workdir})"
+                        )
+                    if changed:
+                        s.writer.print(f"config changed since the last start: {', '.join(changed)}")
+                    if pipeline.num_bad_records:
+                        s.writer.print(
+                            f"{config.data.train}: skipped {pipeline.num_bad_records} malformed "
+                            "records (data.skip_bad_records=True)"
+                        )
+                    yield s
+                finally:
+                    s.writer.close()
+        finally:
+            pipeline.close()
+
+
+_SUMMARY_KEYS = (
+    "loss",
+    "rewards/accuracy",
+    "rewards/margin",
+    "logps/accuracy",
+    "rewards/gap",
+    "reward",
+    "reward/greedy",
+    "reward/sampled",
+)
+
+
+def format_summary(summary: dict) -> str:
+    """The end-of-run lines printed on the console."""
+    first, last = summary["steps"]
+    lines = [
+        f"summary: {summary['trainer']} steps {first} -> {last} in {summary['wall_time_s']:.1f} s"
+        f" ({summary['tokens_per_s']:,.0f} tokens/s)"
+        + (f", stopped by {summary['stopped_by']}" if summary["stopped_by"] else "")
+    ]
+    for split in ("train", "eval"):
+        values = summary[split] or {}
+        shown = [f"{k} {values[k]:.4g}" for k in _SUMMARY_KEYS if k in values]
+        if shown:
+            lines.append(f"  {split:5s}  " + ", ".join(shown))
+    if summary["truncated_examples"]:
+        lines.append(f"  {summary['truncated_examples']} examples truncated to data.max_len")
+    lines.append(f"  checkpoint {summary['checkpoint']}  (summary.json in {summary['workdir']})")
+    return "\n".join(lines)

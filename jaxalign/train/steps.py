@@ -70,7 +70,8 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
         if isinstance(opt_state, optax.ApplyIfFiniteState):  # optimizer.skip_nonfinite
             metrics["updates_skipped"] = opt_state.total_notfinite
             metrics["nonfinite_streak"] = opt_state.notfinite_count
-        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        # Entries the step does not own (an online loop's "rl" state) pass through unchanged.
+        new_state = state | {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         if loss_state is not None:
             new_state["loss_state"] = update_loss_state(loss_state, metrics, weight)
             metrics |= {f"loss_state/{k}": v for k, v in new_state["loss_state"].items()}
