@@ -239,7 +239,8 @@ def _cut_prompt(bos: list[int], body: list[int], max_prompt_len: int) -> list[in
     return ids
 
 
-def _bos(tokenizer, template: Template, add_bos: bool) -> list[int]:
+def bos_ids(tokenizer, template: Template, add_bos: bool) -> list[int]:
+    """The BOS id the pipeline puts before a prompt: none when the template writes its own."""
     return [tokenizer.bos_id] if add_bos and template.bos and tokenizer.bos_id >= 0 else []
 
 
@@ -254,7 +255,7 @@ def encode_prompt(
 ) -> list[int]:
     """Prompt ids (BOS + rendered prompt), cut from the left to `max_prompt_len` (BOS kept)."""
     body = tokenizer.encode(template.render_prompt(messages, system))
-    return _cut_prompt(_bos(tokenizer, template, add_bos), body, max_prompt_len)
+    return _cut_prompt(bos_ids(tokenizer, template, add_bos), body, max_prompt_len)
 
 
 def tokenize_example(
@@ -291,7 +292,7 @@ def tokenize_example(
         resp = tokenizer.encode(response_text)
     if template.eos and (not resp or resp[-1] != tokenizer.eos_id):
         resp = resp + [tokenizer.eos_id]
-    bos = _bos(tokenizer, template, add_bos)
+    bos = bos_ids(tokenizer, template, add_bos)
     prompt = _cut_prompt(bos, body, max_prompt_len)
     room = max_len + 1 - len(prompt)
     truncated = len(bos) + len(body) > max_prompt_len or len(resp) > room

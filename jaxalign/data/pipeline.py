@@ -545,7 +545,7 @@ def _encode_prompt_example(
     )
     truncated = len(ids) > max_prompt_len
     if truncated:  # cut from the left, BOS kept
-        bos = 1 if add_bos and tokenizer.bos_id >= 0 else 0
+        bos = len(formats.bos_ids(tokenizer, template, add_bos))
         ids = ids[:bos] + ids[bos + 1 :]
     return {"ids": np.asarray(ids, np.int32), "record": example["record"], "truncated": truncated}
 
