@@ -8,7 +8,7 @@
     jaxalign convert to-hf --checkpoint CKPT --out DIR [--tokenizer FILE] [--dtype bfloat16]
         [--overwrite]
     jaxalign bench logprobs [-- benchmark flags]
-    jaxalign data inspect FILE --config CFG [--config.key=value] [--show 3] [--plot lengths.png]
+    jaxalign data inspect FILE --config CFG [--config.key=value] [--show 3] [--out lengths.png]
     jaxalign plot RUN [RUN ...] --out curves.png
 
 Errors a user can act on print one line, `jaxalign: ...`, and exit with status 2. A run stopped by
@@ -168,9 +168,9 @@ def _cmd_data_inspect(args, overrides):
     config = _load(args, overrides)
     inspection = inspect_data(args.file, config, show=args.show)
     print(report(inspection, config))
-    if args.plot:
-        plot_lengths(inspection, config, args.plot)
-        print(f"wrote {args.plot}")
+    if args.out:
+        plot_lengths(inspection, config, args.out)
+        print(f"wrote {args.out}")
 
 
 def _cmd_plot(args, overrides):
@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("file", help="JSONL / Parquet / Arrow / ArrayRecord, a directory or glob")
     inspect.add_argument("--config", required=True, help="configs/<family>/<name>.py[:arg]")
     inspect.add_argument("--show", type=int, default=3, help="examples to render (default 3)")
-    inspect.add_argument("--plot", help="also draw the length histograms to this PNG")
+    inspect.add_argument("--out", help="also draw the length histograms to this PNG")
     inspect.set_defaults(run=_cmd_data_inspect)
 
     plot = sub.add_parser("plot", help="draw the training curves of runs (metrics.jsonl)")

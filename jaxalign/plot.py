@@ -3,13 +3,15 @@
     jaxalign plot runs/demo/sft runs/demo/dpo --out runs/demo/curves.png
 
 Each RUN is a run directory (its ``metrics.jsonl``) or a ``metrics.jsonl`` file. One panel per
-metric, drawn when some run logged it, in this order: ``loss``, ``rewards/margin``,
-``rewards/accuracy``, every metric whose name contains ``kl`` (e.g. ``kl``, ``rewards/kl``), then
-``learning_rate``. Train records are solid lines and eval records (split ``eval``: before
-training, every ``eval_every`` steps, at the end) dashed lines with markers, in the run's colour;
-runs are labelled by their directory name (by their path when two names are the same). Drawn with
-matplotlib's Agg backend (no display needed; the ``[plot]`` extra), written to a temporary file
-and renamed. A missing or empty metrics file is a `DataError`.
+metric, drawn when some run logged it, in this order: ``loss``; the online families' mean
+``reward`` and their eval rewards ``reward/sampled`` and ``reward/greedy``; the preference
+families' ``rewards/margin`` and ``rewards/accuracy``; every metric whose name contains ``kl``
+(e.g. ``kl``, ``rewards/kl``, ``policy/kl_coef``); then ``learning_rate``. Train records are
+solid lines and eval records (split ``eval``: before training, every ``eval_every`` steps, at the
+end) dashed lines with markers, in the run's colour; runs are labelled by their directory name
+(by their path when two names are the same). Drawn on a bare matplotlib `Figure` (rendered by
+Agg: no display needed, pyplot's state untouched), written to a temporary file and renamed. A
+missing, empty or corrupt metrics file is a `DataError`.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import pathlib
 import tempfile
 from collections.abc import Sequence
 
+import matplotlib
+from matplotlib.figure import Figure
+
 from jaxalign.errors import ConfigError, DataError
 
-FIRST = ("loss", "rewards/margin", "rewards/accuracy")
+FIRST = ("loss", "reward", "reward/sampled", "reward/greedy", "rewards/margin", "rewards/accuracy")
 LAST = ("learning_rate",)
 METRICS_FILE = "metrics.jsonl"
 
@@ -73,7 +78,6 @@ def _labels(runs: Sequence[str]) -> list[str]:
 def draw(runs: dict[str, list[dict]], *, columns: int = 3):
     """A figure with one panel per metric of `panels`, every run overlaid: train solid, eval
     dashed with markers. `runs`: label -> metrics records."""
-    plt = pyplot()
     names = panels(runs)
     if not names:
         raise DataError(
@@ -81,8 +85,9 @@ def draw(runs: dict[str, list[dict]], *, columns: int = 3):
         )
     rows = math.ceil(len(names) / columns)
     cols = min(columns, len(names))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.1 * rows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(4.6 * cols, 3.1 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, name in zip(axes.flat, names, strict=False):
         for i, (label, records) in enumerate(runs.items()):
             color = colors[i % len(colors)]
@@ -107,25 +112,11 @@ def draw(runs: dict[str, list[dict]], *, columns: int = 3):
 def plot_runs(runs: Sequence[str], out: str) -> list[str]:
     """Draw the curves of `runs` (run directories or metrics.jsonl files) to `out` (a PNG, or
     any format matplotlib writes, by the suffix); returns the panels' metric names."""
-    plt = pyplot()
     labelled = {label: read_metrics(r) for label, r in zip(_labels(runs), runs, strict=True)}
     fig = draw(labelled)
     names = [ax.get_title() for ax in fig.axes if ax.get_visible()]
     save_figure(fig, os.fspath(out))
-    plt.close(fig)
     return names
-
-
-def pyplot():
-    """matplotlib.pyplot on the headless Agg backend; a ConfigError without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ConfigError("plots need matplotlib: pip install 'jaxalign[plot]'") from None
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def save_figure(fig, out: str) -> None:

@@ -54,6 +54,34 @@ def test_panels_and_curves(tmp_path):
     ]
 
 
+def test_online_runs_get_reward_panels(tmp_path):
+    """An online run's mean reward (train) and its greedy / sampled eval rewards get panels, and
+    sit beside a DPO run's panels when both are drawn."""
+    online = tmp_path / "grpo"
+    online.mkdir()
+    records = [{"step": 0, "split": "eval", "reward/greedy": 0.1, "reward/sampled": 0.2}]
+    records += [{"step": s, "split": "train", "reward": 0.1 * s, "kl": 0.01 * s} for s in (1, 2)]
+    records.append({"step": 2, "split": "eval", "reward/greedy": 0.5, "reward/sampled": 0.4})
+    (online / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    runs = {"grpo": read_metrics(str(online))}
+    assert panels(runs) == ["reward", "reward/sampled", "reward/greedy", "kl"]
+    runs["dpo"] = read_metrics(str(_run(tmp_path / "dpo", 1.0)))
+    assert panels(runs) == [
+        "loss",
+        "reward",
+        "reward/sampled",
+        "reward/greedy",
+        "rewards/margin",
+        "rewards/accuracy",
+        "kl",
+        "learning_rate",
+    ]
+    lines = {(ax.get_title(), ln.get_label()): ln for ax in draw(runs).axes for ln in ax.lines}
+    greedy = lines[("reward/greedy", "grpo (eval)")]
+    assert list(greedy.get_xdata()) == [0, 2] and list(greedy.get_ydata()) == [0.1, 0.5]
+    assert list(lines[("reward", "grpo")].get_ydata()) == [0.1, 0.2]
+
+
 def test_plot_writes_a_whole_png(tmp_path, capsys):
     a, b = _run(tmp_path / "x" / "dpo", 1.0), _run(tmp_path / "y" / "dpo", 2.0)
     out = tmp_path / "plots" / "curves.png"
@@ -94,7 +122,7 @@ def test_bad_runs_are_one_line_errors(tmp_path, capsys):
         ([str(tmp_path / "out")], f"{tmp_path}/out: no metrics.jsonl (not a jaxalign run"),
         ([str(empty)], f"{empty}/metrics.jsonl: no metrics yet (empty)"),
         ([str(bad)], f"{bad}/metrics.jsonl line 1: bad JSON"),
-        ([str(no_panels)], "none of loss, rewards/margin, rewards/accuracy, learning_rate"),
+        ([str(no_panels)], "none of loss, reward, reward/sampled, reward/greedy, rewards/margin"),
     ]
     out = tmp_path / "out" / "curves.png"
     out.parent.mkdir()

@@ -2,7 +2,7 @@
 
     jaxalign data inspect data/demo/pairs_train.jsonl --config configs/dpo/tiny.py --show 2
     jaxalign data inspect data/train.parquet --config configs/dpo/tiny.py \\
-        --config.data.max_len=1024 --plot lengths.png
+        --config.data.max_len=1024 --out lengths.png
 
 FILE is anything `jaxalign.data.sources.open_source` reads; the config gives the record format
 (its trainer family's: pairs, SFT, unpaired, or prompts for online RL), the numeric
@@ -12,11 +12,12 @@ FILE is anything `jaxalign.data.sources.open_source` reads; the config gives the
   which the run skips with ``data.skip_bad_records=True`` and otherwise stops at;
 - token lengths of the prompts (BOS and template included; once per example) and of the
   responses (template end and EOS included; chosen and rejected both count), untruncated: min,
-  median, p90, p99, max and a text histogram; ``--plot FILE.png`` draws prompts, responses and
+  median, p90, p99, max and a text histogram; ``--out FILE.png`` draws prompts, responses and
   whole sequences, with the config's limits;
 - truncation under ``data.max_prompt_len`` and ``data.max_len`` (the policy of
   `jaxalign.data.formats`): prompts cut from the left, responses cut from the right, examples
-  with any cut (the run's ``data/truncated_examples`` over one epoch);
+  with any cut (the run's ``data/truncated_examples`` over one epoch); for prompt records only
+  ``data.max_prompt_len``, beside the completions' ``rl.max_new_tokens`` and ``rl.group_size``;
 - the first ``--show N`` records rendered as the run tokenises them: tokens without loss in
   ``[brackets]`` (the prompt), tokens with loss plain (the response), special tokens by name,
   newlines as ``\\n``.
@@ -29,6 +30,7 @@ import functools
 import os
 
 import numpy as np
+from matplotlib.figure import Figure
 from ml_collections import ConfigDict
 
 from jaxalign.data import formats
@@ -36,7 +38,7 @@ from jaxalign.data.sources import open_source
 from jaxalign.data.templates import get_template
 from jaxalign.data.tokenizers import load_tokenizer
 from jaxalign.errors import ConfigError
-from jaxalign.plot import pyplot, save_figure
+from jaxalign.plot import save_figure
 
 _UNBOUNDED = 1 << 30
 _BAR = 40
@@ -103,7 +105,10 @@ def inspect_data(path: str, config: ConfigDict, *, show: int = 3) -> Inspection:
     """Read every record of `path` as the config's run would and measure it (module doc)."""
     records = records_format(config)
     data = config.data
-    formats.check_lengths(data.max_len, data.max_prompt_len)
+    if records != "prompt":
+        formats.check_lengths(data.max_len, data.max_prompt_len)
+    elif data.max_prompt_len < 1:
+        raise ConfigError(f"data.max_prompt_len={data.max_prompt_len}: expected >= 1")
     try:
         tokenizer = load_tokenizer(config.tokenizer)
     except (OSError, ValueError) as e:
@@ -287,10 +292,18 @@ def report(ins: Inspection, config: ConfigDict) -> str:
         )
         lines += histogram(ins.response_lengths)
     n = max(ins.num_examples, 1)
-    limits = f"data.max_prompt_len={data.max_prompt_len}, data.max_len={data.max_len}"
+    limits = f"data.max_prompt_len={data.max_prompt_len}"
+    if ins.records != "prompt":
+        limits += f", data.max_len={data.max_len}"
     lines.append(f"truncation ({limits}):")
     lines.append(f"  prompts cut from the left: {ins.prompts_cut} of {ins.num_examples} examples")
-    if ins.records != "prompt":
+    if ins.records == "prompt":
+        rl = config.rl
+        lines.append(
+            f"  completions: sampled in training, at most rl.max_new_tokens={rl.max_new_tokens} "
+            f"tokens, rl.group_size={rl.group_size} per prompt"
+        )
+    else:
         lines.append(
             f"  responses cut from the right: {ins.responses_cut} of "
             f"{len(ins.response_lengths)} sequences"
@@ -308,13 +321,13 @@ def report(ins: Inspection, config: ConfigDict) -> str:
 def plot_lengths(ins: Inspection, config: ConfigDict, out: str) -> None:
     """Histograms of prompt, response and sequence lengths with the config's limits, as a PNG (or
     any format matplotlib writes, by `out`'s suffix); written to a temporary file and renamed."""
-    plt = pyplot()
     data = config.data
     panels = [("prompt tokens", ins.prompt_lengths, data.max_prompt_len, "max_prompt_len")]
     if ins.records != "prompt":
         panels.append(("response tokens", ins.response_lengths, None, ""))
         panels.append(("sequence tokens", ins.sequence_lengths, data.max_len + 1, "max_len + 1"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(panels), 3.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, lengths, limit, label) in zip(axes[0], panels, strict=True):
         if len(lengths):
             ax.hist(lengths, bins=_edges(lengths, 50) - 0.5, color="tab:blue")
@@ -328,4 +341,3 @@ def plot_lengths(ins: Inspection, config: ConfigDict, out: str) -> None:
     fig.suptitle(os.path.basename(ins.path.rstrip("/")) or ins.path, fontsize=10)
     fig.tight_layout()
     save_figure(fig, out)
-    plt.close(fig)

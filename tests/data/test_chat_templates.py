@@ -4,6 +4,7 @@ system messages and multi-turn histories; the pipelines use it unchanged. Tokeni
 models built here; the templates are written out as the models ship them."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -334,3 +335,28 @@ def test_template_errors(tokenizer_dirs, tmp_path):
     assert load_chat_template(str(plain)).chat_template == LLAMA3
     with pytest.raises(ConfigError, match='unknown template "chatml3"'):
         get_template("chatml3")
+
+
+def test_inspect_renders_the_chat_template(tokenizer_dirs, tmp_path):
+    """`jaxalign data inspect` under data.template="tokenizer": special tokens by name, the
+    generation prompt without loss, the template's end of turn with loss."""
+    from jaxalign.config import apply_overrides, load_config
+    from jaxalign.data import inspect as data_inspect
+
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    pairs = _write(
+        tmp_path / "pairs.jsonl", [{"prompt": messages, "chosen": "It is 4.", "rejected": "No."}]
+    )
+    overrides = [f"tokenizer={tokenizer_dirs['llama3']}", "data.template=tokenizer"]
+    dpo = pathlib.Path(__file__).resolve().parents[2] / "configs/dpo/tiny.py"
+    config = apply_overrides(load_config(str(dpo)), overrides)
+    ins = data_inspect.inspect_data(pairs, config, show=1)
+    ids, prompt_len = _jaxalign(tokenizer_dirs["llama3"], messages, "It is 4.")
+    assert ins.prompt_lengths.tolist() == [prompt_len]
+    assert ins.sequence_lengths[0] == len(ids)
+    prompt = (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\nWhat is 2+2?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\\n\\n"
+    )
+    assert f"    [{prompt}]It is 4.<|eot_id|>\n" in ins.shown[0]
+    assert ins.shown[0].endswith(f"    [{prompt}]No.<|eot_id|>")

@@ -10,11 +10,12 @@ import pytest
 from jaxalign import cli
 from jaxalign.config import apply_overrides, load_config
 from jaxalign.data import inspect as data_inspect
-from jaxalign.data import make_pair_pipeline
+from jaxalign.data import make_pair_pipeline, make_prompt_pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DPO = str(ROOT / "configs/dpo/tiny.py")
 SFT = str(ROOT / "configs/sft/tiny.py")
+GRPO = str(ROOT / "configs/grpo/tiny.py")
 
 
 def _pairs(n):
@@ -100,7 +101,7 @@ def test_examples_render_with_their_loss_mask(tmp_path):
     assert cut.shown[0].count("    [<s>") == 2  # BOS kept, the prompt cut from the left
 
 
-def test_bad_records_and_prompt_records(tmp_path, monkeypatch):
+def test_bad_records_and_prompt_records(tmp_path, demo_tokenizer):
     good = {"prompt": "What is 1+2?", "chosen": "3", "rejected": "4"}
     path = _write(tmp_path, [good, '{"prompt": 1}\n', good])
     ins = data_inspect.inspect_data(path, _config(), show=0)
@@ -111,11 +112,20 @@ def test_bad_records_and_prompt_records(tmp_path, monkeypatch):
     text = data_inspect.report(ins, _config("data.skip_bad_records=True"))
     assert "malformed records: 1, skipped (data.skip_bad_records=True):" in text
     # prompt records (the online families' format): prompts only, cut from the left
-    monkeypatch.setattr(data_inspect, "records_format", lambda config: "prompt")
-    ins = data_inspect.inspect_data(path, _config("data.max_prompt_len=4"), show=1)
+    grpo = _config("data.max_prompt_len=4", path=GRPO)
+    ins = data_inspect.inspect_data(path, grpo, show=1)
     assert ins.records == "prompt" and ins.prompt_lengths.tolist() == [9, 9]
     assert ins.prompts_cut == ins.examples_cut == 2 and len(ins.response_lengths) == 0
+    it = make_prompt_pipeline(
+        path, demo_tokenizer, batch_size=2, max_prompt_len=4, skip_bad_records=True, num_epochs=1
+    )
+    list(it)
+    assert it.num_truncated == 2  # what the online run counts
     assert ins.shown[0].startswith("example 0:\n  prompt: 4 tokens, truncated\n    [<s>")
+    text = data_inspect.report(ins, grpo)
+    assert "truncation (data.max_prompt_len=4):" in text
+    assert "at most rl.max_new_tokens=8 tokens, rl.group_size=8 per prompt" in text
+    assert "response tokens" not in text
 
 
 def test_record_format_follows_the_trainer():
@@ -125,13 +135,14 @@ def test_record_format_follows_the_trainer():
         "unpaired"
     )
     assert data_inspect.records_format(load_config(str(ROOT / "configs/npo/tiny.py"))) == "sft"
+    assert data_inspect.records_format(_config(path=GRPO)) == "prompt"
 
 
 def test_cli(tmp_path, capsys):
     path = _write(tmp_path, _pairs(6))
     png = tmp_path / "plots" / "lengths.png"
     args = ["data", "inspect", path, "--config", DPO, "--config.data.max_len=40", "--show", "1"]
-    cli.main([*args, "--plot", str(png)])
+    cli.main([*args, "--out", str(png)])
     out = capsys.readouterr().out
     assert out.startswith(f"{path}: 6 examples (pair records), template plain, tokenizer ")
     assert "truncation (data.max_prompt_len=32, data.max_len=40):" in out
