@@ -31,6 +31,7 @@ import os
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from ml_collections import ConfigDict
 
 from jaxalign.data import formats
@@ -336,6 +337,7 @@ def plot_lengths(ins: Inspection, config: ConfigDict, out: str) -> None:
             ax.legend(fontsize=8)
         ax.set_title(f"{title} ({len(lengths)})")
         ax.set_xlabel("tokens")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax = axes[0][0]
     ax.set_ylabel("count")
     fig.suptitle(os.path.basename(ins.path.rstrip("/")) or ins.path, fontsize=10)
