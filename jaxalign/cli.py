@@ -1,4 +1,4 @@
-"""`jaxalign` command line: train, eval, generate, convert, bench.
+"""`jaxalign` command line: train, eval, generate, convert, bench, data inspect, plot.
 
     jaxalign train --config configs/dpo/tiny.py --workdir runs/dpo-tiny --config.loss.beta=0.2
     jaxalign eval --workdir runs/dpo-tiny [--config.data.eval=FILE]   # the run's own config
