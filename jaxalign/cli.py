@@ -1,4 +1,4 @@
-"""`jaxalign` command line: train, eval, generate, convert, bench.
+"""`jaxalign` command line: train, eval, generate, convert, bench, data inspect, plot.
 
     jaxalign train --config configs/dpo/tiny.py --workdir runs/dpo-tiny --config.loss.beta=0.2
     jaxalign eval --workdir runs/dpo-tiny [--config.data.eval=FILE]   # the run's own config
@@ -8,6 +8,8 @@
     jaxalign convert to-hf --checkpoint CKPT --out DIR [--tokenizer FILE] [--dtype bfloat16]
         [--overwrite]
     jaxalign bench logprobs [-- benchmark flags]
+    jaxalign data inspect FILE --config CFG [--config.key=value] [--show 3] [--out lengths.png]
+    jaxalign plot RUN [RUN ...] --out curves.png
 
 Errors a user can act on print one line, `jaxalign: ...`, and exit with status 2. A run stopped by
 SIGTERM or Ctrl-C saves a checkpoint and exits with 128 + the signal number (143, 130); a second
@@ -158,6 +160,28 @@ def _cmd_bench(args, overrides):
     runpy.run_path(script, run_name="__main__")
 
 
+def _cmd_data_inspect(args, overrides):
+    from jaxalign.data.inspect import inspect_data, plot_lengths, report
+
+    if args.show < 0:
+        _usage(f"--show {args.show}: expected a number of examples >= 0")
+    config = _load(args, overrides)
+    inspection = inspect_data(args.file, config, show=args.show)
+    print(report(inspection, config))
+    if args.out:
+        plot_lengths(inspection, config, args.out)
+        print(f"wrote {args.out}")
+
+
+def _cmd_plot(args, overrides):
+    from jaxalign.plot import plot_runs
+
+    if overrides:
+        _usage("plot takes no --config overrides")
+    names = plot_runs(args.runs, args.out)
+    print(f"wrote {args.out} ({', '.join(names)})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxalign", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +259,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=["logprobs"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(run=_cmd_bench)
+
+    data = sub.add_parser("data", help="look at a data file before training on it")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    inspect = data_sub.add_parser(
+        "inspect",
+        help="records, token lengths, truncation and the first examples of FILE under a config",
+    )
+    inspect.add_argument("file", help="JSONL / Parquet / Arrow / ArrayRecord, a directory or glob")
+    inspect.add_argument("--config", required=True, help="configs/<family>/<name>.py[:arg]")
+    inspect.add_argument("--show", type=int, default=3, help="examples to render (default 3)")
+    inspect.add_argument("--out", help="also draw the length histograms to this PNG")
+    inspect.set_defaults(run=_cmd_data_inspect)
+
+    plot = sub.add_parser("plot", help="draw the training curves of runs (metrics.jsonl)")
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or metrics files)")
+    plot.add_argument("--out", required=True, help="the image to write (PNG)")
+    plot.set_defaults(run=_cmd_plot)
     return parser
 
 

@@ -45,9 +45,13 @@ def base_config() -> ConfigDict:
     c.tokenizer = "data/demo/tokenizer.model"  # SentencePiece .model or HF tokenizer.json
 
     c.data = ConfigDict()
-    c.data.train = ""  # JSONL file of the training split
-    c.data.eval = ""  # JSONL file of the held-out split ("" = no evaluation)
-    c.data.template = "plain"  # prompt/chat template name (jaxalign.data.templates)
+    # The training split: a JSONL, Parquet, Arrow or ArrayRecord file, a `datasets` directory
+    # (save_to_disk), or a directory or glob of shards; local, gs://, s3:// (jaxalign.data.sources)
+    c.data.train = ""
+    c.data.eval = ""  # the held-out split, any of the same ("" = no evaluation)
+    # Prompt/chat template: plain | chatml | llama3 | raw, or "tokenizer" for the tokenizer's own
+    # Jinja chat_template (tokenizer_config.json next to `tokenizer`; jaxalign.data.templates)
+    c.data.template = "plain"
     # Global examples (pairs for preference training) per optimizer step, over all hosts and
     # micro-batches; each host reads batch_size / (grad_accum * processes) per micro-batch.
     c.data.batch_size = 8
@@ -105,6 +109,15 @@ def base_config() -> ConfigDict:
     c.dcn_mesh.fsdp = 1
     c.dcn_mesh.tensor = 1
     c.sharding = "fsdp"  # ShardingRules preset: dp | fsdp | fsdp_tp
+
+    # Where metrics go besides the console, WORKDIR/metrics.jsonl and TensorBoard
+    # (jaxalign.train.metrics). Weights & Biases needs the [wandb] extra; only process 0 logs.
+    c.metrics = ConfigDict()
+    c.metrics.wandb = ConfigDict()
+    c.metrics.wandb.project = ""  # W&B project ("" = no W&B)
+    c.metrics.wandb.entity = ""  # W&B team or user ("" = your default entity)
+    c.metrics.wandb.name = ""  # run name ("" = the workdir's name)
+    c.metrics.wandb.mode = ""  # online | offline | disabled ("" = $WANDB_MODE, else online)
 
     # Online RL (trainers ppo, grpo, rloo, reinforce_pp, online_dpo, rft). data.train holds prompt
     # records ({"prompt": ..., more fields the rewards read, e.g. "answer"}); data.batch_size is

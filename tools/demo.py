@@ -2,8 +2,9 @@
 GRPO from the SFT checkpoint with the task's judge as the reward.
 
 Prints held-out preference metrics before and after DPO, and the judge's held-out accuracy of
-greedy and sampled answers before and after GRPO. Runs on 2 CPU cores in a few minutes.
-The run directories are under runs/demo/ (recreated each time).
+greedy and sampled answers before and after GRPO, and draws the runs' training curves to
+runs/demo/curves.png (`jaxalign.plot`). Runs on 2 CPU cores in a few minutes. The run directories
+are under runs/demo/ (recreated each time).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from jaxalign.config import apply_overrides, load_config  # noqa: E402
+from jaxalign.plot import plot_runs  # noqa: E402
 from jaxalign.train import train  # noqa: E402
 
 ROWS = (
@@ -59,7 +61,12 @@ def main() -> None:
     print(f"\nHeld-out prompts ({grpo_config.data.eval}), judge accuracy before -> after GRPO:")
     for key, text in (("reward/greedy", "greedy answers"), ("reward/sampled", "sampled at T=1")):
         print(f"  {text:<60} {before[key]:8.4f} -> {after[key]:8.4f}")
-    print(f"\ntotal time {time.perf_counter() - start:.0f} s; runs in {runs}")
+
+    curves = runs / "curves.png"
+    names = [str(runs / name) for name in ("sft", "dpo", "grpo")]
+    plot_runs(names, str(curves))
+    print(f"\ntraining curves: {curves} (jaxalign plot {' '.join(names)} --out ...)")
+    print(f"total time {time.perf_counter() - start:.0f} s; runs in {runs}")
 
 
 def _first_eval(path: pathlib.Path) -> dict:

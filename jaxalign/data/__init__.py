@@ -1,4 +1,4 @@
-"""jaxalign.data: tokenizers, templates, JSONL sources, record formats and Grain batch pipelines.
+"""jaxalign.data: tokenizers, templates, record sources, record formats and Grain batch pipelines.
 
 Batch layout: `jaxalign.data.layout`; pipeline semantics: `jaxalign.data.pipeline`; which
 pipeline reads a `BatchSpec`: `jaxalign.data.batches`. Record formats and the truncation
@@ -13,6 +13,7 @@ from jaxalign.data.formats import (
     parse_prompt,
     parse_sft,
     parse_unpaired,
+    split_transcripts,
     tokenize_example,
 )
 from jaxalign.data.layout import CACHE_FIELDS, BatchSpec
@@ -32,8 +33,8 @@ from jaxalign.data.ref_cache import (
     record_key,
     write_ref_cache,
 )
-from jaxalign.data.sources import JsonlSource
-from jaxalign.data.templates import TEMPLATES, Template, get_template
+from jaxalign.data.sources import JsonlSource, RowSource, ShardedSource, open_source
+from jaxalign.data.templates import TEMPLATES, Template, get_template, load_chat_template
 from jaxalign.data.tokenizers import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 from jaxalign.data.transforms import make_reward_augment, reward_augment
 
@@ -48,13 +49,16 @@ __all__ = [
     "Prefetch",
     "PromptIterator",
     "RecordError",
+    "RowSource",
     "SentencePieceTokenizer",
+    "ShardedSource",
     "Template",
     "WithRetain",
     "Tokenizer",
     "default_length_buckets",
     "encode_prompt",
     "get_template",
+    "load_chat_template",
     "load_ref_cache",
     "load_tokenizer",
     "make_batches",
@@ -64,12 +68,14 @@ __all__ = [
     "make_reward_augment",
     "make_sft_pipeline",
     "make_unpaired_pipeline",
+    "open_source",
     "parse_pair",
     "parse_prompt",
     "parse_sft",
     "parse_unpaired",
     "record_key",
     "reward_augment",
+    "split_transcripts",
     "tokenize_example",
     "write_ref_cache",
 ]

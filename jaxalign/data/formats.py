@@ -6,11 +6,17 @@ record adds a per-example system message, see `jaxalign.data.templates`):
 - SFT: ``{"prompt": str | messages, "completion": str | messages}`` or ``{"messages": [...]}`` whose
   last message is the assistant response.
 - Pair: ``{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}``. When
-  chosen / rejected are message lists they are appended to the prompt messages; without ``prompt``
-  ("implicit prompt") both must be whole conversations sharing everything before their final
-  assistant turn.
+  chosen / rejected are message lists they continue the prompt messages, unless they begin with
+  the prompt's turns themselves (UltraFeedback style: ``prompt`` a string, ``chosen`` the whole
+  conversation), in which case they are the whole conversation. Without ``prompt`` ("implicit
+  prompt"), message lists must be whole conversations sharing everything before their final
+  assistant turn, and strings are full transcripts (Anthropic HH style, `split_transcripts`): the
+  prompt is their longest common beginning that ends with ``"\\n\\nAssistant:"``.
 - Unpaired: ``{"prompt": ..., "completion": ..., "label": bool}`` (True = desirable).
 - Prompt (RL / evaluation): ``{"prompt": str | messages, ...}``; other fields are kept.
+
+A response message list that begins with the prompt's turns is the whole conversation in every
+format (SFT and unpaired ``completion`` too).
 
 A parser returns a normalised example ``{"messages": prefix, "system": str | None, "responses":
 [...]}`` (one response for SFT / unpaired, [chosen, rejected] for pairs) or raises `RecordError`
@@ -20,7 +26,10 @@ Tokenisation (`tokenize_example`) and the truncation policy, with N = max_len + 
 sequence (a sequence of n + 1 tokens fills n model positions: inputs ids[:-1], targets ids[1:]):
 
     prompt   = [BOS] + encode(template.render_prompt(messages, system))  (BOS if any)
-    response = encode(template.render_response(text)) + [EOS]           (EOS not doubled)
+    response = encode(template.render_response(text, messages, system)) + [EOS]
+               (EOS not doubled). A tokenizer chat template (`jaxalign.data.templates`) adds no
+               EOS (its own end of turn ends the response), and the conversation is tokenised in
+               one piece: prompt = its tokens shared with encode(prompt text), response = the rest
     1. if len(prompt) > max_prompt_len: keep BOS and the LAST max_prompt_len - 1 prompt tokens
        (the prompt is cut from the left, so the text right before the response survives);
     2. if len(prompt) + len(response) > N: keep the FIRST N - len(prompt) response tokens
@@ -32,12 +41,18 @@ empty; an empty (or whitespace-only) response text is a `RecordError`.
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 
 from jaxalign.data.errors import RecordError
 from jaxalign.data.templates import Template, check_messages
+from jaxalign.errors import ConfigError
 
 _TEXT_OR_MESSAGES = "a string or a list of messages"
+# Where an assistant turn starts in an Anthropic HH transcript ("\n\nHuman: ...\n\nAssistant: ...").
+ASSISTANT_MARKER = "\n\nAssistant:"
 
 
 def _get(rec: dict, field: str, expected: str = _TEXT_OR_MESSAGES):
@@ -81,7 +96,9 @@ def _response(rec: dict, field: str, prompt: list[dict] | None) -> tuple[list[di
             raise RecordError("prompt", "is missing", "a string or a list of messages")
         return None, _check_response(value, field)
     if isinstance(value, list):
-        conv = (prompt or []) + check_messages(value, field)
+        msgs = check_messages(value, field)
+        has_prompt = prompt and len(msgs) > len(prompt) and msgs[: len(prompt)] == prompt
+        conv = msgs if has_prompt else (prompt or []) + msgs
         prefix, text = _split_conversation(conv, field)
         return prefix, text
     raise RecordError(field, f"has type {type(value).__name__}", _TEXT_OR_MESSAGES)
@@ -112,9 +129,37 @@ def parse_sft(rec: dict) -> dict:
     }
 
 
+def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """``(prompt, chosen response, rejected response)`` of two full transcripts (Anthropic HH).
+
+    The prompt is the longest common beginning of `chosen` and `rejected` that ends with
+    ``ASSISTANT_MARKER`` ("\\n\\nAssistant:"); each response is the rest of its transcript (so it
+    keeps the space after the colon). Chosen ``"\\n\\nHuman: Hi\\n\\nAssistant: Hello!"`` and
+    rejected ``"\\n\\nHuman: Hi\\n\\nAssistant: Go away."`` give the prompt
+    ``"\\n\\nHuman: Hi\\n\\nAssistant:"`` and the responses ``" Hello!"`` and ``" Go away."``;
+    earlier turns that both share stay in the prompt.
+    """
+    common = os.path.commonprefix([chosen, rejected])
+    at = common.rfind(ASSISTANT_MARKER)
+    if at < 0:
+        raise RecordError(
+            "prompt",
+            "is missing",
+            "a string or a list of messages, or chosen and rejected transcripts whose common "
+            f"beginning ends with {json.dumps(ASSISTANT_MARKER)}",
+        )
+    cut = at + len(ASSISTANT_MARKER)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
 def parse_pair(rec: dict, extra_fields: tuple[str, ...] = ()) -> dict:
     """A preference pair -> ``{"messages", "system", "responses": [chosen, rejected], ...}``."""
     prompt = _optional_prompt(rec)
+    chosen, rejected = rec.get("chosen"), rec.get("rejected")
+    if prompt is None and isinstance(chosen, str) and isinstance(rejected, str):
+        text, chosen, rejected = split_transcripts(chosen, rejected)
+        rec = rec | {"prompt": text, "chosen": chosen, "rejected": rejected}
+        prompt = _prompt_messages(text)
     prefix_c, chosen = _response(rec, "chosen", prompt)
     prefix_r, rejected = _response(rec, "rejected", prompt)
     prefix_c = prompt if prefix_c is None else prefix_c
@@ -174,6 +219,31 @@ def _extras(rec: dict, fields: tuple[str, ...]) -> dict:
     return out
 
 
+def check_lengths(max_len: int, max_prompt_len: int) -> None:
+    """``0 < max_prompt_len < max_len`` (a response keeps at least two tokens), else ConfigError."""
+    if not 0 < max_prompt_len < max_len:
+        raise ConfigError(
+            f"need 0 < max_prompt_len < max_len, got {max_prompt_len}, {max_len} "
+            "(data.max_prompt_len, data.max_len)"
+        )
+
+
+def _cut_prompt(bos: list[int], body: list[int], max_prompt_len: int) -> list[int]:
+    """BOS + the last tokens of `body`, at most `max_prompt_len` in all; never empty."""
+    keep = max_prompt_len - len(bos)
+    if len(body) > keep:
+        body = body[len(body) - keep :]
+    ids = bos + body
+    if not ids:
+        raise RecordError("prompt", "renders to no tokens", "a prompt (or a tokenizer with BOS)")
+    return ids
+
+
+def bos_ids(tokenizer, template: Template, add_bos: bool) -> list[int]:
+    """The BOS id the pipeline puts before a prompt: none when the template writes its own."""
+    return [tokenizer.bos_id] if add_bos and template.bos and tokenizer.bos_id >= 0 else []
+
+
 def encode_prompt(
     tokenizer,
     template: Template,
@@ -184,15 +254,8 @@ def encode_prompt(
     add_bos: bool = True,
 ) -> list[int]:
     """Prompt ids (BOS + rendered prompt), cut from the left to `max_prompt_len` (BOS kept)."""
-    bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id >= 0 else []
     body = tokenizer.encode(template.render_prompt(messages, system))
-    keep = max_prompt_len - len(bos)
-    if len(body) > keep:
-        body = body[len(body) - keep :]
-    ids = bos + body
-    if not ids:
-        raise RecordError("prompt", "renders to no tokens", "a prompt (or a tokenizer with BOS)")
-    return ids
+    return _cut_prompt(bos_ids(tokenizer, template, add_bos), body, max_prompt_len)
 
 
 def tokenize_example(
@@ -208,25 +271,29 @@ def tokenize_example(
 ) -> tuple[np.ndarray, int, bool]:
     """``(ids int32 [n + 1], prompt_len, truncated)`` for one sequence, truncated by the policy in
     the module doc (``truncated``: the prompt or the response was cut).
+
+    With a tokenizer chat template the whole conversation is tokenised in one piece, as
+    ``transformers.apply_chat_template`` does, and the prompt is the tokens it shares with the
+    prompt's own tokenisation (all of them unless a token spans the prompt / response boundary,
+    which then belongs to the response); otherwise prompt and response are tokenised separately.
     """
-    if not 0 < max_prompt_len < max_len:
-        raise ValueError(f"need 0 < max_prompt_len < max_len, got {max_prompt_len}, {max_len}")
-    prompt = encode_prompt(
-        tokenizer, template, messages, system, max_prompt_len=max_prompt_len, add_bos=add_bos
-    )
-    resp = tokenizer.encode(template.render_response(response))
-    if not resp or resp[-1] != tokenizer.eos_id:
-        resp = resp + [tokenizer.eos_id]
-    room = max_len + 1 - len(prompt)
-    # A full prompt has max_prompt_len tokens only when it was cut or fits exactly; re-encode
-    # only then to tell the two apart.
-    prompt_cut = (
-        len(prompt) == max_prompt_len
-        and len(
-            encode_prompt(
-                tokenizer, template, messages, system, max_prompt_len=1 << 30, add_bos=add_bos
-            )
+    check_lengths(max_len, max_prompt_len)
+    prompt_text = template.render_prompt(messages, system)
+    response_text = template.render_response(response, messages, system)
+    body = tokenizer.encode(prompt_text)
+    if template.chat_template:
+        whole = tokenizer.encode(prompt_text + response_text)
+        shared = next(
+            (i for i, (a, b) in enumerate(zip(body, whole, strict=False)) if a != b),
+            min(len(body), len(whole)),
         )
-        > max_prompt_len
-    )
-    return np.asarray(prompt + resp[:room], np.int32), len(prompt), prompt_cut or len(resp) > room
+        body, resp = whole[:shared], whole[shared:]
+    else:
+        resp = tokenizer.encode(response_text)
+    if template.eos and (not resp or resp[-1] != tokenizer.eos_id):
+        resp = resp + [tokenizer.eos_id]
+    bos = bos_ids(tokenizer, template, add_bos)
+    prompt = _cut_prompt(bos, body, max_prompt_len)
+    room = max_len + 1 - len(prompt)
+    truncated = len(bos) + len(body) > max_prompt_len or len(resp) > room
+    return np.asarray(prompt + resp[:room], np.int32), len(prompt), truncated

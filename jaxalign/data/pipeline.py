@@ -1,6 +1,7 @@
-"""Grain pipelines that turn JSONL files into fixed-shape training batches.
+"""Grain pipelines that turn record files into fixed-shape training batches.
 
-Pipeline (DESIGN.md decision 6): `JsonlSource` (validated records) -> per-host slice
+Pipeline (DESIGN.md decision 6): `open_source` (validated records from JSONL, Parquet, Arrow /
+``datasets``, ArrayRecord or a set of shards; `jaxalign.data.sources`) -> per-host slice
 ``[process_index::process_count]`` -> ``shuffle(seed)`` (a fresh permutation every epoch) ->
 ``repeat(num_epochs)`` -> ``map(tokenise + template + truncate)`` (all `grain.MapDataset`) ->
 `BatchIterator` (pad to a length bucket, or first-fit packing) -> batch dict of NumPy arrays.
@@ -56,7 +57,7 @@ import numpy as np
 
 from jaxalign.data import formats, layout
 from jaxalign.data.errors import DataError
-from jaxalign.data.sources import JsonlSource, RecordTransform
+from jaxalign.data.sources import RecordTransform, Source, open_source
 from jaxalign.data.templates import Template, get_template
 from jaxalign.data.tokenizers import Tokenizer, load_tokenizer
 
@@ -70,6 +71,24 @@ def default_length_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
         out.append(b)
         b *= 2
     return (*out, max_len)
+
+
+def _parse_and_render(rec: dict, *, parse, template: Template) -> dict:
+    """`parse`, then render the example with a chat template that may refuse it (the tokenizer's
+    Jinja template: ``raise_exception``), so that such a record fails when the source validates
+    it, naming its file and line, not when its batch is built."""
+    example = parse(rec)
+    for response in example.get("responses", ()):
+        template.render_response(response, example["messages"], example["system"])
+    if "responses" not in example:
+        template.render_prompt(example["messages"], example["system"])
+    return example
+
+
+def _checked(parse, template: Template):
+    if not template.chat_template:
+        return parse
+    return functools.partial(_parse_and_render, parse=parse, template=template)
 
 
 def _tokenize(
@@ -104,7 +123,7 @@ def _tokenize(
 class _ResumableIterator:
     """Walks a `grain.MapDataset` by index; its position is the whole (JSON-serialisable) state."""
 
-    def __init__(self, dataset: grain.MapDataset, source: JsonlSource, fingerprint: dict):
+    def __init__(self, dataset: grain.MapDataset, source: Source, fingerprint: dict):
         self._ds = dataset
         self._len = len(dataset)
         self._next = 0
@@ -155,14 +174,14 @@ class BatchIterator(_ResumableIterator):
     """Iterator of fixed-shape batch dicts (layout in the module doc) with checkpointable state.
 
     Attributes:
-      source: the `JsonlSource` (``source.num_bad_records`` counts skipped records).
+      source: the record source (``source.num_bad_records`` counts skipped records).
       num_examples: examples this host sees per epoch.
     """
 
     def __init__(
         self,
         dataset: grain.MapDataset,
-        source: JsonlSource,
+        source: Source,
         *,
         kind: str,
         batch_size: int,
@@ -265,7 +284,7 @@ class BatchIterator(_ResumableIterator):
 
 
 def _index_dataset(
-    source: JsonlSource,
+    source: Source,
     fn,
     seed: int,
     shuffle: bool,
@@ -319,8 +338,7 @@ def _make_pipeline(
         tokenizer = load_tokenizer(tokenizer)
     if max_prompt_len is None:
         max_prompt_len = max_len // 2
-    if not 0 < max_prompt_len < max_len:
-        raise ValueError(f"need 0 < max_prompt_len < max_len, got {max_prompt_len}, {max_len}")
+    formats.check_lengths(max_len, max_prompt_len)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     seqs_per_example = 2 if kind == "pair" or kl_sequences else 1
@@ -332,9 +350,11 @@ def _make_pipeline(
         length_buckets = default_length_buckets(max_len) if process_count == 1 else (max_len,)
     if max(length_buckets) < max_len:
         length_buckets = (*length_buckets, max_len)
-    template = get_template(template)
+    template = get_template(template, tokenizer)
 
-    source = JsonlSource(path, parse, transforms=transforms, skip_bad_records=skip_bad_records)
+    source = open_source(
+        path, _checked(parse, template), transforms=transforms, skip_bad_records=skip_bad_records
+    )
     tokenize = functools.partial(
         _tokenize,
         tokenizer=tokenizer,
@@ -410,7 +430,9 @@ def make_sft_pipeline(
     """SFT batches: B = batch_size sequences, sequence i is example i; loss on the completion.
 
     Args:
-      path: JSONL file (record formats in `jaxalign.data.formats`).
+      path: the records: a JSONL, Parquet, Arrow or ArrayRecord file, a ``datasets`` directory,
+        or a directory or glob of shards, local or remote (`jaxalign.data.sources.open_source`;
+        record formats in `jaxalign.data.formats`).
       tokenizer: a `Tokenizer`, or a path for `load_tokenizer`.
       batch_size: examples (here sequences) per batch on this host.
       max_len: row length T in pack mode and the largest length bucket; a sequence fills at most
@@ -422,7 +444,8 @@ def make_sft_pipeline(
       length_buckets: pad-mode row lengths; default powers of two from 16, plus max_len.
       seed: shuffle seed (a new permutation each epoch).
       shuffle: False keeps file order (evaluation).
-      template: template name ("plain", "chatml", "llama3") or a `Template`.
+      template: template name ("plain", "chatml", "llama3", "raw"), "tokenizer" (the tokenizer's
+        own chat template, `jaxalign.data.templates`) or a `Template`.
       add_bos: prepend the tokenizer's BOS id (if it has one).
       skip_bad_records: skip and count malformed records (``it.num_bad_records``), don't raise.
       transforms: record-level transforms (dict -> list of dicts), e.g. `reward_augment`.
@@ -522,7 +545,7 @@ def _encode_prompt_example(
     )
     truncated = len(ids) > max_prompt_len
     if truncated:  # cut from the left, BOS kept
-        bos = 1 if add_bos and tokenizer.bos_id >= 0 else 0
+        bos = len(formats.bos_ids(tokenizer, template, add_bos))
         ids = ids[:bos] + ids[bos + 1 :]
     return {"ids": np.asarray(ids, np.int32), "record": example["record"], "truncated": truncated}
 
@@ -538,7 +561,7 @@ class PromptIterator(_ResumableIterator):
         prompt_positions   int32   [B, Tp]  0, 1, ... from each prompt's first token, 0 on padding
         prompt_lengths     int32   [B]
         example_mask       float32 [B]      0 for empty slots at the end of finite data
-        records            list[dict | None] (Python objects, not arrays) the raw JSONL records
+        records            list[dict | None] (Python objects, not arrays) the raw records
                            (e.g. with a reference "answer" for a judge); None for empty slots.
 
     Remove ``records`` before sending the arrays to devices.
@@ -547,7 +570,7 @@ class PromptIterator(_ResumableIterator):
     def __init__(
         self,
         dataset: grain.MapDataset,
-        source: JsonlSource,
+        source: Source,
         *,
         batch_size: int,
         length_buckets: Sequence[int],
@@ -629,13 +652,17 @@ def make_prompt_pipeline(
         )
     if max(length_buckets) < max_prompt_len:
         length_buckets = (*length_buckets, max_prompt_len)
-    source = JsonlSource(
-        path, formats.parse_prompt, transforms=transforms, skip_bad_records=skip_bad_records
+    template = get_template(template, tokenizer)
+    source = open_source(
+        path,
+        _checked(formats.parse_prompt, template),
+        transforms=transforms,
+        skip_bad_records=skip_bad_records,
     )
     encode = functools.partial(
         _encode_prompt_example,
         tokenizer=tokenizer,
-        template=get_template(template),
+        template=template,
         max_prompt_len=max_prompt_len,
         add_bos=add_bos,
     )

@@ -52,6 +52,14 @@ class SentencePieceTokenizer:
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def piece(self, token_id: int) -> str:
+        """The vocabulary entry of one id, control tokens included (for display)."""
+        return self._sp.id_to_piece(int(token_id))
+
+    def is_special(self, token_id: int) -> bool:
+        """A control or unknown token (`decode` drops control tokens)."""
+        return bool(self._sp.is_control(int(token_id)) or self._sp.is_unknown(int(token_id)))
+
     def __getstate__(self):  # the C++ processor does not pickle; reload from the path
         return {"path": self.path}
 
@@ -107,6 +115,15 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def piece(self, token_id: int) -> str:
+        """The vocabulary entry of one id, special tokens included (for display)."""
+        return self._tok.id_to_token(int(token_id))
+
+    def is_special(self, token_id: int) -> bool:
+        """An added token marked special (`decode` drops them)."""
+        added = self._tok.get_added_tokens_decoder().get(int(token_id))
+        return bool(added is not None and added.special)
 
     def __getstate__(self):
         return {"path": self.path, "args": self._args}

@@ -9,6 +9,7 @@ from jaxalign.data import (
     parse_pair,
     parse_sft,
     parse_unpaired,
+    split_transcripts,
     tokenize_example,
 )
 
@@ -154,3 +155,70 @@ def test_eos_not_doubled_with_chat_suffix(tmp_path):
     )
     assert ids.tolist() == [1, 3, 4, 6, 2, 3, 5, 7, 2]  # one <|im_end|> ends the response
     assert plen == 7
+
+
+def test_ultrafeedback_pairs_repeat_the_prompt_in_chosen_and_rejected():
+    """`chosen` / `rejected` that begin with the prompt's turns are whole conversations."""
+    user = {"role": "user", "content": "P"}
+    rec = {
+        "prompt": "P",
+        "chosen": [user, {"role": "assistant", "content": "A"}],
+        "rejected": [user, {"role": "assistant", "content": "B"}],
+        "messages": [user, {"role": "assistant", "content": "A"}],
+        "score_chosen": 8.0,
+    }
+    assert parse_pair(rec) == {"messages": [user], "system": None, "responses": ["A", "B"]}
+    system = {"role": "system", "content": "S"}
+    turns = [{"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q"}]
+    history = [system, user, *turns]
+    rec = {
+        "prompt": [system, user],
+        "chosen": history + [{"role": "assistant", "content": "A2"}],
+        "rejected": history + [{"role": "assistant", "content": "B2"}],
+    }
+    assert parse_pair(rec)["messages"] == history
+    # messages that do not repeat the prompt continue it (as before)
+    rec = {"prompt": "P", "chosen": [{"role": "assistant", "content": "A"}], "rejected": "B"}
+    assert parse_pair(rec)["messages"] == [user]
+    assert parse_sft({"prompt": "P", "completion": rec["chosen"]})["messages"] == [user]
+    kto = {"prompt": [user], "completion": [user, {"role": "assistant", "content": "C"}]}
+    assert parse_unpaired(kto | {"label": True})["messages"] == [user]
+
+
+HH_PROMPT = "\n\nHuman: What is 2+2?\n\nAssistant: 4\n\nHuman: And 3+3?\n\nAssistant:"
+
+
+def test_hh_transcripts_split_at_the_last_shared_assistant_turn():
+    chosen, rejected = HH_PROMPT + " The answer is 6.", HH_PROMPT + " The answer is 7."
+    assert split_transcripts(chosen, rejected) == (
+        HH_PROMPT,
+        " The answer is 6.",
+        " The answer is 7.",
+    )  # not at the first differing character: the shared " The answer is" is response text
+    ex = parse_pair({"chosen": chosen, "rejected": rejected, "system": "S"})
+    assert ex == {
+        "messages": [{"role": "user", "content": HH_PROMPT}],
+        "system": "S",
+        "responses": [" The answer is 6.", " The answer is 7."],
+    }
+    longer = chosen + "\n\nHuman: ok\n\nAssistant: bye"  # one transcript goes on
+    assert split_transcripts(chosen, longer) == (
+        HH_PROMPT,
+        " The answer is 6.",
+        " The answer is 6.\n\nHuman: ok\n\nAssistant: bye",
+    )
+    with pytest.raises(RecordError, match='field "prompt" is missing .*"\\\\n\\\\nAssistant:"'):
+        parse_pair({"chosen": "\n\nHuman: Hi\n\nAssistant: a", "rejected": "\n\nHuman: Yo"})
+    with pytest.raises(RecordError, match='field "chosen" is empty'):
+        parse_pair({"chosen": HH_PROMPT, "rejected": HH_PROMPT + " 7"})
+
+
+def test_raw_template_keeps_transcripts_as_they_are(demo_tokenizer):
+    tok, raw = demo_tokenizer, get_template("raw")
+    ex = parse_pair({"chosen": HH_PROMPT + " 6", "rejected": HH_PROMPT + " 7"})
+    assert raw.render_prompt(ex["messages"]) == HH_PROMPT
+    ids, plen, _ = tokenize_example(
+        tok, raw, ex["messages"], None, ex["responses"][0], max_len=128, max_prompt_len=64
+    )
+    assert ids.tolist() == [tok.bos_id] + tok.encode(HH_PROMPT) + tok.encode(" 6") + [tok.eos_id]
+    assert plen == 1 + len(tok.encode(HH_PROMPT))

@@ -1,5 +1,6 @@
 """Pipelines: layout, determinism, resume, packing, padding, bad records, host slices."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -441,3 +442,32 @@ def test_prefetch_matches_and_resumes(write_jsonl, demo_tokenizer):
     resumed = make()
     resumed.set_state(json.loads(json.dumps(state)))
     np.testing.assert_array_equal(next(resumed)["tokens"], want[4]["tokens"])
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_prompt_pipeline_cuts_from_the_left(write_jsonl, demo_tokenizer, bos):
+    """A long prompt keeps its last tokens (and BOS when the template does not write its own, as a
+    tokenizer chat template without bos_token), and is counted as truncated."""
+    from jaxalign.data import TEMPLATES
+
+    template = dataclasses.replace(TEMPLATES["plain"], bos=bos)
+    recs = [{"prompt": "What is 1+2? " * 8}, {"prompt": "Hi"}]
+    path = write_jsonl("prompts.jsonl", recs)
+    it = make_prompt_pipeline(
+        path,
+        demo_tokenizer,
+        batch_size=2,
+        max_prompt_len=8,
+        template=template,
+        shuffle=False,
+        num_epochs=1,
+    )
+    batch = next(it)
+    tok = demo_tokenizer
+    head = [tok.bos_id] if bos else []
+    for row, rec in enumerate(recs):
+        body = tok.encode(rec["prompt"] + "\n")
+        want = head + body[-(8 - len(head)) :]  # the whole prompt when it fits
+        assert batch["prompt_tokens"][row, -len(want) :].tolist() == want
+        assert batch["prompt_lengths"][row] == len(want)
+    assert it.num_truncated == 1
