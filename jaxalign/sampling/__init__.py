@@ -13,6 +13,7 @@ from jaxalign.sampling.engine import (
     check_prompt_lengths,
     decode,
     generate,
+    lower_generate,
     prompts_from_ids,
 )
 from jaxalign.sampling.options import OPTION_NAMES, SamplingOptions, options_from_dict
@@ -28,6 +29,7 @@ __all__ = [
     "detokenize",
     "gather_to_host0",
     "generate",
+    "lower_generate",
     "options_from_dict",
     "prompts_from_ids",
 ]

@@ -401,6 +401,45 @@ def decode(
     return result
 
 
+def lower_generate(
+    model_config: M.ModelConfig,
+    params: M.Params,
+    prompts: dict,
+    *,
+    options: SamplingOptions,
+    mesh: Mesh | None = None,
+    rules: ShardingRules | None = None,
+) -> jax.stages.Lowered:
+    """`generate`'s jitted prefill + decode loop lowered for these inputs without running it:
+    ``params`` and the `PROMPT_KEYS` arrays of ``prompts`` may be `jax.ShapeDtypeStruct`s with
+    their shardings (compile-only planning: nothing is allocated). The key and the option values
+    are placed replicated on ``mesh``. ``.compile()`` the result for its memory and cost analyses.
+    """
+    rules = rules if rules is not None else ShardingRules()
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    values = knobs(options)
+    if mesh is not None:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)
+        values = {
+            k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=replicated)
+            for k, v in values.items()
+        }
+    return _decode_loop.lower(
+        (params,),
+        {k: prompts[k] for k in PROMPT_KEYS},
+        rng,
+        values,
+        (),
+        configs=(model_config,),
+        combine=None,
+        max_new_tokens=options.max_new_tokens,
+        n=options.n,
+        mesh=mesh,
+        rules=rules,
+    )
+
+
 def generate(
     model_config: M.ModelConfig,
     params: M.Params,

@@ -164,3 +164,86 @@ def test_a_cached_reference_plans_no_reference(tiny_plan):
 def test_fields_whose_width_needs_the_data_are_refused():
     with pytest.raises(ConfigError, match="cannot shape data.extra_fields"):
         compile_plan(_tiny("data.extra_fields=('chosen_margins',)"), echo=False)
+
+
+GRPO = ROOT / "configs/grpo/tiny.py"
+
+
+def _grpo(*overrides):
+    return apply_overrides(load_config(f"{GRPO}:smoke=True"), ["data.batch_size=8", *overrides])
+
+
+@pytest.fixture(scope="module")
+def grpo_plan():
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        plan = compile_plan(_grpo())
+    return plan, text.getvalue()
+
+
+def test_online_plan_reports_the_rollout_and_the_update(grpo_plan):
+    plan, out = grpo_plan
+    assert "\nrollout         sampling.generate: 8 prompts x rl.group_size 8 = 64 rows" in out
+    assert "\nupdate          one of 1 per step" in out and "\nFLOPs/update" in out
+    config, mc = _grpo(), models.get_preset("tiny-64")
+    B, Tp, G, M = 8, config.data.max_prompt_len, config.rl.group_size, config.rl.max_new_tokens
+    # The update trains on every row of the step, prompt + completion shifted by one.
+    assert plan["updates_per_step"] == 1
+    assert plan["tokens_per_step"] == B * G * (Tp + M - 1)
+    rollout = plan["rollout"]
+    assert (rollout["rows"], rollout["cache_slots"]) == (B * G, Tp + M)
+    assert rollout["tokens"] == B * Tp + B * G * M
+    mem, resident = rollout["memory"], rollout["resident"]
+    param_bytes = models.param_count(mc) * 4
+    # Weights fsdp-sharded over the 8 devices; every row's KV cache (k and v of L layers, S
+    # slots, K heads of H floats) lives through the loop, the 64 rows split over 8 devices.
+    assert param_bytes / 8 <= mem["arguments"] < param_bytes
+    cache = 2 * mc.n_layers * B * G * (Tp + M) * mc.n_kv_heads * mc.head_dim * 4
+    assert mem["temporaries"] >= cache / 8
+    # Allocated beside the sampling program: AdamW's two moments and the reference weights.
+    assert 2 * param_bytes / 8 <= resident["optimizer_state"] < 2 * param_bytes + 1024
+    assert resident["reference"] == pytest.approx(mem["arguments"], rel=0.1)
+    assert rollout["peak"] == mem["total"] + sum(resident.values())
+    # The decode loop's body is counted once by XLA, M steps by hand.
+    assert rollout["flops_counted_per_device"] * 8 < rollout["model_flops"]
+    assert rollout["model_flops"] < rollout["analytic_flops"]
+
+
+def test_rollout_flops_by_hand_match_the_compiled_program():
+    # XLA counts each loop body once: with one layer, the prefill of B * Tp tokens (and the
+    # unembedding of each prompt's last position) plus one decode step of the R rows, each token
+    # 2 x (layer weights) + 4 S N H (scores and values over all S cache slots) + 2 D V. A wider
+    # model than tiny-64, so that the token choice's elementwise work over [R, V] (not counted
+    # by hand) stays small beside the matmuls.
+    from jaxalign.train.plan import _compile_rollout, _flops, rollout_flops
+
+    config = _grpo("mesh.fsdp=1", "mesh.data=-1")
+    mc = models.get_preset("tiny-64").replace(n_layers=1, d_model=256, head_dim=64, d_ff=1024)
+    counted = _flops(_compile_rollout(setup(config, model_config=mc, read_files=False)))
+    B, Tp, G, M = 8, config.data.max_prompt_len, config.rl.group_size, config.rl.max_new_tokens
+    S, R = Tp + M, B * G
+    D, N, K, H, F, V = mc.d_model, mc.n_heads, mc.n_kv_heads, mc.head_dim, mc.d_ff, mc.vocab_size
+    layer = 2 * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + 4 * S * N * H
+    prefill_and_one_step = (B * Tp + R) * layer + (B + R) * 2 * D * V
+    assert counted * 8 == pytest.approx(prefill_and_one_step, rel=0.1)  # rows over data=8
+    # rollout_flops: the same count for every prefill token and M decode steps.
+    assert rollout_flops(mc, B, Tp, G, M) == (B * Tp + R * M) * layer + (B + R * M) * 2 * D * V
+
+
+def test_online_update_splits_into_minibatches(grpo_plan):
+    one, _ = grpo_plan
+    two = compile_plan(_grpo("rl.minibatches=2"), echo=False)
+    assert two["updates_per_step"] == 2
+    assert two["tokens_per_step"] * 2 == one["tokens_per_step"]
+    assert two["rollout"]["memory"] == one["rollout"]["memory"]
+    assert two["memory"]["temporaries"] < one["memory"]["temporaries"]
+    with pytest.raises(ConfigError, match="rl.minibatches=3"):
+        compile_plan(_grpo("rl.minibatches=3"), echo=False)
+
+
+def test_the_grpo_recipe_plans_without_its_files():
+    config = load_config(str(ROOT / "configs/grpo/qwen3_8b.py"))
+    assert not pathlib.Path(config.model.init_from[3:]).exists()
+    run = setup(config, read_files=False)
+    expected = models.get_preset("qwen3-8b").replace(dtype="bfloat16", remat="full")
+    assert run.model_config == expected and run.family.loop == "online"
