@@ -105,10 +105,11 @@ def merge_adapters(config: ModelConfig, params: Params, adapters: Adapters) -> P
     merged = jax.tree.map(lambda x: x, params)  # new dicts, same arrays
 
     def fold(kernel, a, b):  # [L, *in, *out], [L, *in, r], [L, r, *out]
+        compute = jnp.promote_types(kernel.dtype, jnp.float32)  # float32, or float64 under x64
         delta = jax.vmap(lambda a_l, b_l: jnp.tensordot(a_l, b_l, 1))(
-            a.astype(jnp.float32), b.astype(jnp.float32)
+            a.astype(compute), b.astype(compute)
         )
-        return (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
+        return (kernel.astype(compute) + scale * delta).astype(kernel.dtype)
 
     for block, modules in adapters["layers"].items():
         for name, ab in modules.items():
