@@ -90,10 +90,23 @@ def _torch_logits(model) -> np.ndarray:
 
 
 def test_checkpoint_holds_adapters_only(lora_run):
-    saved = sum(f.stat().st_size for f in (lora_run / "run/checkpoints").rglob("*") if f.is_file())
-    base = sum(f.stat().st_size for f in (lora_run / "hf").glob("*.safetensors"))
-    assert saved < base / 2, (saved, base)
+    """The saved state (params and optimizer state) is the adapters and their moments."""
+    import orbax.checkpoint as ocp
+
+    from jaxalign.checkpoint import manager as ckpt
+
+    manager, step = ckpt.open_latest(lora_run / "run")
+    manager.close()
+    item = ckpt.checkpoint_dir(lora_run / "run") / str(step) / "state"
+    saved = ocp.PyTreeCheckpointHandler().metadata(item).tree
+    assert set(saved["params"]) == {"lora"}
     config, trained = convert.load_adapters(lora_run / "run")
+    n_adapters = models.adapter_count(config)
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(saved["params"])) == n_adapters
+    n_saved = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(saved))
+    # Adapters and two Adam moments (plus a few counters): 15% of the base here (rank 4 on a
+    # d=64 model), against 300% for full fine-tuning.
+    assert n_saved < 3 * n_adapters + 16 < 0.2 * models.param_count(config), n_saved
     assert set(trained) == {"lora"} and config.lora.rank == 4
 
 
