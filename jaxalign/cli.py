@@ -6,7 +6,7 @@
     jaxalign generate --model checkpoint:runs/sft-tiny --prompts FILE.jsonl --out FILE.jsonl
     jaxalign convert from-hf --hf DIR --out CKPT
     jaxalign convert to-hf --checkpoint CKPT --out DIR [--tokenizer FILE] [--dtype bfloat16]
-        [--overwrite]
+        [--overwrite] [--adapter]    # --adapter: a LoRA run's adapters as a PEFT directory
     jaxalign bench logprobs [-- benchmark flags]
     jaxalign data inspect FILE --config CFG [--config.key=value] [--show 3] [--out lengths.png]
     jaxalign plot RUN [RUN ...] --out curves.png
@@ -141,9 +141,12 @@ def _cmd_convert(args, overrides):
         tokenizer=args.tokenizer,
         dtype=args.dtype,
         overwrite=args.overwrite,
+        adapter=args.adapter,
     )
     print(f"wrote {args.out}")
-    if args.tokenizer is None and shipped is not None:
+    if args.adapter:
+        print("PEFT adapter: peft.PeftModel.from_pretrained(base_model, OUT) loads it")
+    elif args.tokenizer is None and shipped is not None:
         print(f"tokenizer: {shipped} (recorded by the run; --tokenizer ships another)")
     elif shipped is None:
         recorded = convert.run_tokenizer(args.checkpoint)
@@ -253,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     conv.add_argument("--overwrite", action="store_true", help="to-hf: replace an existing --out")
+    conv.add_argument(
+        "--adapter",
+        action="store_true",
+        help="to-hf of a LoRA run: write its adapters as a PEFT adapter directory (default: the "
+        "adapters merged into the base, a full model)",
+    )
     conv.set_defaults(run=_cmd_convert)
 
     bench = sub.add_parser("bench", help="run a benchmark script from benchmarks/")

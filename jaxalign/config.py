@@ -42,6 +42,17 @@ def base_config() -> ConfigDict:
     c.model.remat = ""  # rematerialisation override ("" = the preset's): none | full | dots
     c.model.attention = ""  # attention kernel ("" = the preset's, "auto"): auto | xla | cudnn
 
+    # LoRA (Hu et al. 2021; jaxalign.models.lora): rank 0 = off (full fine-tuning). With rank
+    # r > 0 only the adapters (and a family's head) train: the optimizer state and checkpoints
+    # hold them alone, the base weights of model.init_from are loaded (never saved) and stay
+    # frozen, and the reference policy is the base with adapters off (one copy of the base).
+    c.lora = ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0  # adapter output scaled by alpha / rank
+    c.lora.dropout = 0.0  # dropout on the adapter input, training steps only
+    # regex searched in attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj ("proj" = all seven)
+    c.lora.targets = "q_proj|v_proj"
+
     c.tokenizer = "data/demo/tokenizer.model"  # SentencePiece .model or HF tokenizer.json
 
     c.data = ConfigDict()

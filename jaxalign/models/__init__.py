@@ -17,11 +17,23 @@ Params are a plain nested dict with layers stacked on a leading axis L:
                 "mlp_post_norm": {"scale": [L, D]} (post_norms)},
      "final_norm": {"scale": [D]},
      "unembed": {"kernel": [D, V]}}   (absent when tie_embeddings)
+
+LoRA adapters (``ModelConfig.lora``) are a separate tree (``jaxalign.models.lora``), attached to
+the params under "lora" for the forwards that use them.
 """
 
 from jaxalign.models.cache import forward_with_cache, init_cache
-from jaxalign.models.config import PRESETS, ModelConfig, RopeScaling, get_preset, local_layers
+from jaxalign.models.config import (
+    LORA_MODULES,
+    PRESETS,
+    LoraConfig,
+    ModelConfig,
+    RopeScaling,
+    get_preset,
+    local_layers,
+)
 from jaxalign.models.functional import (
+    ADAPTERS,
     Params,
     abstract_params,
     bind,
@@ -32,6 +44,14 @@ from jaxalign.models.functional import (
     param_logical_axes,
     unembedding,
 )
+from jaxalign.models.lora import (
+    abstract_adapters,
+    adapter_count,
+    adapter_logical_axes,
+    attach,
+    init_adapters,
+    merge_adapters,
+)
 from jaxalign.models.rope import apply_rope, layer_inv_freq, rope_inv_freq
 from jaxalign.models.transformer import (
     MLP,
@@ -39,6 +59,7 @@ from jaxalign.models.transformer import (
     Block,
     Dense,
     Embed,
+    LoraParam,
     RMSNorm,
     Transformer,
     attention_mask,
@@ -46,29 +67,39 @@ from jaxalign.models.transformer import (
 )
 
 __all__ = [
+    "ADAPTERS",
+    "LORA_MODULES",
     "MLP",
     "PRESETS",
     "Attention",
     "Block",
     "Dense",
     "Embed",
+    "LoraConfig",
+    "LoraParam",
     "ModelConfig",
     "Params",
     "RMSNorm",
     "RopeScaling",
     "Transformer",
+    "abstract_adapters",
     "abstract_params",
+    "adapter_count",
+    "adapter_logical_axes",
     "apply_rope",
+    "attach",
     "attention_mask",
     "bind",
     "forward",
     "forward_with_cache",
     "get_preset",
+    "init_adapters",
     "init_cache",
     "init_params",
     "layer_inv_freq",
     "local_layers",
     "logits",
+    "merge_adapters",
     "param_count",
     "param_logical_axes",
     "rope_inv_freq",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
@@ -10,6 +11,16 @@ REMAT_POLICIES = ("none", "full", "dots")
 ACTIVATIONS = ("silu", "gelu_tanh")
 ATTENTIONS = ("auto", "xla", "cudnn")  # jaxalign.models.attention
 ROPE_SCALING_TYPES = ("llama3", "linear")
+# The projections a LoRA adapter can sit on, named as `LoraConfig.targets` sees them.
+LORA_MODULES = (
+    "attn.q_proj",
+    "attn.k_proj",
+    "attn.v_proj",
+    "attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +45,47 @@ class RopeScaling:
             raise ValueError(
                 f"RopeScaling.rope_type={self.rope_type!r}; expected one of {ROPE_SCALING_TYPES}"
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the decoder's projections (Hu et al., "LoRA", 2021):
+
+        y = W x + (alpha / r) B A dropout(x),   A [in, r], B [r, out], B = 0 at init,
+
+    so the adapted model equals the base at step 0. ``targets`` is a regular expression searched
+    in each projection's name (``LORA_MODULES``: "attn.q_proj", ..., "mlp.down_proj"), e.g.
+    "q_proj|v_proj" or "proj" (all seven); it must match at least one. ``dropout`` p drops
+    adapter inputs (scaled by 1 / (1 - p)) in training steps only; the base path never sees it.
+    """
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: str = "q_proj|v_proj"
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoraConfig.rank={self.rank}; expected >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout={self.dropout}; expected in [0, 1)")
+        try:
+            pattern = re.compile(self.targets)
+        except re.error as e:
+            raise ValueError(f"LoraConfig.targets={self.targets!r}: not a regex ({e})") from None
+        if not any(pattern.search(m) for m in LORA_MODULES):
+            raise ValueError(
+                f"LoraConfig.targets={self.targets!r} matches none of {', '.join(LORA_MODULES)}"
+            )
+
+    @property
+    def scale(self) -> float:
+        """alpha / r, the factor on B A x."""
+        return self.alpha / self.rank
+
+    def modules(self) -> tuple[str, ...]:
+        """The names in ``LORA_MODULES`` that ``targets`` matches."""
+        return tuple(m for m in LORA_MODULES if re.search(self.targets, m))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +118,9 @@ class ModelConfig:
     "auto" (cuDNN fused attention on GPU, XLA elsewhere), "xla" (the reference) or "cudnn". It
     changes how, not what, the model computes (the soft-capped attention of Gemma 2 and decoding
     with a KV cache always use XLA).
+
+    ``lora``: low-rank adapters (``LoraConfig``), held in their own params tree
+    (``jaxalign.models.lora``); the base weights are the same with or without them.
     """
 
     vocab_size: int
@@ -96,6 +151,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     attention: str = "auto"
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:

@@ -17,30 +17,46 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.transformer import Transformer
+from jaxalign.models.transformer import LoraParam, Transformer
 
 Params = dict[str, Any]
 
 
+ADAPTERS = "lora"  # params[ADAPTERS]: the LoRA adapters tree, when the forward uses them
+DROPOUT_KEY = "lora_dropout_key"  # params[DROPOUT_KEY]: the adapters' dropout key (training)
+
+
 @functools.lru_cache(maxsize=64)
-def _abstract(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """Graph definition and abstract (ShapeDtypeStruct) state of the model; no allocation."""
-    return nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+def _abstract(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """Graph definition and abstract (ShapeDtypeStruct) base params and LoRA adapters (empty
+    without ``config.lora``) of the model; no allocation."""
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    return nnx.split(model, nnx.Param, LoraParam)
 
 
 def bind(config: ModelConfig, params: Params) -> Transformer:
-    """The NNX ``Transformer`` holding ``params`` (inverse of ``nnx.state(model).to_pure_dict``)."""
-    graphdef, _ = _abstract(config)
-    return nnx.merge(graphdef, params)
+    """The NNX ``Transformer`` holding ``params`` (inverse of ``nnx.state(model).to_pure_dict``).
+
+    Params that carry adapters (``params["lora"]``, see ``jaxalign.models.lora.attach``) bind
+    the adapted model of ``config.lora``; without them the base model runs, whatever
+    ``config.lora`` says (the reference policy of a LoRA run is the base with adapters off)."""
+    adapters = params.get(ADAPTERS)
+    if adapters is None:
+        return nnx.merge(_abstract(config.replace(lora=None))[0], params)
+    if config.lora is None:
+        raise ValueError('params carry LoRA adapters ("lora") but ModelConfig.lora is None')
+    base = {k: v for k, v in params.items() if k not in (ADAPTERS, DROPOUT_KEY)}
+    return nnx.merge(_abstract(config)[0], base, adapters)
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> Params:
     """Random params: normal(0.02) kernels and embeddings, ones for norms (zeros for the ``1 + w``
-    norms of ``norm_plus_one``), zeros for biases.
+    norms of ``norm_plus_one``), zeros for biases. The base weights only: the same with or
+    without ``config.lora`` (adapters: ``jaxalign.models.lora.init_adapters``).
 
     Jittable with ``config`` static: ``jax.jit(init_params, static_argnums=0, out_shardings=...)``.
     """
-    model = Transformer(config, rngs=nnx.Rngs(params=rng))
+    model = Transformer(config.replace(lora=None), rngs=nnx.Rngs(params=rng))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
@@ -49,16 +65,22 @@ def abstract_params(config: ModelConfig) -> Params:
     return nnx.to_pure_dict(_abstract(config)[1])
 
 
-def param_logical_axes(config: ModelConfig) -> dict[str, Any]:
-    """Same tree as the params, each leaf the tuple of logical axis names of that parameter
-    (``layers, vocab, embed, heads, kv_heads, head_dim, mlp``)."""
+def logical_axes_of(state: nnx.State) -> dict[str, Any]:
+    """Same tree as ``state``'s pure dict, each leaf the tuple of logical axis names of that
+    variable."""
     tree: dict[str, Any] = {}
-    for path, variable in nnx.to_flat_state(_abstract(config)[1]):
+    for path, variable in nnx.to_flat_state(state):
         node = tree
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = tuple(variable.get_metadata()["out_sharding"])
     return tree
+
+
+def param_logical_axes(config: ModelConfig) -> dict[str, Any]:
+    """Same tree as the params, each leaf the tuple of logical axis names of that parameter
+    (``layers, vocab, embed, heads, kv_heads, head_dim, mlp``)."""
+    return logical_axes_of(_abstract(config)[1])
 
 
 def param_count(config: ModelConfig) -> int:
@@ -78,8 +100,12 @@ def forward(
 ) -> Float[Array, "B T D"]:
     """Final-normed hidden states. ``positions`` default ``arange(T)``; ``segment_ids`` (0 =
     padding) restrict attention to tokens of the same packed sequence. With sharding ``rules``
-    (and a ``mesh``) the activations are annotated with their logical axes (`Transformer`)."""
-    return bind(config, params)(tokens, positions, segment_ids, mesh=mesh, rules=rules)
+    (and a ``mesh``) the activations are annotated with their logical axes (`Transformer`).
+    Params with adapters run the adapted model, with adapter dropout when they also carry a
+    dropout key (`bind`, ``jaxalign.models.lora.attach``)."""
+    model = bind(config, params)
+    key = params.get(DROPOUT_KEY)
+    return model(tokens, positions, segment_ids, mesh=mesh, rules=rules, dropout_key=key)
 
 
 def unembedding(config: ModelConfig, params: Params) -> Float[Array, "D V"]:

@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxalign.models.attention import attend
-from jaxalign.models.config import ModelConfig, local_layers
+from jaxalign.models.config import LoraConfig, ModelConfig, local_layers
 from jaxalign.models.rope import apply_rope, layer_inv_freq
 from jaxalign.sharding.rules import ShardingRules, with_logical_constraint
 
@@ -75,9 +75,22 @@ class RMSNorm(nnx.Module):
         return (y * (1 + scale if self.plus_one else scale)).astype(x.dtype)
 
 
+class LoraParam(nnx.Variable):
+    """A LoRA adapter matrix: a variable of its own kind, so ``nnx.Param`` filters (the base
+    params tree) never include it."""
+
+
+def _adapter(shape, axes, dtype, lora: LoraConfig | None) -> LoraParam | None:
+    if lora is None:
+        return None
+    return LoraParam(jnp.zeros(shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
 class Dense(nnx.Module):
     """``y = x . kernel (+ bias)``, contracting the trailing ``len(in_shape)`` axes of x with the
-    leading axes of ``kernel [*in_shape, *out_shape]``."""
+    leading axes of ``kernel [*in_shape, *out_shape]``. With ``lora`` it also holds an adapter
+    ``lora_a [*in_shape, r]`` (logical axes: the input's, None) and ``lora_b [r, *out_shape]``
+    (None, the output's) and adds ``(alpha / r) (x . lora_a) . lora_b``."""
 
     def __init__(
         self,
@@ -90,17 +103,33 @@ class Dense(nnx.Module):
         dtype,
         param_dtype,
         rngs: nnx.Rngs,
+        lora: LoraConfig | None = None,
     ):
         self.n_in = len(in_shape)
         self.dtype = dtype
         self.kernel = _param(rngs, in_shape + out_shape, in_axes + out_axes, param_dtype, "normal")
         self.bias = _param(None, out_shape, out_axes, param_dtype, "zeros") if use_bias else None
+        # Placeholders (zeros): `jaxalign.models.lora.init_adapters` initialises adapters.
+        r = lora.rank if lora is not None else 0
+        self.lora_scale = lora.scale if lora is not None else None
+        self.lora_dropout = lora.dropout if lora is not None else None
+        self.lora_a = _adapter((*in_shape, r), (*in_axes, None), param_dtype, lora)
+        self.lora_b = _adapter((r, *out_shape), (None, *out_axes), param_dtype, lora)
 
-    def __call__(self, x: Array) -> Array:
-        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.n_in)
+    def __call__(self, x: Array, dropout_key: jax.Array | None = None) -> Array:
+        """``x . W (+ bias)``, plus ``s (drop(x) . A) . B`` when the layer carries an adapter; the
+        adapter path never forms ``A B`` (no second [in, out] matrix, forward or backward)."""
+        x = x.astype(self.dtype)
+        y = jnp.tensordot(x, self.kernel[...].astype(self.dtype), self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        return y
+        if self.lora_a is None:
+            return y
+        if dropout_key is not None and self.lora_dropout > 0:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+        u = jnp.tensordot(x, self.lora_a[...].astype(self.dtype), self.n_in)
+        return y + self.lora_scale * jnp.tensordot(u, self.lora_b[...].astype(self.dtype), 1)
 
 
 class Embed(nnx.Module):
@@ -124,6 +153,18 @@ class Embed(nnx.Module):
         return x if self.scale is None else x * jnp.asarray(self.scale).astype(self.dtype)
 
 
+def _lora_for(config: ModelConfig, block: str):
+    """``name -> LoraConfig or None``: whether projection ``{block}.{name}_proj`` carries an
+    adapter (``config.lora.targets``)."""
+    modules = config.lora.modules() if config.lora is not None else ()
+    return lambda name: config.lora if f"{block}.{name}_proj" in modules else None
+
+
+def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+    """``n`` independent dropout keys (or ``n`` Nones without a key)."""
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE, optional q/k/v bias, q/k RMSNorm, query scaling
     and logit soft-capping."""
@@ -134,9 +175,14 @@ class Attention(nnx.Module):
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         kw = dict(use_bias=c.qkv_bias, dtype=dt, param_dtype=pdt, rngs=rngs)
         D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
-        self.q_proj = Dense((D,), (N, H), ("embed",), ("heads", "head_dim"), **kw)
-        self.k_proj = Dense((D,), (K, H), ("embed",), ("kv_heads", "head_dim"), **kw)
-        self.v_proj = Dense((D,), (K, H), ("embed",), ("kv_heads", "head_dim"), **kw)
+        lora = _lora_for(c, "attn")
+        self.q_proj = Dense((D,), (N, H), ("embed",), ("heads", "head_dim"), **kw, lora=lora("q"))
+        self.k_proj = Dense(
+            (D,), (K, H), ("embed",), ("kv_heads", "head_dim"), **kw, lora=lora("k")
+        )
+        self.v_proj = Dense(
+            (D,), (K, H), ("embed",), ("kv_heads", "head_dim"), **kw, lora=lora("v")
+        )
         self.o_proj = Dense(
             (N, H),
             (D,),
@@ -146,6 +192,7 @@ class Attention(nnx.Module):
             dtype=dt,
             param_dtype=pdt,
             rngs=rngs,
+            lora=lora("o"),
         )
         if c.qk_norm:
             self.q_norm = RMSNorm(H, "head_dim", c.norm_eps, pdt, c.norm_plus_one)
@@ -160,15 +207,18 @@ class Attention(nnx.Module):
         kv_cache: tuple[Array, Array] | None = None,
         cache_index: Int[Array, ""] | None = None,
         layer: Int[Array, ""] | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> tuple[Float[Array, "B T D"], tuple[Array, Array] | None]:
         """Without ``kv_cache`` S = T. With it (the whole stacked ``[L, B, S, K, H]`` k/v cache),
         k/v of the T new tokens are written into layer ``layer`` at slot ``cache_index`` and the
         queries attend over all S slots of that layer. Writing only the new slots into the
         stacked cache lets XLA update it in place inside the scan over layers (returning each
         layer's cache as a scan output instead copies the whole cache on every decode step).
-        ``inv_freq`` are this layer's RoPE frequencies."""
+        ``inv_freq`` are this layer's RoPE frequencies; ``dropout_key`` drives the adapters'
+        dropout (training)."""
         c = self.config
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        keys = _split(dropout_key, 4)
+        q, k, v = self.q_proj(x, keys[0]), self.k_proj(x, keys[1]), self.v_proj(x, keys[2])
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -188,7 +238,7 @@ class Attention(nnx.Module):
         else:  # dot_product_attention has no soft-cap
             scale = 1 / math.sqrt(c.head_dim) if scale is None else scale
             y = softcapped_attention(q, k, v, mask, scale, c.attn_logit_softcap)
-        return self.o_proj(y), new_cache
+        return self.o_proj(y, keys[3]), new_cache
 
 
 def softcapped_attention(
@@ -223,14 +273,18 @@ class MLP(nnx.Module):
         self.gelu = config.activation == "gelu_tanh"
         D, F = config.d_model, config.d_ff
         kw = dict(use_bias=False, dtype=dt, param_dtype=pdt, rngs=rngs)
-        self.gate_proj = Dense((D,), (F,), ("embed",), ("mlp",), **kw)
-        self.up_proj = Dense((D,), (F,), ("embed",), ("mlp",), **kw)
-        self.down_proj = Dense((F,), (D,), ("mlp",), ("embed",), **kw)
+        lora = _lora_for(config, "mlp")
+        self.gate_proj = Dense((D,), (F,), ("embed",), ("mlp",), **kw, lora=lora("gate"))
+        self.up_proj = Dense((D,), (F,), ("embed",), ("mlp",), **kw, lora=lora("up"))
+        self.down_proj = Dense((F,), (D,), ("mlp",), ("embed",), **kw, lora=lora("down"))
 
-    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        gate = self.gate_proj(x)
+    def __call__(
+        self, x: Float[Array, "B T D"], dropout_key: jax.Array | None = None
+    ) -> Float[Array, "B T D"]:
+        keys = _split(dropout_key, 3)
+        gate = self.gate_proj(x, keys[0])
         gate = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate * self.up_proj(x, keys[1]), keys[2])
 
 
 class Block(nnx.Module):
@@ -251,12 +305,23 @@ class Block(nnx.Module):
             self.mlp_post_norm = norm()
         self.post_norms = config.post_norms
 
-    def __call__(self, x, positions, mask, inv_freq, kv_cache=None, cache_index=None, layer=None):
+    def __call__(
+        self,
+        x,
+        positions,
+        mask,
+        inv_freq,
+        kv_cache=None,
+        cache_index=None,
+        layer=None,
+        dropout_key=None,
+    ):
+        keys = _split(dropout_key, 2)
         h, new_cache = self.attn(
-            self.attn_norm(x), positions, mask, inv_freq, kv_cache, cache_index, layer
+            self.attn_norm(x), positions, mask, inv_freq, kv_cache, cache_index, layer, keys[0]
         )
         x = x + (self.attn_post_norm(h) if self.post_norms else h)
-        h = self.mlp(self.mlp_norm(x))
+        h = self.mlp(self.mlp_norm(x), keys[1])
         return x + (self.mlp_post_norm(h) if self.post_norms else h), new_cache
 
 
@@ -329,10 +394,12 @@ class Transformer(nnx.Module):
         *,
         mesh: Mesh | None = None,
         rules: ShardingRules | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> Float[Array, "B T D"]:
         """With `rules`, the residual stream (after the embedding and after every block) is
         constrained to its logical axes ("batch", "seq", "act_embed") on `mesh` (or the mesh set
-        with `jax.set_mesh`; none: no constraint)."""
+        with `jax.set_mesh`; none: no constraint). `dropout_key` (training with LoRA dropout)
+        gives every layer and adapter its own dropout mask."""
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -348,16 +415,19 @@ class Transformer(nnx.Module):
             return with_logical_constraint(h, ("batch", "seq", "act_embed"), rules, mesh)
 
         def body(h, xs):
-            state, local, inv_freq = xs
+            state, local, inv_freq, key = xs
             mask = jnp.where(local, masks[1], masks[0])
-            h, _ = nnx.merge(graphdef, state)(h, positions, mask, inv_freq)
+            h, _ = nnx.merge(graphdef, state)(h, positions, mask, inv_freq, dropout_key=key)
             return constrain(h), None
 
         if self.config.remat != "none":
             body = jax.checkpoint(
                 body, policy=_REMAT_POLICIES[self.config.remat], prevent_cse=False
             )
-        h, _ = jax.lax.scan(body, constrain(self.embed(tokens)), (layer_state, *self._layer_data()))
+        L = self.config.n_layers
+        keys = None if dropout_key is None else jax.random.split(dropout_key, L)
+        xs = (layer_state, *self._layer_data(), keys)
+        h, _ = jax.lax.scan(body, constrain(self.embed(tokens)), xs)
         return self.final_norm(h)
 
     def _masks(self, *args) -> tuple[Bool[Array, "B 1 T S"], Bool[Array, "B 1 T S"]]:

@@ -36,8 +36,7 @@ from tqdm import tqdm
 
 from jaxalign import models as M
 from jaxalign.checkpoint import load_hf
-from jaxalign.checkpoint import manager as ckpt
-from jaxalign.checkpoint.convert import model_config_from_dict, read_record
+from jaxalign.checkpoint.convert import load_model_params, read_record
 from jaxalign.data import load_tokenizer, make_prompt_pipeline
 from jaxalign.errors import ConfigError
 from jaxalign.sampling.best_of_n import best_of_n, get_reward
@@ -57,13 +56,7 @@ def load_model(spec: str) -> tuple[M.ModelConfig, M.Params, str | None, str | No
         return config, params, where if has_tokenizer else None, None
     if kind == "checkpoint" and where:
         record = read_record(where)
-        config = model_config_from_dict(record["model_config"])
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-            M.abstract_params(config),
-        )
-        params = ckpt.load_params(where, abstract)
+        config, params = load_model_params(where)  # a LoRA run: merged into its base
         template = record.get("data", {}).get("template")
         return config, params, record.get("tokenizer"), template
     raise ConfigError(f"--model {spec!r}: expected hf:DIR or checkpoint:RUN_DIR")

@@ -33,7 +33,7 @@ from jaxalign.data import JsonlSource, parse_pair, record_key
 from jaxalign.data.ref_cache import write_ref_cache
 from jaxalign.errors import ConfigError
 from jaxalign.train import families, objectives
-from jaxalign.train.run import init_params, setup
+from jaxalign.train.run import base_params, setup
 
 
 def _key(record: dict, extra_fields: tuple[str, ...]) -> str:
@@ -61,7 +61,7 @@ def cache_reference(config: ConfigDict, out: str) -> dict[str, int]:
     plain = ConfigDict(to_dict(config))
     plain.data.ref_logps = ""
     run = setup(plain)
-    params = init_params(run)
+    params = base_params(run)  # the reference: the initial decoder (a LoRA run's base)
     impl = None if config.logprob_impl == "auto" else config.logprob_impl
     compute = jax.jit(
         functools.partial(reference_logps, run.model_config, mesh=run.mesh, implementation=impl)

@@ -26,7 +26,7 @@ from jaxalign.train.run import (
     Session,
     check_finite,
     checkpoint_due,
-    init_params,
+    frozen_params,
     session,
     setup,
 )
@@ -67,7 +67,7 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str | pathlib.Path) -> dict
         state, _ = ckpt.restore(manager, run.abstract_target(), step)
     finally:
         manager.close()
-    ref_params = init_params(run) if run.needs_ref else None
+    ref_params = frozen_params(run)
     return make_evaluator(run, ref_params)(state["params"], state.get("loss_state"))
 
 

@@ -287,15 +287,16 @@ def _loop(s: Session) -> dict:
     last_train, last_eval, saved = {}, None, None
     started, total_tokens = time.perf_counter(), 0.0
     if s.first == 0 and config.data.eval:
-        last_eval = evaluate(state["params"], 0)
+        last_eval = evaluate(run.policy_params(state["params"], ref_params), 0)
         writer.write(0, last_eval, split="eval")
     if stop:
         writer.print(f"{stop.name} received before training started; exiting")
     for step in range(s.first, s.first if stop else config.steps):
         key = jax.random.fold_in(jax.random.key(config.seed), step)
         tick = time.perf_counter()
+        policy = run.policy_params(state["params"], ref_params)  # LoRA: base + adapters
         rows, per_fn, result, stats = rollout_step(
-            run, state["params"], s.pipeline, key, options, scorer, step
+            run, policy, s.pipeline, key, options, scorer, step
         )
         generated = float(np.sum(result.lengths))
         batch, prepared, rl_state = to_batch(state, ref_params, rows)
@@ -323,7 +324,8 @@ def _loop(s: Session) -> dict:
             }
             last_train = writer.write(done, metrics)
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-            writer.write(done, evaluate(state["params"], done) or {}, split="eval")
+            policy = run.policy_params(state["params"], ref_params)
+            writer.write(done, evaluate(policy, done) or {}, split="eval")
         if checkpoint_due(config, done, bool(stop)):
             check_finite(metrics, done, config, s.manager, s.workdir)
             ckpt.save(s.manager, done, state, s.pipeline.get_state(), s.record)
@@ -332,7 +334,7 @@ def _loop(s: Session) -> dict:
             writer.print(f"step {done}: {stop.name} received; checkpoint saved, exiting")
             break
     if not stop and config.data.eval:
-        last_eval = evaluate(state["params"], config.steps)
+        last_eval = evaluate(run.policy_params(state["params"], ref_params), config.steps)
         writer.write(config.steps, last_eval, split="eval")
     return s.finish(
         saved=saved,

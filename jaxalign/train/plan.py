@@ -133,11 +133,12 @@ def _ref_in_step(run) -> bool:
 def _compile(run):
     """The run's jitted train step, compiled for abstract (sharded, unallocated) inputs."""
     ref = None
-    if run.needs_ref:
+    if run.holds_frozen:  # the reference, or a LoRA run's base (its reference too)
+        abstract, shardings = run.abstract_state["params"], run.param_shardings
+        if run.lora:
+            abstract, shardings = models.abstract_params(run.model_config), run.base_shardings
         ref = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            run.abstract_state["params"],
-            run.param_shardings,
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )
     step = run.jit_train_step()
     state = {k: v for k, v in run.abstract_target().items() if k != "rl"}  # the step's own state
@@ -226,7 +227,9 @@ def _layer_weight_flops(mc) -> int:
     return 2 * (d * (mc.n_heads + 2 * mc.n_kv_heads) * h + mc.n_heads * h * d + 3 * d * mc.d_ff)
 
 
-def analytic_flops(model_config, tokens: int, seq_len: int, needs_ref: bool) -> float:
+def analytic_flops(
+    model_config, tokens: int, seq_len: int, needs_ref: bool, lora: bool = False
+) -> float:
     """Matmul FLOPs of one train step as the model computes them, counted by hand.
 
     Per token and layer, forward: 2 P_layer (P_layer = D(NH + 2KH) + NHD + 3DF, the projection and
@@ -234,12 +237,14 @@ def analytic_flops(model_config, tokens: int, seq_len: int, needs_ref: bool) -> 
     masked [T, T] scores). The policy runs forward + backward (3x) plus one more forward of the
     layers under remat "full"; the reference (`needs_ref`: when the step runs it) one forward.
     The unembedding (2 D V per token forward) runs in the vocab-blocked log-prob kernel, whose
-    backward recomputes the logits (4x for the policy), plus one forward for the reference.
+    backward recomputes the logits (4x for the policy), plus one forward for the reference. With
+    LoRA the base weights get no gradient: one matmul pass fewer for the layers and the
+    unembedding (the rank-r adapters are not counted).
     """
     mc = model_config
     layer = _layer_weight_flops(mc) + 4 * seq_len * mc.n_heads * mc.head_dim
-    passes = 3 + (mc.remat == "full") + needs_ref
-    unembed = 2 * mc.d_model * mc.vocab_size * (4 + needs_ref)
+    passes = 3 - lora + (mc.remat == "full") + needs_ref
+    unembed = 2 * mc.d_model * mc.vocab_size * (4 - lora + needs_ref)
     return float(tokens) * (passes * mc.n_layers * layer + unembed)
 
 
@@ -265,6 +270,12 @@ def _matmul_params(run) -> int:
     (a lookup is no matmul)."""
     mc = run.model_config
     return models.param_count(mc) - (0 if mc.tie_embeddings else mc.vocab_size * mc.d_model)
+
+
+def _model_flops_per_token(run) -> int:
+    """6 (policy forward + backward; 4 with LoRA: no weight gradients) + 2 (reference forward,
+    when the step runs it)."""
+    return 6 - 2 * run.lora + 2 * _ref_in_step(run)
 
 
 def _size(n: float) -> str:
@@ -315,7 +326,10 @@ def compile_plan(config: ConfigDict, topology: str = "", *, echo: bool = True) -
     # Every token the step runs through the model: the batch's rows and a retain set's.
     tokens = sum(math.prod(v.shape) for k, v in batch.items() if k.split("/")[-1] == "tokens")
     ref = _ref_in_step(run)
+    trained = sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract_state["params"]))
     plan = {
+        "lora": run.lora,
+        "trained_params": trained,
         "devices": n_devices,
         "device_kind": mesh_devices[0].device_kind,
         "topology": topology_name(topology) if topology else "",
@@ -326,8 +340,8 @@ def compile_plan(config: ConfigDict, topology: str = "", *, echo: bool = True) -
         "flops_per_step": flops * n_devices,
         "flops_counted_per_device": counted,  # as XLA reports it: each loop body once
         "flops_outside_layers_per_device": outside,
-        "model_flops_per_step": (6 + 2 * ref) * _matmul_params(run) * tokens,
-        "analytic_flops_per_step": analytic_flops(run.model_config, tokens, T, ref),
+        "model_flops_per_step": _model_flops_per_token(run) * _matmul_params(run) * tokens,
+        "analytic_flops_per_step": analytic_flops(run.model_config, tokens, T, ref, run.lora),
         "memory": mem,
     }
     if _online(run):
@@ -386,15 +400,19 @@ def format_plan(config: ConfigDict, run, plan: dict) -> str:
     spec = run.objective.batch
     unit = {"pair": "pairs", "rollout": "rows"}.get(spec.records, "examples")
     per_example = spec.sequences_per_example
-    ref = _ref_in_step(run)
     lines = [
         f"compile-only plan: trainer {config.trainer}, preset {config.model.preset}",
         f"devices         {plan['devices']} x {plan['device_kind']}{where}",
         f"mesh            {mesh}, sharding {config.sharding}",
         f"model params    {plan['params']:,} ({plan['params'] / 1e9:.2f}B, {mc.param_dtype}); "
         f"activations {mc.dtype}, remat {mc.remat}"
-        + ("; + frozen reference (same shardings)" if run.needs_ref else ""),
+        + ("; + frozen reference (same shardings)" if run.needs_ref and not run.lora else ""),
     ]
+    if run.lora:
+        lines.append(
+            f"LoRA            rank {mc.lora.rank} on {', '.join(mc.lora.modules())}: "
+            f"{plan['trained_params']:,} trained params; the frozen base is the reference"
+        )
     if _online(run):
         lines += _rollout_lines(config, plan["rollout"])
         examples = update_examples(run)
@@ -422,8 +440,8 @@ def format_plan(config: ConfigDict, run, plan: dict) -> str:
         f"once; {plan['flops_outside_layers_per_device'] or 0:.4g} outside the layers",
         f"by hand         {plan['analytic_flops_per_step']:.4g} (matmuls incl. "
         "attention, remat and kernel recomputation)",
-        f"model FLOPs     {plan['model_flops_per_step']:.4g} "
-        f"({6 + 2 * ref}N per token; no attention, no remat: the MFU yardstick)",
+        f"model FLOPs     {plan['model_flops_per_step']:.4g} per step "
+        f"({_model_flops_per_token(run)}N per token; no attention, no remat: the MFU yardstick)",
     ]
     if plan["flops_per_step"] < plan["model_flops_per_step"]:
         # Below the lower bound: the compiler restructured a loop that its cost analysis then

@@ -92,14 +92,7 @@ _score = jax.jit(sequence_rewards, static_argnums=(0, 3, 4))
 
 def load_reward_model(workdir: str | pathlib.Path):
     """(model_config, params with "reward_head") from the latest checkpoint of a reward run."""
-    from jaxalign.checkpoint import manager as ckpt
-    from jaxalign.checkpoint.convert import read_model_config
+    from jaxalign.checkpoint.convert import load_model_params, read_model_config
 
-    model_config = read_model_config(workdir)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = models.abstract_params(model_config)
-    abstract[HEAD] = heads.abstract_scalar_head(model_config)
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
-    )
-    return model_config, ckpt.load_params(workdir, abstract)
+    head = {HEAD: heads.abstract_scalar_head(read_model_config(workdir))}
+    return load_model_params(workdir, heads=head)  # LoRA: adapters merged into the base

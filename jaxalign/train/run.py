@@ -36,10 +36,16 @@ from jaxalign.train.metrics import MetricsWriter
 from jaxalign.train.objectives import Objective
 from jaxalign.train.optimizer import learning_rate_schedule, make_optimizer
 
+# Random streams of `seed` besides the init of the decoder (key(seed) itself) and the online
+# rollouts (fold_in(key(seed), step)): fold_in(key(seed), stream).
+ADAPTER_STREAM = 0x4C6F5241  # LoRA A matrices
+DROPOUT_STREAM = 0x4C6F5244  # LoRA dropout masks, then folded with the step and micro-batch
+
 
 def model_config_from(config: ConfigDict) -> models.ModelConfig:
-    """The architecture, with the config's dtype/remat overrides: the one recorded where
-    `model.init_from` points ("hf:DIR" config.json, "checkpoint:DIR" record), else the preset."""
+    """The architecture, with the config's dtype/remat overrides and LoRA adapters (`lora.rank` >
+    0): the one recorded where `model.init_from` points ("hf:DIR" config.json, "checkpoint:DIR"
+    record), else the preset."""
     kind, _, where = config.model.init_from.partition(":")
     if kind == "hf":
         from jaxalign.checkpoint import load_hf_config
@@ -48,7 +54,7 @@ def model_config_from(config: ConfigDict) -> models.ModelConfig:
     elif kind == "checkpoint":
         from jaxalign.checkpoint.convert import read_model_config
 
-        mc = read_model_config(where).replace(dtype="float32", param_dtype="float32")
+        mc = read_model_config(where).replace(dtype="float32", param_dtype="float32", lora=None)
     elif config.model.preset in models.PRESETS:
         mc = models.get_preset(config.model.preset)
     else:
@@ -61,6 +67,11 @@ def model_config_from(config: ConfigDict) -> models.ModelConfig:
         changes["remat"] = config.model.remat
     if config.model.attention:
         changes["attention"] = config.model.attention
+    if config.lora.rank:
+        try:
+            changes["lora"] = models.LoraConfig(**config.lora.to_dict())
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"lora: {e}") from None
     try:
         return dataclasses.replace(mc, **changes)
     except ValueError as e:  # a bad model.dtype / remat / attention override
@@ -99,7 +110,8 @@ class Run:
     objective: Objective
     mesh: jax.sharding.Mesh
     rules: sharding.ShardingRules
-    param_shardings: object
+    param_shardings: object  # of the trained params, state["params"]
+    base_shardings: object  # of the decoder's weights (the frozen base of a LoRA run)
     state_shardings: dict
     abstract_state: dict
     tx: object
@@ -108,6 +120,22 @@ class Run:
     @property
     def needs_ref(self) -> bool:
         return self.objective.needs_ref
+
+    @property
+    def lora(self) -> bool:
+        """Only LoRA adapters (and a head) train; the base weights are frozen."""
+        return self.model_config.lora is not None
+
+    @property
+    def holds_frozen(self) -> bool:
+        """Whether the steps take frozen weights (`ref_params`): the reference policy, or a LoRA
+        run's base (which is also its reference)."""
+        return self.lora or self.needs_ref
+
+    def policy_params(self, params, frozen):
+        """The params the policy runs with (sampling, old log-probs): `state["params"]`, or for
+        LoRA the frozen base with the trained adapters (and head) attached (no copy)."""
+        return frozen | params if self.lora else params
 
     @property
     def replicated(self) -> NamedSharding:
@@ -125,8 +153,14 @@ class Run:
         """The jitted update; it takes and donates the state it updates: everything but an online
         loop's own "rl" entry (KL coefficient, reward statistics), which the loop carries."""
         shardings = {k: v for k, v in self.state_shardings.items() if k != "rl"}
+        dropout_key = None
+        if self.lora and self.model_config.lora.dropout > 0:
+            dropout_key = jax.random.fold_in(jax.random.key(self.config.seed), DROPOUT_STREAM)
+        step = steps.make_train_step(
+            self.objective, self.tx, self.schedule, lora=self.lora, dropout_key=dropout_key
+        )
         return jax.jit(
-            steps.make_train_step(self.objective, self.tx, self.schedule),
+            step,
             in_shardings=(shardings, self._ref_shardings(), None),
             out_shardings=(shardings, self.replicated),
             donate_argnums=0,
@@ -134,7 +168,7 @@ class Run:
 
     def jit_eval_step(self):
         return jax.jit(
-            steps.make_eval_step(self.objective),
+            steps.make_eval_step(self.objective, lora=self.lora),
             in_shardings=(self.param_shardings, self._ref_shardings(), None, None),
             out_shardings=self.replicated,
         )
@@ -156,6 +190,8 @@ class Run:
         return self.family.batches(self, path, train=train)
 
     def _ref_shardings(self):
+        if self.lora:
+            return self.base_shardings
         return self.param_shardings if self.needs_ref else None
 
 
@@ -206,8 +242,12 @@ def setup(config: ConfigDict, *, devices=None, read_files: bool = True, model_co
     rules = sharding.ShardingRules.preset(config.sharding)
     objective = family.objective(config, model_config, mesh)
 
-    abstract_params = models.abstract_params(model_config)
-    logical_axes = models.param_logical_axes(model_config)
+    base_abstract = models.abstract_params(model_config)
+    base_axes = models.param_logical_axes(model_config)
+    abstract_params, logical_axes = base_abstract, base_axes
+    if model_config.lora is not None:  # only the adapters train
+        abstract_params = models.attach({}, models.abstract_adapters(model_config))
+        logical_axes = models.attach({}, models.adapter_logical_axes(model_config))
     if family.head:
         abstract_params[family.head] = heads.abstract_scalar_head(model_config)
         logical_axes[family.head] = heads.scalar_head_logical_axes()
@@ -231,6 +271,7 @@ def setup(config: ConfigDict, *, devices=None, read_files: bool = True, model_co
         mesh=mesh,
         rules=rules,
         param_shardings=param_shardings,
+        base_shardings=sharding.named_shardings(mesh, rules, base_axes, base_abstract),
         state_shardings=state_shardings(mesh, param_shardings, abstract_state),
         abstract_state=abstract_state,
         tx=tx,
@@ -239,11 +280,17 @@ def setup(config: ConfigDict, *, devices=None, read_files: bool = True, model_co
 
 
 def init_params(run: Run):
-    """Initial weights, created or loaded straight into their shardings: from `model.init_from`
-    or the random init of `seed`. A family's head (reward, value) starts at zero."""
+    """Initial trained params, created or loaded straight into their shardings: the decoder from
+    `model.init_from` or the random init of `seed` (with LoRA instead the adapters, from `seed`:
+    `base_params` gives the decoder). A family's head (reward, value) starts at zero."""
     config, shardings = run.config, dict(run.param_shardings)
     head_sharding = shardings.pop(run.family.head, None)
-    params = _decoder_params(config, run.model_config, shardings)
+    if run.lora:
+        init = jax.jit(models.init_adapters, static_argnums=0, out_shardings=shardings["lora"])
+        key = jax.random.fold_in(jax.random.key(config.seed), ADAPTER_STREAM)
+        params = models.attach({}, init(run.model_config, key))
+    else:
+        params = _decoder_params(config, run.model_config, shardings)
     if run.family.head:
         init = jax.jit(heads.init_scalar_head, static_argnums=0, out_shardings=head_sharding)
         params[run.family.head] = init(run.model_config)
@@ -261,19 +308,22 @@ def init_params(run: Run):
     return params
 
 
+def base_params(run: Run):
+    """The decoder's weights from `model.init_from` (or the random init of `seed`), in their
+    shardings: a LoRA run's frozen base."""
+    return _decoder_params(run.config, run.model_config, run.base_shardings)
+
+
 def _decoder_params(config: ConfigDict, model_config, param_shardings):
     source = config.model.init_from
     if not source:
         init = jax.jit(models.init_params, static_argnums=0, out_shardings=param_shardings)
         return init(model_config, jax.random.key(config.seed))
     kind, _, where = source.partition(":")
-    if kind == "checkpoint":
-        abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            models.abstract_params(model_config),
-            param_shardings,
-        )
-        return ckpt.load_params(where, abstract)
+    if kind == "checkpoint":  # a LoRA run's adapters come merged into its base
+        from jaxalign.checkpoint.convert import load_model_params
+
+        return load_model_params(where, shardings=param_shardings)[1]
     if kind == "hf":
         from jaxalign.checkpoint import load_hf
 
@@ -282,16 +332,24 @@ def _decoder_params(config: ConfigDict, model_config, param_shardings):
     raise ConfigError(f'model.init_from="{source}": expected "", "checkpoint:DIR" or "hf:DIR"')
 
 
+def frozen_params(run: Run, initial=None):
+    """The steps' frozen weights (`ref_params`), or None when the run holds none: a LoRA run's
+    base (its reference too); else the reference, the initial policy (`initial`, copied because
+    the train step donates the policy's buffers, or loaded again)."""
+    if run.lora:
+        return base_params(run)
+    if not run.needs_ref:
+        return None
+    return init_params(run) if initial is None else jax.tree.map(jnp.copy, initial)
+
+
 def start(run: Run, manager, pipeline) -> tuple[dict, object]:
     """(state, ref_params): the latest checkpoint restored into its shardings (and `pipeline` set
-    to its saved position), or the initial state. The reference is the initial policy
-    (recomputed from the same source on resume); a copy when the policy starts from the same
-    arrays, because the train step donates the policy's buffers."""
+    to its saved position), or the initial state; and the frozen weights (`frozen_params`),
+    recomputed from the same source on resume."""
     resuming = manager.latest_step() is not None
-    initial = init_params(run) if run.needs_ref or not resuming else None
-    ref_params = None
-    if run.needs_ref:
-        ref_params = initial if resuming else jax.tree.map(jnp.copy, initial)
+    initial = None if resuming else init_params(run)
+    ref_params = frozen_params(run, initial)
     if resuming:
         state, data_state = ckpt.restore(manager, run.abstract_target())
         pipeline.set_state(data_state)

@@ -75,6 +75,7 @@ def policy_batch(run, estimator: Callable | None, *, kl_in_loss: bool):
         )
 
     def prepare(params, ref_params, rows, rl_state):
+        params = run.policy_params(params, ref_params)  # LoRA: the base with the adapters
         mask = rows["loss_mask"] * rows["example_mask"][:, None]
         new_state = dict(rl_state)
         rewards = rows["rewards"]
