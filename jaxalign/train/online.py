@@ -21,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
@@ -142,6 +143,13 @@ def _pad_left(rows: dict, T: int) -> dict:
     }
 
 
+def _all_hosts(x) -> np.ndarray:
+    """A host array [n, ...] -> every host's, concatenated in process order (the global rows'
+    order): what the rollout statistics and decisions are taken over."""
+    x = np.asarray(x)
+    return multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else x
+
+
 def _informative(rewards: np.ndarray, G: int) -> np.ndarray:
     """[groups] whether a group's rewards differ (all equal: no learning signal)."""
     r = rewards.reshape(-1, G)
@@ -155,11 +163,11 @@ def rollout_step(run: Run, params, pipeline, key, options, scorer, step):
     when the rounds run out are kept). Returns rows, per-reward values, results, statistics."""
     G = run.config.rl.group_size
     rows, per_fn, result = _rollout(run, params, next(pipeline), key, options, scorer, step)
-    stats = {"frac_reward_zero_std": 1.0 - _informative(rows["rewards"], G).mean()}
+    stats = {"frac_reward_zero_std": 1.0 - _informative(_all_hosts(rows["rewards"]), G).mean()}
     rounds = run.config.rl.dynamic_sampling
     for extra in range(rounds):
         keep = _informative(rows["rewards"], G)
-        if keep.all():
+        if _all_hosts(keep).all():  # every host samples as many rounds (generate is collective)
             break
         more, more_fn, more_result = _rollout(
             run, params, next(pipeline), jax.random.fold_in(key, extra + 1), options, scorer, step
@@ -179,20 +187,22 @@ def rollout_step(run: Run, params, pipeline, key, options, scorer, step):
         for field in ("lengths", "finish_reason"):
             getattr(result, field)[put] = getattr(more_result, field)[take]
         stats["dynamic_sampling/rounds"] = extra + 1
-    stats["dynamic_sampling/frac_kept_zero_std"] = 1.0 - _informative(rows["rewards"], G).mean()
+    kept = _informative(_all_hosts(rows["rewards"]), G)
+    stats["dynamic_sampling/frac_kept_zero_std"] = 1.0 - kept.mean()
     return rows, per_fn, result, stats
 
 
 def rollout_metrics(rows, per_fn, result, G: int) -> dict[str, float]:
-    """Reward and completion statistics of a rollout, named as TRL / verl users expect."""
-    rewards = rows["rewards"].reshape(-1, G)
+    """Reward and completion statistics of a rollout (all hosts' rows), named as TRL / verl users
+    expect."""
+    rewards = _all_hosts(rows["rewards"]).reshape(-1, G)
     out = {
         "reward": float(rewards.mean()),
         "reward_std": float(rewards.std(axis=1, ddof=1).mean()) if G > 1 else 0.0,
-        "completions/mean_length": float(np.mean(result.lengths)),
-        "completions/clipped_ratio": float(np.mean(result.finish_reason == "length")),
+        "completions/mean_length": float(np.mean(_all_hosts(result.lengths))),
+        "completions/clipped_ratio": float(np.mean(_all_hosts(result.finish_reason == "length"))),
     }
-    out |= {f"rewards/{name}": float(np.mean(v)) for name, v in per_fn.items()}
+    out |= {f"rewards/{name}": float(np.mean(_all_hosts(v))) for name, v in per_fn.items()}
     return out
 
 
@@ -298,7 +308,7 @@ def _loop(s: Session) -> dict:
         rows, per_fn, result, stats = rollout_step(
             run, policy, s.pipeline, key, options, scorer, step
         )
-        generated = float(np.sum(result.lengths))
+        generated = float(np.sum(_all_hosts(result.lengths)))
         batch, prepared, rl_state = to_batch(state, ref_params, rows)
         rollout_s = time.perf_counter() - tick
         # The train step donates what it updates (step, params, optimizer); the loop's own state

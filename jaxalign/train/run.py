@@ -252,7 +252,9 @@ def setup(config: ConfigDict, *, devices=None, read_files: bool = True, model_co
         abstract_params[family.head] = heads.abstract_scalar_head(model_config)
         logical_axes[family.head] = heads.scalar_head_logical_axes()
     param_shardings = sharding.named_shardings(mesh, rules, logical_axes, abstract_params)
-    tx = make_optimizer(config.optimizer, config.steps)
+    # An online step makes rl.epochs x rl.minibatches optimizer updates; the schedule is in steps.
+    updates_per_step = config.rl.epochs * config.rl.minibatches if family.loop == "online" else 1
+    tx = make_optimizer(config.optimizer, config.steps, updates_per_step)
     abstract_state = {
         "step": jax.ShapeDtypeStruct((), jnp.int32),
         "params": abstract_params,
@@ -275,7 +277,7 @@ def setup(config: ConfigDict, *, devices=None, read_files: bool = True, model_co
         state_shardings=state_shardings(mesh, param_shardings, abstract_state),
         abstract_state=abstract_state,
         tx=tx,
-        schedule=learning_rate_schedule(config.optimizer, config.steps),
+        schedule=learning_rate_schedule(config.optimizer, config.steps, updates_per_step),
     )
 
 
@@ -527,7 +529,9 @@ def session(config: ConfigDict, workdir, *, allow_config_change: bool = False):
                     yield s
                     return
                 s.state, s.ref_params = start(run, manager, pipeline)
-                s.first = int(s.state["step"])
+                # The loop's step is the checkpoint's (state["step"] counts optimizer updates: an
+                # online step makes rl.epochs x rl.minibatches of them).
+                s.first = latest or 0
                 s.record = to_dict(config) | {"model_config": dataclasses.asdict(run.model_config)}
                 if main:
                     workdirs.write_config(workdir, config)
