@@ -6,7 +6,7 @@
     jaxalign generate --model checkpoint:runs/sft-tiny --prompts FILE.jsonl --out FILE.jsonl
     jaxalign convert from-hf --hf DIR --out CKPT
     jaxalign convert to-hf --checkpoint CKPT --out DIR [--tokenizer FILE] [--dtype bfloat16]
-    jaxalign bench logprobs [-- benchmark flags]
+    jaxalign bench logprobs|generate [-- benchmark flags]
 
 Errors a user can act on print one line, `jaxalign: ...`, and exit with status 2.
 """
@@ -104,7 +104,7 @@ def _cmd_convert(args, overrides):
 
 
 def _cmd_bench(args, overrides):
-    scripts = {"logprobs": "benchmarks/logprobs.py"}
+    scripts = {"logprobs": "benchmarks/logprobs.py", "generate": "benchmarks/generate.py"}
     script = scripts[args.name]
     if not os.path.isfile(script):
         raise SystemExit(f"jaxalign: {script} not found (run from the repository root)")
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(run=_cmd_convert)
 
     bench = sub.add_parser("bench", help="run a benchmark script from benchmarks/")
-    bench.add_argument("name", choices=["logprobs"])
+    bench.add_argument("name", choices=["logprobs", "generate"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(run=_cmd_bench)
     return parser
