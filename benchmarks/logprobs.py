@@ -10,7 +10,8 @@ Compared side by side in one process (these machines are noisy):
 - ``naive``: full logits, ``log_softmax``, gather (what a straightforward trainer does);
 - ``chunked``: a ``jax.checkpoint``-ed ``lax.scan`` over token chunks, full logits per chunk
   (the Tunix-style rematerialised scan);
-- every jaxalign implementation that runs on this backend.
+- every jaxalign implementation that runs on this backend, and the first of them again with the
+  Gemma 2 final-logit soft-cap (``softcap=30``) to show what capping each tile costs.
 
 Memory is ``temp_size_in_bytes`` from ``jax.jit(f).lower(...).compile().memory_analysis()``. Time is
 the median over interleaved repetitions (each repetition runs every variant once, in turn), shown as
@@ -30,8 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.kernels import token_kl, token_logprobs
-from jaxalign.kernels._dispatch import FALLBACK_ORDER
+from jaxalign.kernels import FALLBACK_ORDER, token_kl, token_logprobs
 
 
 def naive_logprobs(h, w, t):
@@ -118,6 +118,9 @@ def bench_shape(n, d, v, dtype, reps, impls, block_size, chunk, kl=True):
         variants[f"jaxalign.{name}"] = functools.partial(
             token_logprobs, implementation=name, block_size=block_size
         )
+    variants[f"jaxalign.{impls[0]}+softcap"] = functools.partial(
+        token_logprobs, implementation=impls[0], block_size=block_size, softcap=30.0
+    )
     shape = f"N={n} D={d} V={v} {jnp.dtype(dtype).name}, block_size={block_size}"
     fwd_flops = 2 * n * d * v
     on_accelerator = jax.default_backend() != "cpu"

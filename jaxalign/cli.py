@@ -1,22 +1,33 @@
 """`jaxalign` command line: train, eval, generate, convert, bench.
 
     jaxalign train --config configs/dpo/tiny.py --workdir runs/dpo-tiny --config.loss.beta=0.2
-    jaxalign eval --config configs/dpo/tiny.py --workdir runs/dpo-tiny
+    jaxalign eval --workdir runs/dpo-tiny [--config.data.eval=FILE]   # the run's own config
     jaxalign cache-ref --config configs/dpo/tiny.py --workdir runs/dpo-tiny [--out FILE]
     jaxalign generate --model checkpoint:runs/sft-tiny --prompts FILE.jsonl --out FILE.jsonl
     jaxalign convert from-hf --hf DIR --out CKPT
     jaxalign convert to-hf --checkpoint CKPT --out DIR [--tokenizer FILE] [--dtype bfloat16]
+        [--overwrite]
     jaxalign bench logprobs|generate [-- benchmark flags]
 
-Errors a user can act on print one line, `jaxalign: ...`, and exit with status 2.
+Errors a user can act on print one line, `jaxalign: ...`, and exit with status 2. A run stopped by
+SIGTERM or Ctrl-C saves a checkpoint and exits with 128 + the signal number (143, 130); a second
+Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import runpy
+import signal
 import sys
+
+
+def _usage(message: str):
+    """A mistake in the command line: one line, status 2 (as argparse's own usage errors)."""
+    print(f"jaxalign: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -29,7 +40,7 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
             body = arg[len("--config.") :]
             if "=" not in body:
                 if i + 1 >= len(argv):
-                    raise SystemExit(f"jaxalign: {arg} needs a value")
+                    _usage(f"{arg} needs a value")
                 body = f"{body}={argv[i + 1]}"
                 i += 1
             overrides.append(body)
@@ -57,15 +68,37 @@ def _cmd_train(args, overrides):
 
         compile_plan(config, topology=args.topology)
         return
-    result = train(config, args.workdir)
-    if result["preempted"]:
-        sys.exit(143)
+    result = train(config, args.workdir, allow_config_change=args.allow_config_change)
+    if result.get("stopped_by"):
+        sys.exit(128 + signal.Signals[result["stopped_by"]])
 
 
 def _cmd_eval(args, overrides):
+    """The run's recorded config (WORKDIR/config.json), or --config; overrides on top, named."""
+    from jaxalign.config import apply_overrides, to_dict
     from jaxalign.train import evaluate_checkpoint
+    from jaxalign.train import workdir as workdirs
 
-    metrics = evaluate_checkpoint(_load(args, overrides), args.workdir)
+    recorded = workdirs.read_config(args.workdir)
+    if args.config:
+        config = _load(args, overrides)
+        if recorded is not None:
+            changed = workdirs.config_changes(recorded, config)
+            if changed:
+                print(
+                    f"jaxalign: --config differs from the run in {', '.join(changed)}",
+                    file=sys.stderr,
+                )
+    elif recorded is None:
+        _usage(f"{args.workdir}: no config.json (not a jaxalign run directory?); pass --config")
+    else:
+        config = workdirs.config_from_record(recorded)
+        before = to_dict(config)
+        config = apply_overrides(config, overrides, source=f"{args.workdir}/config.json")
+        changed = workdirs.config_changes(before, config)
+        if changed:
+            print(f"jaxalign: overriding the run's {', '.join(changed)}", file=sys.stderr)
+    metrics = evaluate_checkpoint(config, args.workdir)
     for key, value in sorted(metrics.items()):
         print(f"{key}: {value:.6g}")
 
@@ -95,19 +128,32 @@ def _cmd_convert(args, overrides):
     from jaxalign.checkpoint import convert
 
     if overrides:
-        raise SystemExit("jaxalign: convert takes no --config overrides")
+        _usage("convert takes no --config overrides")
     if args.direction == "from-hf":
         convert.from_hf(args.hf, args.out, dtype=args.dtype)
-    else:
-        convert.to_hf(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype)
+        print(f"wrote {args.out}")
+        return
+    shipped = convert.to_hf(
+        args.checkpoint,
+        args.out,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {args.out}")
+    if args.tokenizer is None and shipped is not None:
+        print(f"tokenizer: {shipped} (recorded by the run; --tokenizer ships another)")
+    elif shipped is None:
+        recorded = convert.run_tokenizer(args.checkpoint)
+        why = f"the run's {recorded} is not found from here" if recorded else "none recorded"
+        print(f"tokenizer: none shipped ({why}); pass --tokenizer FILE|DIR")
 
 
 def _cmd_bench(args, overrides):
     scripts = {"logprobs": "benchmarks/logprobs.py", "generate": "benchmarks/generate.py"}
     script = scripts[args.name]
     if not os.path.isfile(script):
-        raise SystemExit(f"jaxalign: {script} not found (run from the repository root)")
+        _usage(f"{script} not found (run from the repository root)")
     sys.argv = [script, *args.rest]
     runpy.run_path(script, run_name="__main__")
 
@@ -127,11 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--topology", default="", help="with --compile_only: a TPU topology to compile for"
     )
+    train.add_argument(
+        "--allow_config_change",
+        action="store_true",
+        help="continue the run in --workdir although its recorded config differs",
+    )
     train.set_defaults(run=_cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate the latest checkpoint of a run on data.eval")
-    ev.add_argument("--config", required=True)
-    ev.add_argument("--workdir", required=True)
+    ev.add_argument("--workdir", required=True, help="the run directory")
+    ev.add_argument("--config", help="evaluate with this config instead of the run's recorded one")
     ev.set_defaults(run=_cmd_eval)
 
     cache = sub.add_parser(
@@ -172,8 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--hf", help="from-hf: Hugging Face model directory")
     conv.add_argument("--checkpoint", help="to-hf: a run directory or converted checkpoint")
     conv.add_argument("--out", required=True)
-    conv.add_argument("--tokenizer", help="to-hf: tokenizer file(s) directory to ship along")
+    conv.add_argument(
+        "--tokenizer",
+        help="to-hf: tokenizer file or directory to ship (default: the one the run recorded)",
+    )
     conv.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    conv.add_argument("--overwrite", action="store_true", help="to-hf: replace an existing --out")
     conv.set_defaults(run=_cmd_convert)
 
     bench = sub.add_parser("bench", help="run a benchmark script from benchmarks/")
@@ -190,18 +245,23 @@ def main(argv: list[str] | None = None) -> None:
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)
     if args.command == "train" and not args.compile_only and not args.workdir:
-        raise SystemExit("jaxalign: train needs --workdir")
+        _usage("train needs --workdir")
     if args.command == "cache-ref" and not (args.out or args.workdir):
-        raise SystemExit("jaxalign: cache-ref needs --out or --workdir")
+        _usage("cache-ref needs --out or --workdir")
     if args.command == "convert":
         needed = "hf" if args.direction == "from-hf" else "checkpoint"
         if not getattr(args, needed):
-            raise SystemExit(f"jaxalign: convert {args.direction} needs --{needed}")
+            _usage(f"convert {args.direction} needs --{needed}")
+    # Orbax and JAX log through absl; their routine warnings would repeat on every checkpoint.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         args.run(args, overrides)
     except UserError as e:
         print(f"jaxalign: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("jaxalign: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

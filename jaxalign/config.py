@@ -20,10 +20,10 @@ from jaxalign.errors import ConfigError
 
 def base_config() -> ConfigDict:
     c = ConfigDict()
-    # Which objective trains: sft | dpo (any paired loss or mix, pair data) | unpaired (kto, bco,
-    # npo: {prompt, completion, label} or forget-set SFT records) | reward (scalar-head reward
-    # model, Bradley-Terry on pairs)
-    c.trainer = "dpo"
+    # The trainer family (jaxalign.train.families): sft | paired (any paired loss or mix, pair
+    # data; "dpo" is an alias) | unpaired (kto, bco, npo: {prompt, completion, label} or
+    # forget-set SFT records) | reward (scalar-head reward model, Bradley-Terry on pairs)
+    c.trainer = "paired"
     c.seed = 0  # parameter init and any sampling
     c.steps = 1000  # optimizer updates
     c.log_every = 10  # metrics to console, metrics.jsonl and TensorBoard every N steps
@@ -87,12 +87,69 @@ def base_config() -> ConfigDict:
     c.optimizer.weight_decay = 0.0  # AdamW decoupled weight decay (not on norms or biases)
     c.optimizer.clip_norm = 1.0  # global gradient-norm clipping (0 = off)
     c.optimizer.grad_accum = 1  # micro-batches per update; the batch size stays the total
+    # 0: a non-finite loss or gradient stops the run (before anything is saved). k > 0: skip an
+    # update whose gradients are not finite (params and optimizer state unchanged, counted as
+    # `updates_skipped`), and stop only after more than k such updates in a row.
+    c.optimizer.skip_nonfinite = 0
 
     c.mesh = ConfigDict()
     c.mesh.data = 1  # mesh axis sizes; -1 fills with the remaining devices
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
+    # Multi-slice TPU (or multi-host GPU) runs: how many slices (hosts) each mesh axis spans over
+    # the data-centre network; `mesh` is then the shape within one slice (jaxalign.sharding.
+    # make_mesh). All 1 = one slice. E.g. 2 slices of v5p-128: dcn_mesh.data=2.
+    c.dcn_mesh = ConfigDict()
+    c.dcn_mesh.data = 1
+    c.dcn_mesh.fsdp = 1
+    c.dcn_mesh.tensor = 1
     c.sharding = "fsdp"  # ShardingRules preset: dp | fsdp | fsdp_tp
+
+    # Online RL (trainers ppo, grpo, rloo, reinforce_pp, online_dpo, rft). data.train holds prompt
+    # records ({"prompt": ..., more fields the rewards read, e.g. "answer"}); data.batch_size is
+    # the prompts per step (global), each sampled rl.group_size times; data.eval's prompts are
+    # scored the same way (greedy and sampled) at every evaluation.
+    c.rl = ConfigDict()
+    c.rl.group_size = 4  # completions per prompt (G); groups of a prompt are contiguous rows
+    c.rl.max_new_tokens = 32
+    c.rl.temperature = 1.0  # sampling temperature; old/reference log-probs use the same one
+    c.rl.top_p = 1.0  # nucleus sampling (1 = off); the importance ratio ignores truncation
+    c.rl.top_k = 0  # top-k sampling (0 = off)
+    c.rl.stop_strings = ()  # cut completions at these strings (host side), besides EOS
+    c.rl.epochs = 1  # passes over each rollout
+    c.rl.minibatches = 1  # updates per pass: the rollout is split into this many minibatches
+    # Rule rewards (jaxalign.rl.rewards): (name, weight[, params]) terms, summed.
+    c.rl.rewards = (("demo_judge", 1.0),)
+    c.rl.reward_model = ""  # workdir of a reward-trainer run: its score is added to the rewards
+    c.rl.reward_model_weight = 1.0
+    c.rl.reward_scale = False  # divide rewards by their running std (PPO-max)
+    c.rl.reward_clip = 0.0  # then clip them to [-c, c] (0 = off)
+    c.rl.overlong_buffer = 0  # DAPO soft overlong penalty over the last N new tokens (0 = off)
+    c.rl.dynamic_sampling = 0  # DAPO: up to N extra sampling rounds to replace groups whose
+    # rewards are all equal (no signal); 0 = off
+    # The policy loss (ppo, grpo, rloo, reinforce_pp): clipped ratio, per token ("token") or per
+    # sequence ("sequence", GSPO); losses.policy.aggregate mode; KL and entropy terms.
+    c.rl.ratio = "token"
+    c.rl.clip_low = 0.2
+    c.rl.clip_high = 0.2  # DAPO clip-higher: 0.28
+    c.rl.dual_clip = 0.0  # dual clip c > 1 for negative advantages (0 = off)
+    c.rl.aggregation = "seq-mean-token-mean"
+    c.rl.scale_rewards = "group"  # grpo: group | batch | none (Dr.GRPO)
+    c.rl.kl_coef = 0.04  # KL to the reference: a k3 loss term (grpo), k1 in the reward (others)
+    c.rl.kl_target = 0.0  # > 0: adaptive KL coefficient (Ziegler et al.) aiming at this KL
+    c.rl.kl_horizon = 10000
+    c.rl.entropy_coef = 0.0  # entropy bonus
+    c.rl.tis_cap = 0.0  # truncated importance sampling of sampler/trainer differences (0 = off)
+    # PPO: GAE, a value head on the policy's hidden states (value loss weighted by value_coef),
+    # advantage whitening; value_init: a reward run whose head initialises the value head.
+    c.rl.gamma = 1.0
+    c.rl.lam = 0.95
+    c.rl.value_coef = 0.5
+    c.rl.value_clip = 0.2
+    c.rl.value_init = ""
+    c.rl.whiten_advantages = True
+    # rft: fine-tune on each prompt's best completion when its reward reaches this.
+    c.rl.rft_min_reward = 0.5
 
     c.checkpoint = ConfigDict()
     c.checkpoint.every = 100  # save every N steps (and at the end, and on SIGTERM)
@@ -123,7 +180,13 @@ def parse_arg(arg: str | None, **defaults) -> ConfigDict:
             value = ast.literal_eval(raw.strip())
         except (ValueError, SyntaxError):
             value = raw.strip()
-        out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+        kind = type(defaults[key])
+        try:
+            out[key] = kind(value) if defaults[key] is not None else value
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f'config argument "{item}": expected {kind.__name__} for "{key}"'
+            ) from None
     return out
 
 

@@ -256,9 +256,11 @@ STOP = (
 def train_command(args) -> str:
     """Shell command started on every worker: stop a previous run, start `jaxalign train`."""
     env = shlex.join(["PYTHONUNBUFFERED=1", *args.env])
-    train = shlex.join(
-        ["train", "--config", args.config, "--workdir", args.workdir, *args.overrides]
-    )
+    overrides = list(args.overrides)
+    if args.num_slices > 1 and not any(o.startswith("--config.dcn_mesh.") for o in overrides):
+        # Slices talk over the data-centre network: only data parallelism crosses them.
+        overrides.insert(0, f"--config.dcn_mesh.data={args.num_slices}")
+    train = shlex.join(["train", "--config", args.config, "--workdir", args.workdir, *overrides])
     return (
         f"{STOP}; cd {REMOTE_DIR} && env {env} nohup {VENV}/bin/jaxalign {train} "
         f"> {LOG} 2>&1 < /dev/null & echo $! > {PIDFILE}"

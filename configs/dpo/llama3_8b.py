@@ -30,7 +30,7 @@ from jaxalign.config import base_config, parse_arg
 def get_config(arg=None):
     arg = parse_arg(arg, hf="/path/to/Meta-Llama-3-8B-Instruct", data="/path/to/prefs", steps=1000)
     c = base_config()
-    c.trainer = "dpo"
+    c.trainer = "paired"
     c.model.preset = "llama3-8b"  # the architecture used when planning without the weights
     c.model.init_from = f"hf:{arg.hf}"
     c.model.dtype = "bfloat16"

@@ -16,7 +16,7 @@ from jaxalign.config import base_config, parse_arg
 def get_config(arg=None):
     arg = parse_arg(arg, steps=200, smoke=False)
     c = base_config()
-    c.trainer = "dpo"
+    c.trainer = "paired"
     c.model.preset = "tiny-64"
     c.data.train = "data/demo/pairs_train.jsonl"
     c.data.eval = "data/demo/pairs_eval.jsonl"

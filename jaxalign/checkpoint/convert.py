@@ -2,12 +2,14 @@
 
 A converted checkpoint is a run-style directory, `CKPT/checkpoints/0/`, holding `state` =
 {"params": ...} and `config` = {"model_config": ...}; a training run starts from it with
-`model.init_from="checkpoint:CKPT"`, and `to-hf` accepts it or any training run directory.
+`model.init_from="checkpoint:CKPT"`, and `to-hf` accepts it or any training run directory (and
+then ships, by default, the tokenizer that run recorded).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import orbax.checkpoint as ocp
@@ -42,9 +44,10 @@ def from_hf(hf_dir, out, *, dtype=None) -> None:
     manager.close()
 
 
-def read_config_record(workdir) -> dict:
-    """The config record (JSON) of the latest checkpoint of a run or converted checkpoint: the
-    run's config (tokenizer, data.template, ...) and its "model_config"."""
+def read_record(workdir) -> dict:
+    """The config record of the latest checkpoint: a training run's config dict (tokenizer,
+    data.template, ...) plus "model_config", or {"model_config": ...} for a converted
+    checkpoint."""
     manager, step = ckpt.open_latest(workdir)
     try:
         record = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
@@ -59,15 +62,31 @@ def read_config_record(workdir) -> dict:
 
 def read_model_config(workdir) -> models.ModelConfig:
     """The model config recorded in the latest checkpoint of a run or converted checkpoint."""
-    return model_config_from_dict(read_config_record(workdir)["model_config"])
+    return model_config_from_dict(read_record(workdir)["model_config"])
 
 
-def to_hf(checkpoint, out, *, tokenizer=None, dtype=None) -> None:
-    config = read_model_config(checkpoint)
+def run_tokenizer(checkpoint) -> str | None:
+    """The tokenizer a training run recorded (its config's `tokenizer`, a path as given to the
+    run, so relative to the directory it ran from); None for a converted checkpoint."""
+    return read_record(checkpoint).get("tokenizer") or None
+
+
+def to_hf(checkpoint, out, *, tokenizer=None, dtype=None, overwrite: bool = False) -> str | None:
+    """Exports the latest checkpoint of a run (or converted checkpoint) with `save_hf`.
+
+    `tokenizer=None` ships the tokenizer the run recorded (`run_tokenizer`) when that file
+    exists, so the export carries the special ids and the BOS handling the run trained with.
+    Returns the tokenizer shipped, or None.
+    """
+    record = read_record(checkpoint)
+    if tokenizer is None and record.get("tokenizer") and os.path.exists(record["tokenizer"]):
+        tokenizer = record["tokenizer"]
+    config = model_config_from_dict(record["model_config"])
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
         models.abstract_params(config),
     )
     params = ckpt.load_params(checkpoint, abstract)
-    save_hf(config, params, out, tokenizer=tokenizer, dtype=dtype)
+    save_hf(config, params, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)
+    return None if tokenizer is None else str(tokenizer)

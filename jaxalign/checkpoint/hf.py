@@ -1,4 +1,5 @@
-"""Hugging Face <-> jaxalign checkpoint conversion (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3).
+"""Hugging Face <-> jaxalign checkpoint conversion (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3,
+Gemma 2, Gemma 3 text).
 
 One key-mapping table per model family (``TABLES``): each row ties one Hugging Face tensor name
 (``model.layers.{i}.self_attn.q_proj.weight``) to one jaxalign param path (``layers/attn/q_proj/
@@ -12,7 +13,10 @@ e.g. ``q_proj.weight`` [N*H, D] (torch Linear is [out, in]) -> ``q_proj/kernel``
 ``o_proj.weight`` [D, N*H] -> ``o_proj/kernel`` [N, H, D]. RoPE uses the HF "rotate_half" layout
 in both libraries, so q/k need no permutation. Per-layer tensors (``{i}`` in the name) are stacked
 along a new leading axis L. Mistral shares the Llama table; Qwen2 adds the q/k/v biases, Qwen3 the
-per-head q/k RMSNorm scales.
+per-head q/k RMSNorm scales. Gemma 2 has four norms per layer (HF ``post_attention_layernorm`` is
+the norm AFTER attention there, ``pre_feedforward_layernorm`` the one before the MLP); Gemma 3
+adds the q/k norms. Gemma norm weights w are stored as HF stores them (the model scales by
+``1 + w``), so they convert unchanged.
 
 Conversion goes tensor by tensor: import reads one stacked parameter's L slices from the
 (possibly sharded) safetensors files, converts it, places it (``shardings``) and frees the host
@@ -20,7 +24,10 @@ copy; export pulls one stacked parameter to the host at a time and flushes each 
 once it reaches ``max_shard_size``. Host memory stays near one copy of the model.
 
 Export writes the directory under a temporary sibling name and renames it into place at the end,
-so a failed export never leaves a partial model directory.
+so a failed export never leaves a partial model directory. With a tokenizer it also writes the
+special token ids and, when the tokenizer source has none, a tokenizer config, so that
+transformers alone tokenises a prompt to jaxalign's ids and ``generate`` stops at EOS
+(``save_hf``).
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ import math
 import os
 import pathlib
 import re
+import secrets
 import shutil
-import tempfile
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -42,7 +50,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxalign.errors import CheckpointError
-from jaxalign.models.config import ModelConfig, RopeScaling
+from jaxalign.models.config import ModelConfig, RopeScaling, local_layers
 
 SAFETENSORS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -151,18 +159,72 @@ QK_NORM_ROWS: tuple[Entry, ...] = (
     Entry(f"{_ATTN}.q_norm.weight", "layers/attn/q_norm/scale", "H", "H"),
     Entry(f"{_ATTN}.k_norm.weight", "layers/attn/k_norm/scale", "H", "H"),
 )
+_LAYER = "model.layers.{i}"
+GEMMA_TABLE: tuple[Entry, ...] = (
+    Entry("model.embed_tokens.weight", "embed/embedding", "V D", "V D"),
+    Entry(f"{_LAYER}.input_layernorm.weight", "layers/attn_norm/scale", "D", "D"),
+    *LLAMA_TABLE[2:6],  # q, k, v, o projections
+    Entry(f"{_LAYER}.post_attention_layernorm.weight", "layers/attn_post_norm/scale", "D", "D"),
+    Entry(f"{_LAYER}.pre_feedforward_layernorm.weight", "layers/mlp_norm/scale", "D", "D"),
+    *LLAMA_TABLE[7:10],  # gate, up, down projections
+    Entry(f"{_LAYER}.post_feedforward_layernorm.weight", "layers/mlp_post_norm/scale", "D", "D"),
+    *LLAMA_TABLE[10:],  # final norm, untied lm_head
+)
+# transformers' config-class defaults, for keys a Gemma config.json leaves out (hub configs omit
+# e.g. tie_word_embeddings, and Gemma 3's text_config most sizes). sliding_window_pattern 2 is
+# Gemma 2's fixed alternation before transformers wrote layer_types.
+_GEMMA_DEFAULTS = {
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+}
+GEMMA2_DEFAULTS = _GEMMA_DEFAULTS | {
+    "vocab_size": 256000,
+    "max_position_embeddings": 8192,
+    "rope_theta": 10000.0,
+    "final_logit_softcapping": 30.0,
+    "attn_logit_softcapping": 50.0,
+    "sliding_window_pattern": 2,
+}
+GEMMA3_DEFAULTS = _GEMMA_DEFAULTS | {
+    "vocab_size": 262208,
+    "max_position_embeddings": 131072,
+    "rope_theta": 1e6,
+    "rope_local_base_freq": 10000.0,
+    "final_logit_softcapping": None,
+    "attn_logit_softcapping": None,
+    "sliding_window_pattern": 6,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """A Hugging Face architecture: its names, its mapping table and the options it can express."""
+    """A Hugging Face architecture: its names, its mapping table and the options it can express.
+
+    ``gemma``: the Gemma block ((1 + w) norms, post-norms, sqrt(D) embedding scale, GeGLU,
+    ``query_pre_attn_scalar``, final-logit soft-cap); ``attn_softcap``: honours
+    ``attn_logit_softcapping`` (Gemma 2; transformers' Gemma 3 ignores it); ``local_rope``: RoPE
+    per layer type (Gemma 3); ``defaults``: values of keys a config.json may leave out.
+    """
 
     architecture: str
     model_type: str
     table: tuple[Entry, ...]
     qkv_bias: bool = False
     qk_norm: bool = False
-    sliding_window: str = "none"  # "none" | "global" (Mistral) | "layer_types" (Qwen2/3)
+    sliding_window: str = "none"  # "none" | "global" (Mistral) | "layer_types" (Qwen2/3, Gemma)
+    gemma: bool = False
+    attn_softcap: bool = False
+    local_rope: bool = False
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def entries(self, config: ModelConfig) -> list[Entry]:
         return [e for e in self.table if e.when is None or e.when(config)]
@@ -186,6 +248,25 @@ FAMILIES: dict[str, Family] = {
             LLAMA_TABLE + QK_NORM_ROWS,
             qk_norm=True,
             sliding_window="layer_types",
+        ),
+        Family(
+            "Gemma2ForCausalLM",
+            "gemma2",
+            GEMMA_TABLE,
+            sliding_window="layer_types",
+            gemma=True,
+            attn_softcap=True,
+            defaults=GEMMA2_DEFAULTS,
+        ),
+        Family(
+            "Gemma3ForCausalLM",
+            "gemma3_text",
+            GEMMA_TABLE + QK_NORM_ROWS,
+            qk_norm=True,
+            sliding_window="layer_types",
+            gemma=True,
+            local_rope=True,
+            defaults=GEMMA3_DEFAULTS,
         ),
     )
 }
@@ -212,54 +293,101 @@ def _family_from_hf(hf: dict, where: str) -> Family:
     return _BY_MODEL_TYPE[model_type]
 
 
-def _read_rope(hf: dict, where: str) -> tuple[float, RopeScaling | None]:
-    """RoPE theta and scaling from transformers 4 keys (``rope_theta``, ``rope_scaling``) or
-    transformers 5 ``rope_parameters``."""
-    params = hf.get("rope_parameters") or {}
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    scaling = hf.get("rope_scaling") or params
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+def _read_scaling(params: dict, where: str) -> RopeScaling | None:
+    """``RopeScaling`` of one rope dict (``rope_scaling`` or an entry of ``rope_parameters``)."""
+    rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
-        return theta, None
+        return None
+    if rope_type == "linear":
+        return RopeScaling(factor=float(params["factor"]), rope_type="linear")
     if rope_type != "llama3":
         raise CheckpointError(
-            f"{where}: rope_scaling type {rope_type!r} is not supported (only 'llama3')"
+            f"{where}: rope_scaling type {rope_type!r} is not supported (only 'llama3', 'linear')"
         )
-    return theta, RopeScaling(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    return RopeScaling(
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
     )
 
 
-def _read_sliding_window(hf: dict, family: Family, where: str) -> int | None:
+def _read_rope(
+    hf: dict, family: Family, where: str
+) -> tuple[float, RopeScaling | None, float | None]:
+    """RoPE ``(theta, scaling, local_theta)`` from transformers 4 keys (``rope_theta``,
+    ``rope_scaling``, Gemma 3's ``rope_local_base_freq``) or transformers 5 ``rope_parameters``
+    (Gemma 3: one entry per layer type)."""
+    params = hf.get("rope_parameters") or {}
+    if not family.local_rope:
+        theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        return theta, _read_scaling(hf.get("rope_scaling") or params, where), None
+    if "full_attention" in params:
+        full, local = params["full_attention"], params.get("sliding_attention") or {}
+    else:
+        full, local = hf.get("rope_scaling") or {}, {}
+    if _read_scaling(local, where) is not None:
+        raise CheckpointError(f"{where}: RoPE scaling on sliding-window layers is not supported")
+    theta = float(full.get("rope_theta", hf["rope_theta"]))
+    local_theta = float(local.get("rope_theta", hf["rope_local_base_freq"]))
+    return theta, _read_scaling(full, where), local_theta
+
+
+def _read_sliding_window(hf: dict, family: Family, where: str) -> tuple[int | None, int | None]:
+    """``(sliding_window, sliding_window_pattern)``: ``layer_types`` must make every layer local,
+    none, or every P-th layer global."""
+    window = hf.get("sliding_window")
     if family.sliding_window == "global":
-        return hf.get("sliding_window")
-    if family.sliding_window == "none" or hf.get("sliding_window") is None:
-        return None
+        return window, None
+    if family.sliding_window == "none" or window is None:
+        return None, None
     n_layers = hf["num_hidden_layers"]
     layer_types = hf.get("layer_types")
-    if layer_types is None:  # transformers 4: layers >= max_window_layers slide
+    if layer_types is None and family.gemma:  # transformers 4: every P-th layer is global
+        pattern = hf["sliding_window_pattern"]
+        layer_types = [
+            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)
+        ]
+    elif layer_types is None:  # transformers 4 Qwen: layers >= max_window_layers slide
         first = hf.get("max_window_layers", n_layers) if hf.get("use_sliding_window") else n_layers
         layer_types = [
             "sliding_attention" if i >= first else "full_attention" for i in range(n_layers)
         ]
-    kinds = set(layer_types)
-    if kinds == {"full_attention"}:
-        return None
-    if kinds == {"sliding_attention"}:
-        return hf["sliding_window"]
-    raise CheckpointError(
-        f"{where}: layers mix sliding and full attention (layer_types={layer_types}); jaxalign "
-        "models use one attention pattern for all layers"
-    )
+    if len(layer_types) != n_layers or not set(layer_types) <= {
+        "sliding_attention",
+        "full_attention",
+    }:
+        raise CheckpointError(
+            f"{where}: layer_types={layer_types}; expected {n_layers} entries, each "
+            "'sliding_attention' or 'full_attention'"
+        )
+    sliding = [kind == "sliding_attention" for kind in layer_types]
+    if not any(sliding):
+        return None, None
+    if all(sliding):
+        return window, None
+    pattern = sliding.index(False) + 1
+    if sliding != [(i + 1) % pattern != 0 for i in range(n_layers)]:
+        raise CheckpointError(
+            f"{where}: layer_types={layer_types} mix sliding and full attention in a way jaxalign "
+            "models do not express (all sliding, or every P-th layer full: sliding_window_pattern)"
+        )
+    return window, pattern
 
 
 def config_from_hf(hf: dict, *, dtype: str = "float32", where: str = "config.json") -> ModelConfig:
     """``ModelConfig`` from a Hugging Face ``config.json`` dict (raises on unsupported options)."""
     family = _family_from_hf(hf, where)
-    if hf.get("hidden_act", "silu") != "silu":
+    hf = family.defaults | hf
+    if family.gemma:
+        if hf["hidden_activation"] != "gelu_pytorch_tanh":
+            raise CheckpointError(
+                f"{where}: hidden_activation={hf['hidden_activation']!r}; only "
+                "'gelu_pytorch_tanh' is supported"
+            )
+        if hf.get("use_bidirectional_attention"):
+            raise CheckpointError(f"{where}: use_bidirectional_attention=true is not supported")
+    elif hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act={hf['hidden_act']!r}; only 'silu' is supported")
     if hf.get("mlp_bias"):
         raise CheckpointError(f"{where}: mlp_bias=true is not supported")
@@ -268,8 +396,13 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", where: str = "config.jso
             f"{where}: attention_bias=true (biases on q/k/v/o) is not supported for "
             f"{family.architecture}"
         )
-    theta, scaling = _read_rope(hf, where)
+    theta, scaling, local_theta = _read_rope(hf, family, where)
+    window, pattern = _read_sliding_window(hf, family, where)
     n_heads = hf["num_attention_heads"]
+
+    def cap(key: str, present: bool) -> float | None:
+        return None if not present or hf.get(key) is None else float(hf[key])
+
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
@@ -284,7 +417,16 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", where: str = "config.jso
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=family.qkv_bias,
         qk_norm=family.qk_norm,
-        sliding_window=_read_sliding_window(hf, family, where),
+        sliding_window=window,
+        sliding_window_pattern=pattern,
+        rope_local_theta=local_theta,
+        norm_plus_one=family.gemma,
+        post_norms=family.gemma,
+        embed_scale=family.gemma,
+        activation="gelu_tanh" if family.gemma else "silu",
+        query_pre_attn_scalar=int(hf["query_pre_attn_scalar"]) if family.gemma else None,
+        attn_logit_softcap=cap("attn_logit_softcapping", family.attn_softcap),
+        final_logit_softcap=cap("final_logit_softcapping", family.gemma),
         max_seq_len=hf.get("max_position_embeddings", 4096),
         dtype=dtype,
         param_dtype=dtype,
@@ -292,10 +434,13 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", where: str = "config.jso
 
 
 def family_for(config: ModelConfig, architecture: str | None = None) -> Family:
-    """The HF family that expresses ``config``: the named ``architecture``, or inferred (qk_norm ->
-    Qwen3, qkv_bias -> Qwen2, sliding_window -> Mistral, else Llama)."""
+    """The HF family that expresses ``config``: the named ``architecture``, or inferred (post_norms
+    -> Gemma 3 with qk_norm, else Gemma 2; qk_norm -> Qwen3, qkv_bias -> Qwen2, sliding_window ->
+    Mistral, else Llama)."""
     if architecture is None:
-        if config.qk_norm:
+        if config.post_norms:
+            architecture = "Gemma3ForCausalLM" if config.qk_norm else "Gemma2ForCausalLM"
+        elif config.qk_norm:
             architecture = "Qwen3ForCausalLM"
         elif config.qkv_bias:
             architecture = "Qwen2ForCausalLM"
@@ -308,25 +453,43 @@ def family_for(config: ModelConfig, architecture: str | None = None) -> Family:
             f"unknown architecture {architecture!r}; supported: {sorted(FAMILIES)}"
         )
     family = FAMILIES[architecture]
-    problems = []
-    if config.qkv_bias != family.qkv_bias:
-        problems.append(f"qkv_bias={config.qkv_bias}")
-    if config.qk_norm != family.qk_norm:
-        problems.append(f"qk_norm={config.qk_norm}")
-    if config.sliding_window is not None and family.sliding_window == "none":
-        problems.append(f"sliding_window={config.sliding_window}")
+    gemma = family.gemma
+    expressible = {
+        "qkv_bias": config.qkv_bias == family.qkv_bias,
+        "qk_norm": config.qk_norm == family.qk_norm,
+        "sliding_window": config.sliding_window is None or family.sliding_window != "none",
+        "sliding_window_pattern": config.sliding_window_pattern is None
+        or family.sliding_window == "layer_types",
+        "rope_local_theta": (config.rope_local_theta is not None) == family.local_rope,
+        "norm_plus_one": config.norm_plus_one == gemma,
+        "post_norms": config.post_norms == gemma,
+        "embed_scale": config.embed_scale == gemma,
+        "activation": (config.activation == "gelu_tanh") == gemma,
+        "query_pre_attn_scalar": config.query_pre_attn_scalar is None or gemma,
+        "final_logit_softcap": config.final_logit_softcap is None or gemma,
+        "attn_logit_softcap": config.attn_logit_softcap is None or family.attn_softcap,
+    }
+    problems = [f"{key}={getattr(config, key)!r}" for key, ok in expressible.items() if not ok]
     if problems:
         raise CheckpointError(f"{architecture} cannot express ModelConfig({', '.join(problems)})")
     return family
 
 
+def _scaling_to_hf(scaling: RopeScaling) -> dict[str, Any]:
+    if scaling.rope_type == "linear":
+        return {"rope_type": "linear", "factor": scaling.factor}
+    llama3 = {k: v for k, v in dataclasses.asdict(scaling).items() if k != "rope_type"}
+    return {"rope_type": "llama3", **llama3}
+
+
 def config_to_hf(config: ModelConfig, family: Family, torch_dtype: str) -> dict[str, Any]:
-    """``config.json`` dict readable by transformers 4 (``rope_theta``/``rope_scaling``) and 5
-    (``rope_parameters``)."""
+    """``config.json`` dict readable by transformers 4 (``rope_theta``/``rope_scaling``,
+    ``rope_local_base_freq``, ``sliding_window_pattern``) and 5 (``rope_parameters``,
+    ``layer_types``)."""
     rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
     rope_scaling = None
     if config.rope_scaling is not None:
-        rope_scaling = {"rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
+        rope_scaling = _scaling_to_hf(config.rope_scaling)
         rope_parameters.update(rope_scaling)
     hf: dict[str, Any] = {
         "architectures": [family.architecture],
@@ -338,7 +501,7 @@ def config_to_hf(config: ModelConfig, family: Family, torch_dtype: str) -> dict[
         "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.head_dim,
-        "hidden_act": "silu",
+        **({} if family.gemma else {"hidden_act": "silu"}),  # Gemma: hidden_activation
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
@@ -351,20 +514,40 @@ def config_to_hf(config: ModelConfig, family: Family, torch_dtype: str) -> dict[
         "torch_dtype": torch_dtype,
         "dtype": torch_dtype,
     }
-    if family.model_type in ("llama", "qwen3"):
+    if family.model_type in ("llama", "qwen3") or family.gemma:
         hf["attention_bias"] = False
     if family.model_type == "llama":
         hf.update(mlp_bias=False, pretraining_tp=1)
+    local = local_layers(config)
+    kinds = ["sliding_attention" if x else "full_attention" for x in local]
     if family.sliding_window == "global":
         hf["sliding_window"] = config.sliding_window
+    elif family.gemma:
+        hf.update(
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim,
+            final_logit_softcapping=config.final_logit_softcap,
+            attn_logit_softcapping=config.attn_logit_softcap,
+            # transformers builds the sliding-window mask even when no layer uses it.
+            sliding_window=config.sliding_window or config.max_seq_len,
+            layer_types=kinds,
+        )
     elif family.sliding_window == "layer_types":
-        sliding = config.sliding_window is not None
-        kind = "sliding_attention" if sliding else "full_attention"
+        sliding = bool(local.any())
         hf.update(
             sliding_window=config.sliding_window,
             use_sliding_window=sliding,
             max_window_layers=0 if sliding else config.n_layers,
-            layer_types=[kind] * config.n_layers,
+            layer_types=kinds,
+        )
+    if family.local_rope:
+        local_rope = {"rope_type": "default", "rope_theta": config.rope_local_theta}
+        hf.update(
+            rope_local_base_freq=config.rope_local_theta,
+            rope_parameters={"full_attention": rope_parameters, "sliding_attention": local_rope},
+            # every layer local is a pattern longer than the model
+            sliding_window_pattern=config.sliding_window_pattern or config.n_layers + 1,
+            use_bidirectional_attention=False,
         )
     return hf
 
@@ -373,13 +556,20 @@ def config_to_hf(config: ModelConfig, family: Family, torch_dtype: str) -> dict[
 
 
 class _SafetensorsReader:
-    """Tensors of a single-file or index-sharded safetensors checkpoint, opened lazily (mmap)."""
+    """Tensors of a single-file or index-sharded safetensors checkpoint, opened lazily (mmap).
+
+    A truncated or corrupt file raises `CheckpointError` naming it (safetensors validates the
+    header and that the data section covers every tensor when the file is opened).
+    """
 
     def __init__(self, path: pathlib.Path, stack: ExitStack):
         self._path, self._stack, self._handles = path, stack, {}
         index = path / INDEX_NAME
         if index.exists():
-            self.files = dict(json.loads(index.read_text())["weight_map"])
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
+            self.files = dict(weight_map)
             for file in sorted(set(self.files.values())):
                 if not (path / file).exists():
                     raise CheckpointError(f"{index}: lists shard {file}, which does not exist")
@@ -389,10 +579,16 @@ class _SafetensorsReader:
             raise CheckpointError(f"{path}: neither {SAFETENSORS_NAME} nor {INDEX_NAME} found")
 
     def _open(self, file: str):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         if file not in self._handles:
-            handle = safe_open(str(self._path / file), framework="numpy")
+            try:
+                handle = safe_open(str(self._path / file), framework="numpy")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(
+                    f"{self._path / file}: not a readable safetensors file ({e}); truncated or "
+                    "corrupt? Export or download it again"
+                ) from None
             self._handles[file] = self._stack.enter_context(handle)
         return self._handles[file]
 
@@ -410,6 +606,16 @@ class _SafetensorsReader:
 
     def get(self, name: str) -> np.ndarray:
         return self._open(self.files[name]).get_tensor(name)
+
+
+def _read_json(file: pathlib.Path) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -478,7 +684,7 @@ def load_hf_config(path: str | os.PathLike, *, dtype: Any = "float32") -> ModelC
     config_file = pathlib.Path(path) / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{config_file}: not found; expected a Hugging Face model directory")
-    hf = json.loads(config_file.read_text())
+    hf = _read_json(config_file)
     return config_from_hf(hf, dtype=_resolve_dtype(dtype, "dtype"), where=str(config_file))
 
 
@@ -498,7 +704,7 @@ def load_hf(
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{config_file}: not found; expected a Hugging Face model directory")
-    hf = json.loads(config_file.read_text())
+    hf = _read_json(config_file)
     with ExitStack() as stack:
         reader = _SafetensorsReader(path, stack)
         if dtype is None:
@@ -655,32 +861,122 @@ def _write_weights(
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _tokenizer_sources(tokenizer: str | os.PathLike) -> list[pathlib.Path]:
+SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class _TokenizerExport:
+    """What ``save_hf(..., tokenizer=...)`` puts into the exported directory."""
+
+    copies: dict[str, pathlib.Path]  # file name in the export -> source file
+    writes: dict[str, str]  # file name in the export -> contents (see `_hf_tokenizer_files`)
+    generation: dict[str, Any]  # generation_config.json; its special ids also go to config.json
+
+
+def _tokenizer_export(tokenizer: str | os.PathLike) -> _TokenizerExport:
+    """Tokenizer files, special token ids and, when the source has no ``tokenizer_config.json``,
+    the files with which transformers tokenises as jaxalign does.
+
+    A single file is shipped as ``tokenizer.json`` (``*.json``) or ``tokenizer.model``
+    (SentencePiece), the names transformers looks for. The special ids come from the source
+    directory's ``generation_config.json``, else its ``config.json``, else the tokenizer itself
+    (`jaxalign.data.load_tokenizer`: the ids training used).
+    """
     source = pathlib.Path(tokenizer)
     if source.is_file():
-        return [source]
-    if not source.is_dir():
+        copies = {("tokenizer.json" if source.suffix == ".json" else "tokenizer.model"): source}
+        generation = {}
+    elif source.is_dir():
+        copies = {f: source / f for f in TOKENIZER_FILES if (source / f).is_file()}
+        if not copies:
+            raise CheckpointError(
+                f"tokenizer={source}: contains none of the tokenizer files {list(TOKENIZER_FILES)}"
+            )
+        generation = _source_generation_config(source)
+    else:
         raise CheckpointError(f"tokenizer={source}: no such file or directory")
-    files = [source / f for f in TOKENIZER_FILES if (source / f).is_file()]
-    if not files:
-        raise CheckpointError(
-            f"tokenizer={source}: contains none of the tokenizer files {list(TOKENIZER_FILES)}"
-        )
-    return files
+    writes = {}
+    if not generation or "tokenizer_config.json" not in copies:
+        tok = _load_tokenizer(source)
+        if not generation:
+            generation = {"bos_token_id": tok.bos_id} if tok.bos_id >= 0 else {}
+            generation |= {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+        if "tokenizer_config.json" not in copies:
+            writes = _hf_tokenizer_files(tok)
+            copies = {name: file for name, file in copies.items() if name not in writes}
+    return _TokenizerExport(copies, writes, generation)
 
 
-def _generation_config(tokenizer: str | os.PathLike | None) -> dict[str, Any]:
-    """The source directory's generation_config.json, else its special token ids, else {}."""
-    source = pathlib.Path(tokenizer) if tokenizer is not None else None
-    if source is None or not source.is_dir():
-        return {}
+def _source_generation_config(source: pathlib.Path) -> dict[str, Any]:
+    """The directory's generation_config.json, else the special ids of its config.json, else {}."""
     if (source / "generation_config.json").is_file():
-        return json.loads((source / "generation_config.json").read_text())
+        return _read_json(source / "generation_config.json")
     if (source / "config.json").is_file():
-        hf = json.loads((source / "config.json").read_text())
-        keys = ("bos_token_id", "eos_token_id", "pad_token_id")
-        return {k: hf[k] for k in keys if hf.get(k) is not None}
+        hf = _read_json(source / "config.json")
+        return {k: hf[k] for k in SPECIAL_ID_KEYS if hf.get(k) is not None}
     return {}
+
+
+def _load_tokenizer(source: pathlib.Path):
+    from jaxalign.data.tokenizers import load_tokenizer
+
+    try:
+        return load_tokenizer(str(source))
+    except Exception as e:  # sentencepiece raises RuntimeError, tokenizers a bare Exception
+        raise CheckpointError(f"tokenizer={source}: cannot be loaded ({e})") from None
+
+
+def _hf_tokenizer_files(tok) -> dict[str, str]:
+    """Files (name -> text) with which ``AutoTokenizer.from_pretrained`` alone encodes a prompt as
+    jaxalign does, ``[BOS] + encode(text)`` (no EOS), and knows the special tokens.
+
+    SentencePiece: a ``tokenizer_config.json`` for ``LlamaTokenizer``, whose ``add_bos_token``
+    / ``add_eos_token`` set the BOS handling and whose ``add_prefix_space`` mirrors the model's
+    ``add_dummy_prefix``. ``tokenizer.json``: transformers 5 ignores ``add_bos_token`` when a
+    ``tokenizer.json`` is present, so the BOS handling goes into that file's post-processor
+    (rewritten as ``[BOS] $A``, or ``$A`` without a BOS), with a ``tokenizer_config.json`` for
+    ``PreTrainedTokenizerFast`` naming the special tokens.
+    """
+    from jaxalign.data.tokenizers import SentencePieceTokenizer
+
+    if isinstance(tok, SentencePieceTokenizer):
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=tok.path)
+        token = sp.id_to_piece
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            "add_bos_token": tok.bos_id >= 0,
+            "add_eos_token": False,
+            # add_dummy_prefix on: "a" encodes to "▁a" (or "▁", "a").
+            "add_prefix_space": sp.encode("a", out_type=str)[0].startswith("▁"),
+            "unk_token": token(sp.unk_id()),
+        }
+        files = {}
+    else:
+        import tokenizers
+
+        backend = tokenizers.Tokenizer.from_file(tok.path)
+        token = backend.id_to_token
+        bos = [(token(tok.bos_id), tok.bos_id)] if tok.bos_id >= 0 else []
+        first = f"{bos[0][0]}:0 " if bos else ""
+        second = f"{bos[0][0]}:1 " if bos else ""
+        backend.post_processor = tokenizers.processors.TemplateProcessing(
+            single=f"{first}$A:0", pair=f"{first}$A:0 {second}$B:1", special_tokens=bos
+        )
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        files = {"tokenizer.json": backend.to_str(pretty=True)}
+    config |= {
+        "bos_token": token(tok.bos_id) if tok.bos_id >= 0 else None,
+        "eos_token": token(tok.eos_id),
+        "pad_token": token(tok.pad_id),
+        "clean_up_tokenization_spaces": False,
+    }
+    return files | {"tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False)}
+
+
+def _write_json(file: pathlib.Path, value: dict) -> None:
+    file.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 def save_hf(
@@ -694,17 +990,23 @@ def save_hf(
     architecture: str | None = None,
     overwrite: bool = False,
 ) -> pathlib.Path:
-    """Writes a complete Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads.
+    """Writes a complete Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` and
+    ``AutoTokenizer.from_pretrained`` load with no further arguments.
 
     Contents: safetensors weights (sharded above ``max_shard_size``, with
     ``model.safetensors.index.json``), ``config.json``, ``generation_config.json`` and, when
-    ``tokenizer`` is a tokenizer file or a directory (e.g. the original HF model directory), its
-    tokenizer files; special token ids come from that directory's generation_config.json or
-    config.json. ``dtype``: stored dtype (default: the params' dtype). ``architecture``: the HF
-    class to write (default inferred from the config, see ``family_for``). The directory is built
-    under a temporary sibling name and renamed into place, so a failure leaves nothing behind; an
-    existing ``path`` is an error unless ``overwrite``. In multi-host runs every process must call
-    this (params are gathered); only process 0 writes.
+    ``tokenizer`` is a tokenizer file (SentencePiece ``.model`` or ``tokenizer.json``) or a
+    directory (e.g. the original HF model directory), its tokenizer files. The special token ids
+    (``bos_token_id``, ``eos_token_id``, ``pad_token_id``; in both config files, so ``generate``
+    stops at EOS) come from that directory's generation_config.json or config.json, else from the
+    tokenizer itself; when the source has no ``tokenizer_config.json`` one is written so that the
+    exported tokenizer adds BOS exactly as jaxalign's pipelines do (see `_tokenizer_config`).
+    ``dtype``: stored dtype (default: the params' dtype). ``architecture``: the HF class to write
+    (default inferred from the config, see ``family_for``). The directory is built under a
+    temporary sibling name and renamed into place, so a failure leaves nothing behind; files and
+    directory get the modes the process umask gives. An existing ``path`` is an error unless
+    ``overwrite``. In multi-host runs every process must call this (params are gathered); only
+    process 0 writes.
     """
     path = pathlib.Path(path).absolute()
     family = family_for(config, architecture)
@@ -714,27 +1016,35 @@ def save_hf(
         dtype = params["embed"]["embedding"].dtype
     dtype = _resolve_dtype(dtype, "save_hf")
     limit = _parse_size(max_shard_size)
-    token_files = _tokenizer_sources(tokenizer) if tokenizer is not None else []
     if path.exists() and not overwrite:
-        raise CheckpointError(f"{path}: already exists (pass overwrite=True to replace it)")
+        raise CheckpointError(
+            f"{path}: already exists (replace it with --overwrite, or overwrite=True in Python)"
+        )
+    export = _tokenizer_export(tokenizer) if tokenizer is not None else None
     writer = jax.process_index() == 0
     if not writer:  # take part in the gathers only
         for _ in _hf_tensors(config, params, entries, _DTYPES[dtype]):
             pass
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # mode 0o777 minus the umask
     try:
         _write_weights(tmp, config, params, entries, _DTYPES[dtype], limit)
+        generation = export.generation if export is not None else {}
         hf_config = config_to_hf(config, family, dtype)
-        generation = _generation_config(tokenizer)
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if key in generation:
-                hf_config[key] = generation[key]
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        for file in token_files:
-            shutil.copy2(file, tmp / file.name)
+        hf_config |= {k: generation[k] for k in SPECIAL_ID_KEYS if k in generation}
+        _write_json(tmp / "config.json", hf_config)
+        _write_json(tmp / "generation_config.json", generation)
+        if export is not None:
+            for name, file in export.copies.items():
+                shutil.copyfile(file, tmp / name)
+            for name, text in export.writes.items():
+                (tmp / name).write_text(text + "\n")
+        # safetensors creates its files 0o600; give every file the umask's mode, as open() would.
+        file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666
+        for file in tmp.iterdir():
+            file.chmod(file_mode)
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             os.replace(path, old)

@@ -40,11 +40,41 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict, con
     )
 
 
+def _path(keys) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keys)
+
+
+def check_params(item: pathlib.Path, abstract_params: Any) -> None:
+    """Compare the parameter shapes saved in a checkpoint item with the ones a model needs; a
+    missing tensor or another shape is a CheckpointError naming the tensor (instead of Orbax's
+    traceback from inside the restore)."""
+    try:
+        saved = ocp.PyTreeCheckpointHandler().metadata(item).tree
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{item}: unreadable checkpoint metadata ({e})") from None
+    saved = dict(jax.tree_util.tree_flatten_with_path(saved.get("params", {}))[0])
+    saved = {_path(k): v for k, v in saved.items()}
+    for keys, want in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+        name = _path(keys)
+        have = saved.get(name)
+        if have is None:
+            raise CheckpointError(
+                f"{item}: holds no tensor params/{name} (the model needs shape {tuple(want.shape)})"
+                "; is it a checkpoint of this architecture?"
+            )
+        if tuple(have.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"{item}: params/{name} has shape {tuple(have.shape)} but the model needs "
+                f"{tuple(want.shape)}; is it a checkpoint of this architecture?"
+            )
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
     """Restore `(state, data_state)` at `step` (default: latest) into the abstract shardings."""
     step = manager.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"{manager.directory}: no checkpoint to restore")
+    check_params(pathlib.Path(manager.directory) / str(step) / "state", abstract_state["params"])
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
@@ -80,6 +110,7 @@ def load_params(workdir, abstract_params: Any) -> Any:
     manager, step = open_latest(workdir)
     manager.close()
     item = checkpoint_dir(workdir) / str(step) / "state"
+    check_params(item, abstract_params)
     target = {"params": abstract_params}
     restore_args = jax.tree.map(
         lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),

@@ -1,9 +1,11 @@
 """jaxalign.data: tokenizers, templates, JSONL sources, record formats and Grain batch pipelines.
 
-Batch layout and pipeline semantics: `jaxalign.data.pipeline`. Record formats and the truncation
+Batch layout: `jaxalign.data.layout`; pipeline semantics: `jaxalign.data.pipeline`; which
+pipeline reads a `BatchSpec`: `jaxalign.data.batches`. Record formats and the truncation
 policy: `jaxalign.data.formats`. The bundled demo task: `jaxalign.data.demo_task`.
 """
 
+from jaxalign.data.batches import WithRetain, make_batches
 from jaxalign.data.errors import DataError, RecordError
 from jaxalign.data.formats import (
     encode_prompt,
@@ -13,6 +15,7 @@ from jaxalign.data.formats import (
     parse_unpaired,
     tokenize_example,
 )
+from jaxalign.data.layout import CACHE_FIELDS, BatchSpec
 from jaxalign.data.pipeline import (
     BatchIterator,
     Prefetch,
@@ -24,7 +27,6 @@ from jaxalign.data.pipeline import (
     make_unpaired_pipeline,
 )
 from jaxalign.data.ref_cache import (
-    CACHE_FIELDS,
     load_ref_cache,
     make_ref_join,
     record_key,
@@ -39,6 +41,7 @@ __all__ = [
     "CACHE_FIELDS",
     "TEMPLATES",
     "BatchIterator",
+    "BatchSpec",
     "DataError",
     "HFTokenizer",
     "JsonlSource",
@@ -47,12 +50,14 @@ __all__ = [
     "RecordError",
     "SentencePieceTokenizer",
     "Template",
+    "WithRetain",
     "Tokenizer",
     "default_length_buckets",
     "encode_prompt",
     "get_template",
     "load_ref_cache",
     "load_tokenizer",
+    "make_batches",
     "make_pair_pipeline",
     "make_prompt_pipeline",
     "make_ref_join",

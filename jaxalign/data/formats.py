@@ -205,9 +205,9 @@ def tokenize_example(
     max_len: int,
     max_prompt_len: int,
     add_bos: bool = True,
-) -> tuple[np.ndarray, int]:
-    """``(ids int32 [n + 1], prompt_len)`` for one sequence, truncated by the policy in the module
-    doc.
+) -> tuple[np.ndarray, int, bool]:
+    """``(ids int32 [n + 1], prompt_len, truncated)`` for one sequence, truncated by the policy in
+    the module doc (``truncated``: the prompt or the response was cut).
     """
     if not 0 < max_prompt_len < max_len:
         raise ValueError(f"need 0 < max_prompt_len < max_len, got {max_prompt_len}, {max_len}")
@@ -217,5 +217,16 @@ def tokenize_example(
     resp = tokenizer.encode(template.render_response(response))
     if not resp or resp[-1] != tokenizer.eos_id:
         resp = resp + [tokenizer.eos_id]
-    resp = resp[: max_len + 1 - len(prompt)]
-    return np.asarray(prompt + resp, dtype=np.int32), len(prompt)
+    room = max_len + 1 - len(prompt)
+    # A full prompt has max_prompt_len tokens only when it was cut or fits exactly; re-encode
+    # only then to tell the two apart.
+    prompt_cut = (
+        len(prompt) == max_prompt_len
+        and len(
+            encode_prompt(
+                tokenizer, template, messages, system, max_prompt_len=1 << 30, add_bos=add_bos
+            )
+        )
+        > max_prompt_len
+    )
+    return np.asarray(prompt + resp[:room], np.int32), len(prompt), prompt_cut or len(resp) > room

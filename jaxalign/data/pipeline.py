@@ -5,24 +5,13 @@ Pipeline (DESIGN.md decision 6): `JsonlSource` (validated records) -> per-host s
 ``repeat(num_epochs)`` -> ``map(tokenise + template + truncate)`` (all `grain.MapDataset`) ->
 `BatchIterator` (pad to a length bucket, or first-fit packing) -> batch dict of NumPy arrays.
 
-Batch layout (rows R, length T, sequences S; see /tmp/CONTRACTS.md "Data"):
+Batch layout: `jaxalign.data.layout` (every key, its dimensions and dtype). Sequences:
 
-    tokens      int32   [R, T]  input ids (pad_id on padding)
-    targets     int32   [R, T]  next-token ids (pad_id on padding)
-    loss_mask   float32 [R, T]  1 where the target is a response token (response text + EOS)
-    positions   int32   [R, T]  0, 1, ... restarting for each sequence (0 on padding)
-    segment_ids int32   [R, T]  1, 2, ... per sequence within a row, 0 = padding
-    seq_index   int32   [R, T]  sequence of the batch the token belongs to (0..S-1), -1 = padding
-    example_mask float32 [S] (SFT, unpaired) or [P] (pairs): 1 for real examples, 0 for empty slots
-    labels      float32 [S]   (unpaired only) 1.0 desirable, 0.0 undesirable
-    <extra>     float32 [P] or [S]  each name in ``extra_fields`` (e.g. "margin"), 0 on empty slots;
-                float32 [P, M] for a field whose records hold a list of M numbers
-
-- SFT / unpaired: S = batch_size; sequence i is example i.
-- Pairs: P = batch_size pairs, S = 2P; sequence i is the chosen response of pair i and sequence P +
+- SFT / unpaired: B = E = batch_size; sequence i is example i.
+- Pairs: P = batch_size pairs, B = 2P; sequence i is the chosen response of pair i and sequence P +
   i the rejected one. A sequence's log-prob is ``segment_sum(token_logps * loss_mask, seq_index,
-  S)``.
-- Unpaired with ``kl_sequences=True`` (KTO's KL baseline): S = 2B; sequence B + i is example i's
+  B)``.
+- Unpaired with ``kl_sequences=True`` (KTO's KL baseline): B = 2E; sequence E + i is example i's
   prompt followed by the completion of the *next* example of the data order (the previous one for
   the last example of finite data), cut to max_len like any sequence: the mismatched pairs
   (x_i, y_j) whose log-ratios estimate KL (Ethayarajh et al., 2024; TRL shifts completions within
@@ -31,12 +20,12 @@ Batch layout (rows R, length T, sequences S; see /tmp/CONTRACTS.md "Data"):
   token), e.g. the joint preference objective (DOVE / JPO ``joint=True``) where logp counts the
   prompt.
 
-Shapes. Pad mode (``pack=False``): one sequence per row, row r = sequence r (R = S), and T = the
+Shapes. Pad mode (``pack=False``): one sequence per row, row r = sequence r (R = B), and T = the
 smallest length bucket >= the longest sequence of the batch (``length_buckets``, default powers of
 two from 16 plus ``max_len``), so jit compiles once per bucket. Pack mode (``pack=True``): R =
 ``pack_rows`` rows of T = ``max_len``, always the same shape; examples are taken in order and each
 sequence goes into the first row with room (first-fit); the batch ends when the next example does
-not fit or all S slots are used, and that example starts the next batch (nothing is dropped; empty
+not fit or all B slots are used, and that example starts the next batch (nothing is dropped; empty
 slots have example_mask 0). A pair is placed only if both its sequences fit.
 
 Determinism and resumption. The order depends only on (seed, data, process_index, process_count),
@@ -65,7 +54,8 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from jaxalign.data import formats
+from jaxalign.data import formats, layout
+from jaxalign.data.errors import DataError
 from jaxalign.data.sources import JsonlSource, RecordTransform
 from jaxalign.data.templates import Template, get_template
 from jaxalign.data.tokenizers import Tokenizer, load_tokenizer
@@ -91,9 +81,11 @@ def _tokenize(
     max_prompt_len: int,
     add_bos: bool,
 ) -> dict:
-    """Normalised example -> {"seqs": [(ids, prompt_len), ...], **scalar fields}."""
-    seqs = [
-        formats.tokenize_example(
+    """Normalised example -> {"seqs": [(ids, prompt_len), ...], "truncated": bool, **scalar
+    fields}."""
+    seqs, truncated = [], False
+    for r in example["responses"]:
+        ids, prompt_len, cut = formats.tokenize_example(
             tokenizer,
             template,
             example["messages"],
@@ -103,11 +95,10 @@ def _tokenize(
             max_prompt_len=max_prompt_len,
             add_bos=add_bos,
         )
-        for r in example["responses"]
-    ]
+        seqs.append((ids, prompt_len))
+        truncated |= cut
     out = {k: v for k, v in example.items() if k not in ("messages", "system", "responses")}
-    out["seqs"] = seqs
-    return out
+    return out | {"seqs": seqs, "truncated": truncated}
 
 
 class _ResumableIterator:
@@ -198,6 +189,9 @@ class BatchIterator(_ResumableIterator):
         self.pad_id = pad_id
         self.extra_fields = tuple(extra_fields)
         self.num_examples = num_examples
+        # Examples whose prompt or response was cut to max_prompt_len / max_len, counted as
+        # batches are built (this iterator's lifetime, not saved).
+        self.num_truncated = 0
         self._seqs_per_example = 2 if kind == "pair" or kl_sequences else 1
         self.num_sequences = batch_size * self._seqs_per_example
 
@@ -241,48 +235,33 @@ class BatchIterator(_ResumableIterator):
             longest = max(len(p[3]) - 1 for p in placed)
             T = next(b for b in self.length_buckets if b >= longest)
         self._next += len(examples)
+        self.num_truncated += sum(ex["truncated"] for ex in examples)
         return self._assemble(examples, placed, rows, T)
 
     def _assemble(
         self, examples: list[dict], placed: list, R: int, T: int
     ) -> dict[str, np.ndarray]:
-        tokens = np.full((R, T), self.pad_id, np.int32)
-        targets = np.full((R, T), self.pad_id, np.int32)
-        loss_mask = np.zeros((R, T), np.float32)
-        positions = np.zeros((R, T), np.int32)
-        segment_ids = np.zeros((R, T), np.int32)
-        seq_index = np.full((R, T), -1, np.int32)
+        batch = layout.row_arrays(R, T, self.pad_id)
         n_segments = np.zeros(R, np.int32)
         for slot, row, off, ids, plen in placed:
             n = len(ids) - 1
             s = slice(off, off + n)
-            tokens[row, s] = ids[:-1]
-            targets[row, s] = ids[1:]
+            batch["tokens"][row, s] = ids[:-1]
+            batch["targets"][row, s] = ids[1:]
             # target k is ids[k + 1]: a response token iff k + 1 >= prompt_len
-            loss_mask[row, s] = np.arange(n) >= (0 if self.train_on_prompt else plen - 1)
-            positions[row, s] = np.arange(n)
+            batch["loss_mask"][row, s] = np.arange(n) >= (0 if self.train_on_prompt else plen - 1)
+            batch["positions"][row, s] = np.arange(n)
             n_segments[row] += 1
-            segment_ids[row, s] = n_segments[row]
-            seq_index[row, s] = slot
-        B = self.batch_size
-        example_mask = np.zeros(B, np.float32)
-        example_mask[: len(examples)] = 1.0
-        batch = {
-            "tokens": tokens,
-            "targets": targets,
-            "loss_mask": loss_mask,
-            "positions": positions,
-            "segment_ids": segment_ids,
-            "seq_index": seq_index,
-            "example_mask": example_mask,
-        }
-        fields = self.extra_fields + (("label",) if self.kind == "unpaired" else ())
-        for f in fields:
-            values = np.asarray([ex[f] for ex in examples], np.float32)
-            arr = np.zeros((B, *values.shape[1:]), np.float32)
-            arr[: len(examples)] = values
-            batch["labels" if f == "label" else f] = arr
-        return batch
+            batch["segment_ids"][row, s] = n_segments[row]
+            batch["seq_index"][row, s] = slot
+        # Record fields -> batch keys: every example is real (example_mask 1), unpaired records'
+        # "label" becomes `labels`, extra fields keep their names.
+        fields = {layout.EXAMPLE_MASK: None}
+        if self.kind == "unpaired":
+            fields[layout.LABELS] = "label"
+        fields |= {f: f for f in self.extra_fields}
+        values = [[1.0 if f is None else ex[f] for f in fields.values()] for ex in examples]
+        return batch | layout.example_arrays(values, tuple(fields), self.batch_size)
 
 
 def _index_dataset(
@@ -300,8 +279,9 @@ def _index_dataset(
     ds = grain.MapDataset.source(source)[process_index::process_count]
     num_examples = len(ds)
     if num_examples == 0:
-        raise ValueError(
-            f"{source.path}: no records for process {process_index} of {process_count}"
+        raise DataError(
+            f"{source.path}: {len(source)} records leave none for process {process_index} of "
+            f"{process_count} (each process reads its own slice)"
         )
     if shuffle:
         ds = ds.shuffle(seed=seed)
@@ -427,7 +407,7 @@ def make_sft_pipeline(
     num_epochs: int | None = None,
     train_on_prompt: bool = False,
 ) -> BatchIterator:
-    """SFT batches: S = batch_size sequences, sequence i is example i; loss on the completion.
+    """SFT batches: B = batch_size sequences, sequence i is example i; loss on the completion.
 
     Args:
       path: JSONL file (record formats in `jaxalign.data.formats`).
@@ -438,7 +418,7 @@ def make_sft_pipeline(
       max_prompt_len: prompt tokens kept (BOS included), cut from the left; default max_len // 2.
       pack: first-fit packing into `pack_rows` rows of max_len; False: one sequence per row, padded
         to a length bucket.
-      pack_rows: rows R of a packed batch; default max(1, S // 2).
+      pack_rows: rows R of a packed batch; default max(1, B // 2).
       length_buckets: pad-mode row lengths; default powers of two from 16, plus max_len.
       seed: shuffle seed (a new permutation each epoch).
       shuffle: False keeps file order (evaluation).
@@ -480,7 +460,7 @@ def make_pair_pipeline(
     num_epochs: int | None = None,
     train_on_prompt: bool = False,
 ) -> BatchIterator:
-    """Preference-pair batches: P = batch_size pairs, S = 2P sequences.
+    """Preference-pair batches: P = batch_size pairs, B = 2P sequences.
 
     Sequence i is the chosen response of pair i, sequence P + i the rejected one; ``example_mask``
     and each ``extra_fields`` array (e.g. "margin") are [P]. Arguments as in `make_sft_pipeline`,
@@ -513,9 +493,9 @@ def make_unpaired_pipeline(
     train_on_prompt: bool = False,
     kl_sequences: bool = False,
 ) -> BatchIterator:
-    """Unpaired (KTO-style) batches: S = batch_size sequences, sequence i is example i.
+    """Unpaired (KTO-style) batches: B = batch_size sequences, sequence i is example i.
 
-    Adds ``labels`` float32 [S] (1.0 desirable, 0.0 undesirable, 0.0 on empty slots). Arguments as
+    Adds ``labels`` float32 [B] (1.0 desirable, 0.0 undesirable, 0.0 on empty slots). Arguments as
     in `make_sft_pipeline`; ``kl_sequences=True`` adds the mismatched (prompt_i, completion_j)
     sequences B + i for KTO's KL baseline (module doc), and then a packed example places only if
     both its sequences fit.
@@ -537,10 +517,14 @@ def _encode_prompt_example(
         template,
         example["messages"],
         example["system"],
-        max_prompt_len=max_prompt_len,
+        max_prompt_len=max_prompt_len + 1,  # one more: a cut prompt shows itself
         add_bos=add_bos,
     )
-    return {"ids": np.asarray(ids, np.int32), "record": example["record"]}
+    truncated = len(ids) > max_prompt_len
+    if truncated:  # cut from the left, BOS kept
+        bos = 1 if add_bos and tokenizer.bos_id >= 0 else 0
+        ids = ids[:bos] + ids[bos + 1 :]
+    return {"ids": np.asarray(ids, np.int32), "record": example["record"], "truncated": truncated}
 
 
 class PromptIterator(_ResumableIterator):
@@ -576,6 +560,7 @@ class PromptIterator(_ResumableIterator):
         self.length_buckets = tuple(sorted(length_buckets))
         self.pad_id = pad_id
         self.num_examples = num_examples
+        self.num_truncated = 0  # prompts cut to max_prompt_len, counted as batches are built
 
     def __next__(self) -> dict:
         if self._next >= self._len:
@@ -583,6 +568,7 @@ class PromptIterator(_ResumableIterator):
         n = min(self.batch_size, self._len - self._next)
         examples = [self._ds[self._next + j] for j in range(n)]
         self._next += n
+        self.num_truncated += sum(ex["truncated"] for ex in examples)
         B = self.batch_size
         lengths = np.zeros(B, np.int32)
         lengths[:n] = [len(ex["ids"]) for ex in examples]
@@ -752,3 +738,7 @@ class Prefetch:
     @property
     def num_bad_records(self) -> int:
         return self.iterator.num_bad_records
+
+    @property
+    def num_truncated(self) -> int:
+        return self.iterator.num_truncated

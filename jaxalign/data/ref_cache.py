@@ -33,14 +33,9 @@ import tempfile
 from collections.abc import Iterable
 
 from jaxalign.data.errors import DataError, RecordError
+from jaxalign.data.layout import CACHE_FIELDS
 
 FORMAT = "jaxalign-ref-cache/1"
-CACHE_FIELDS = (
-    "ref_chosen_logps",
-    "ref_rejected_logps",
-    "ref_chosen_prefix_logps",
-    "ref_rejected_prefix_logps",
-)
 
 
 def record_key(record: dict) -> str:

@@ -56,6 +56,8 @@ class JsonlSource:
         self.bad_record_messages: list[str] = []
         if not os.path.exists(self.path):
             raise DataError(f"{self.path}: file not found")
+        if os.path.isdir(self.path):
+            raise DataError(f"{self.path}: is a directory (expected a JSONL file)")
         # compact int64 arrays: a few bytes per record even for files with millions of lines
         offsets, lengths, subs, lines = (array.array("q") for _ in range(4))
         offset = 0
@@ -83,6 +85,13 @@ class JsonlSource:
         self._subs = np.asarray(subs, np.int64)
         self._lines = np.asarray(lines, np.int64)
         self._fd: int | None = None
+        if not len(self._offsets):
+            why = (
+                f"all {self.num_bad_records} malformed, skipped"
+                if self.num_bad_records
+                else "empty"
+            )
+            raise DataError(f"{self.path}: no records ({why})")
 
     def _records(self, line: bytes, line_no: int) -> list[dict]:
         """Decode, transform and parse one line; raises DataError naming file and line."""

@@ -5,10 +5,12 @@ materialises ``[N, V]`` logits, and Pallas kernels for TPU and GPU. See
 ``jaxalign.kernels.logprob`` and ``jaxalign.kernels.kl``.
 """
 
+from jaxalign.kernels._dispatch import FALLBACK_ORDER
 from jaxalign.kernels.kl import KL_CLAMP, LOG_RATIO_CLAMP, kl_k1, kl_k2, kl_k3, token_kl
 from jaxalign.kernels.logprob import sharded_token_logprobs, token_logprobs
 
 __all__ = [
+    "FALLBACK_ORDER",
     "KL_CLAMP",
     "LOG_RATIO_CLAMP",
     "kl_k1",

@@ -1,5 +1,19 @@
-"""Alignment losses: pure functions of sequence log-probs returning ``(loss [B], metrics)``."""
+"""Alignment losses: pure functions of sequence log-probs returning ``(loss [B], metrics)``, and
+the token-level policy-gradient losses of online RL (``jaxalign.losses.policy``, not in the
+registry: they return a token loss ``[B, T]``)."""
 
+from jaxalign.losses import policy
+from jaxalign.losses.policy import (
+    AGGREGATIONS,
+    aggregate,
+    clipped_policy_loss,
+    gspo_policy_loss,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    truncated_importance_weights,
+    value_loss,
+)
 from jaxalign.losses.preference import (
     aot,
     aot_unpaired,
@@ -45,9 +59,11 @@ from jaxalign.losses.sft import sft
 from jaxalign.losses.unpaired import bco, kto, npo
 
 __all__ = [
+    "AGGREGATIONS",
     "Bound",
     "LOSSES",
     "Mix",
+    "aggregate",
     "aot",
     "aot_unpaired",
     "apo_down",
@@ -57,16 +73,21 @@ __all__ = [
     "bind",
     "bradley_terry",
     "call",
+    "clipped_policy_loss",
     "cpo",
     "discopop",
     "dpo",
     "exo_pair",
     "f_dpo",
     "get",
+    "gspo_policy_loss",
     "hinge",
     "hyperparameters",
     "inputs",
     "ipo",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
     "kto",
     "ld_dpo",
     "logo",
@@ -80,6 +101,7 @@ __all__ = [
     "needs_reference",
     "npo",
     "orpo",
+    "policy",
     "required_inputs",
     "robust",
     "rpo",
@@ -87,5 +109,7 @@ __all__ = [
     "sigmoid_norm",
     "simpo",
     "sppo_hard",
+    "truncated_importance_weights",
+    "value_loss",
     "wpo_weights",
 ]

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5/3) as Flax NNX modules + functional face.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5/3, Gemma 2/3) as Flax NNX modules +
+functional face.
 
 Params are a plain nested dict with layers stacked on a leading axis L:
 
@@ -9,15 +10,17 @@ Params are a plain nested dict with layers stacked on a leading axis L:
                          "v_proj": {"kernel": [L, D, K, H], "bias": [L, K, H] (qkv_bias)},
                          "o_proj": {"kernel": [L, N, H, D]},
                          "q_norm": {"scale": [L, H]}, "k_norm": {"scale": [L, H]} (qk_norm)},
+                "attn_post_norm": {"scale": [L, D]} (post_norms),
                 "mlp_norm": {"scale": [L, D]},
                 "mlp": {"gate_proj": {"kernel": [L, D, F]}, "up_proj": {"kernel": [L, D, F]},
-                        "down_proj": {"kernel": [L, F, D]}}},
+                        "down_proj": {"kernel": [L, F, D]}},
+                "mlp_post_norm": {"scale": [L, D]} (post_norms)},
      "final_norm": {"scale": [D]},
      "unembed": {"kernel": [D, V]}}   (absent when tie_embeddings)
 """
 
 from jaxalign.models.cache import forward_with_cache, init_cache
-from jaxalign.models.config import PRESETS, ModelConfig, RopeScaling, get_preset
+from jaxalign.models.config import PRESETS, ModelConfig, RopeScaling, get_preset, local_layers
 from jaxalign.models.functional import (
     Params,
     abstract_params,
@@ -29,7 +32,7 @@ from jaxalign.models.functional import (
     param_logical_axes,
     unembedding,
 )
-from jaxalign.models.rope import apply_rope, rope_inv_freq
+from jaxalign.models.rope import apply_rope, layer_inv_freq, rope_inv_freq
 from jaxalign.models.transformer import (
     MLP,
     Attention,
@@ -39,6 +42,7 @@ from jaxalign.models.transformer import (
     RMSNorm,
     Transformer,
     attention_mask,
+    softcapped_attention,
 )
 
 __all__ = [
@@ -62,9 +66,12 @@ __all__ = [
     "get_preset",
     "init_cache",
     "init_params",
+    "layer_inv_freq",
+    "local_layers",
     "logits",
     "param_count",
     "param_logical_axes",
     "rope_inv_freq",
+    "softcapped_attention",
     "unembedding",
 ]

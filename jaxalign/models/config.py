@@ -4,27 +4,40 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 REMAT_POLICIES = ("none", "full", "dots")
+ACTIVATIONS = ("silu", "gelu_tanh")
+ROPE_SCALING_TYPES = ("llama3", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3.1 ("llama3") RoPE frequency scaling.
+    """RoPE frequency scaling, Hugging Face ``rope_type`` "llama3" (default) or "linear".
 
-    Wavelengths longer than ``original_max_position_embeddings / low_freq_factor`` are divided by
-    ``factor``, shorter than ``original_max_position_embeddings / high_freq_factor`` are kept, and
-    the band in between is interpolated smoothly (Meta, "The Llama 3 Herd of Models", 2024).
+    "llama3" (Llama 3.1): wavelengths longer than ``original_max_position_embeddings /
+    low_freq_factor`` are divided by ``factor``, shorter than ``original_max_position_embeddings /
+    high_freq_factor`` are kept, and the band in between is interpolated smoothly (Meta, "The
+    Llama 3 Herd of Models", 2024). "linear" (position interpolation, Chen et al. 2023; Gemma 3's
+    global layers): every frequency is divided by ``factor``; the other fields are unused.
     """
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_SCALING_TYPES:
+            raise ValueError(
+                f"RopeScaling.rope_type={self.rope_type!r}; expected one of {ROPE_SCALING_TYPES}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5/3).
+    """Architecture of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5/3, Gemma 2/3).
 
     Shape letters: V vocab_size, D d_model, L n_layers, N n_heads, K n_kv_heads, H head_dim,
     F d_ff. ``dtype`` is the compute (activation) dtype, ``param_dtype`` the storage dtype of the
@@ -32,6 +45,21 @@ class ModelConfig:
     the rematerialisation of the scanned layer body: "none", "full" (save nothing) or "dots" (save
     matmul outputs without batch dims:
     ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``).
+
+    Attention layers: with ``sliding_window`` W set, layer i is local (a query sees keys less than
+    W positions back) and the others global (full causal); ``sliding_window_pattern`` None makes
+    every layer local (Mistral), P makes every P-th layer global, i.e. layer i is local iff
+    ``(i + 1) % P != 0`` (Gemma 2: P = 2, Gemma 3: P = 6; ``local_layers`` gives the flags).
+    ``rope_local_theta`` gives local layers their own RoPE base without frequency scaling (Gemma 3's
+    ``rope_local_base_freq``); None: local layers use ``rope_theta`` and ``rope_scaling`` too.
+
+    Gemma options, all off by default: ``norm_plus_one`` (RMSNorm scales by ``1 + w``, weights
+    stored as Hugging Face stores them and initialised to 0), ``post_norms`` (an RMSNorm on the
+    attention and MLP outputs before each residual add), ``embed_scale`` (embeddings times
+    sqrt(D), the factor rounded to the compute dtype), ``activation`` "gelu_tanh" (GeGLU with the
+    tanh-approximate GELU), ``query_pre_attn_scalar`` s (attention logits scaled by ``s ** -0.5``
+    instead of ``H ** -0.5``), ``attn_logit_softcap`` and ``final_logit_softcap`` c (logits
+    z -> c * tanh(z / c); the final cap applies in ``logits`` and in the log-prob/KL kernels).
     """
 
     vocab_size: int
@@ -48,6 +76,15 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    sliding_window_pattern: int | None = None
+    rope_local_theta: float | None = None
+    norm_plus_one: bool = False
+    post_norms: bool = False
+    embed_scale: bool = False
+    activation: str = "silu"
+    query_pre_attn_scalar: int | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
     max_seq_len: int = 4096
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -65,10 +102,47 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.remat={self.remat!r}; expected one of {REMAT_POLICIES}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"ModelConfig.sliding_window={self.sliding_window}; expected >= 1")
+        if self.sliding_window_pattern is not None and (
+            self.sliding_window is None or self.sliding_window_pattern < 1
+        ):
+            raise ValueError(
+                f"ModelConfig.sliding_window_pattern={self.sliding_window_pattern}; expected an "
+                "integer >= 1 together with a sliding_window"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"ModelConfig.activation={self.activation!r}; expected one of {ACTIVATIONS}"
+            )
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"ModelConfig.{name}={value}; expected a positive number or None")
 
     def replace(self, **changes) -> ModelConfig:
         """Returns a copy with ``changes`` applied (e.g. ``dtype="bfloat16"``, ``remat="full"``)."""
         return dataclasses.replace(self, **changes)
+
+
+def local_layers(config: ModelConfig) -> np.ndarray:
+    """``[L]`` bool: which layers use the sliding window (see ``ModelConfig``)."""
+    if config.sliding_window is None:
+        return np.zeros(config.n_layers, bool)
+    if config.sliding_window_pattern is None:
+        return np.ones(config.n_layers, bool)
+    return (np.arange(config.n_layers) + 1) % config.sliding_window_pattern != 0
+
+
+def _gemma(**fields) -> ModelConfig:
+    """A Gemma 2/3 decoder: the options every Gemma shares, plus ``fields``."""
+    return ModelConfig(
+        norm_plus_one=True,
+        post_norms=True,
+        embed_scale=True,
+        activation="gelu_tanh",
+        tie_embeddings=True,
+        norm_eps=1e-6,
+        **fields,
+    )
 
 
 _LLAMA31_SCALING = RopeScaling(
@@ -112,6 +186,38 @@ PRESETS: dict[str, ModelConfig] = {
         rope_theta=1e6,
         norm_eps=1e-6,
         qk_norm=True,
+        max_seq_len=512,
+    ),
+    "tiny-gemma2": _gemma(
+        vocab_size=512,
+        d_model=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        d_ff=128,
+        query_pre_attn_scalar=24,
+        attn_logit_softcap=50.0,
+        final_logit_softcap=30.0,
+        sliding_window=4,
+        sliding_window_pattern=2,
+        max_seq_len=512,
+    ),
+    "tiny-gemma3": _gemma(
+        vocab_size=512,
+        d_model=64,
+        n_layers=6,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        d_ff=128,
+        qk_norm=True,
+        query_pre_attn_scalar=24,
+        rope_theta=1e6,
+        rope_scaling=RopeScaling(factor=8.0, rope_type="linear"),
+        rope_local_theta=10000.0,
+        sliding_window=4,
+        sliding_window_pattern=3,
         max_seq_len=512,
     ),
     # meta-llama/Llama-2-7b-hf
@@ -224,6 +330,73 @@ PRESETS: dict[str, ModelConfig] = {
         norm_eps=1e-6,
         qk_norm=True,
         max_seq_len=40960,
+    ),
+    # google/gemma-2-2b
+    "gemma2-2b": _gemma(
+        vocab_size=256000,
+        d_model=2304,
+        n_layers=26,
+        n_heads=8,
+        n_kv_heads=4,
+        head_dim=256,
+        d_ff=9216,
+        query_pre_attn_scalar=256,
+        attn_logit_softcap=50.0,
+        final_logit_softcap=30.0,
+        sliding_window=4096,
+        sliding_window_pattern=2,
+        max_seq_len=8192,
+    ),
+    # google/gemma-2-9b
+    "gemma2-9b": _gemma(
+        vocab_size=256000,
+        d_model=3584,
+        n_layers=42,
+        n_heads=16,
+        n_kv_heads=8,
+        head_dim=256,
+        d_ff=14336,
+        query_pre_attn_scalar=256,
+        attn_logit_softcap=50.0,
+        final_logit_softcap=30.0,
+        sliding_window=4096,
+        sliding_window_pattern=2,
+        max_seq_len=8192,
+    ),
+    # google/gemma-3-1b-pt
+    "gemma3-1b": _gemma(
+        vocab_size=262144,
+        d_model=1152,
+        n_layers=26,
+        n_heads=4,
+        n_kv_heads=1,
+        head_dim=256,
+        d_ff=6912,
+        qk_norm=True,
+        query_pre_attn_scalar=256,
+        rope_theta=1e6,
+        rope_local_theta=10000.0,
+        sliding_window=512,
+        sliding_window_pattern=6,
+        max_seq_len=32768,
+    ),
+    # google/gemma-3-4b-pt, the language model (text_config; the vision tower is not included)
+    "gemma3-4b": _gemma(
+        vocab_size=262208,
+        d_model=2560,
+        n_layers=34,
+        n_heads=8,
+        n_kv_heads=4,
+        head_dim=256,
+        d_ff=10240,
+        qk_norm=True,
+        query_pre_attn_scalar=256,
+        rope_theta=1e6,
+        rope_scaling=RopeScaling(factor=8.0, rope_type="linear"),
+        rope_local_theta=10000.0,
+        sliding_window=1024,
+        sliding_window_pattern=6,
+        max_seq_len=131072,
     ),
 }
 

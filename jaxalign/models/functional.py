@@ -35,7 +35,8 @@ def bind(config: ModelConfig, params: Params) -> Transformer:
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> Params:
-    """Random params: normal(0.02) kernels and embeddings, ones for norms, zeros for biases.
+    """Random params: normal(0.02) kernels and embeddings, ones for norms (zeros for the ``1 + w``
+    norms of ``norm_plus_one``), zeros for biases.
 
     Jittable with ``config`` static: ``jax.jit(init_params, static_argnums=0, out_shardings=...)``.
     """
@@ -71,10 +72,14 @@ def forward(
     tokens: Int[Array, "B T"],
     positions: Int[Array, "B T"] | None = None,
     segment_ids: Int[Array, "B T"] | None = None,
+    *,
+    mesh=None,
+    rules=None,
 ) -> Float[Array, "B T D"]:
     """Final-normed hidden states. ``positions`` default ``arange(T)``; ``segment_ids`` (0 =
-    padding) restrict attention to tokens of the same packed sequence."""
-    return bind(config, params)(tokens, positions, segment_ids)
+    padding) restrict attention to tokens of the same packed sequence. With sharding ``rules``
+    (and a ``mesh``) the activations are annotated with their logical axes (`Transformer`)."""
+    return bind(config, params)(tokens, positions, segment_ids, mesh=mesh, rules=rules)
 
 
 def unembedding(config: ModelConfig, params: Params) -> Float[Array, "D V"]:
@@ -87,8 +92,12 @@ def unembedding(config: ModelConfig, params: Params) -> Float[Array, "D V"]:
 def logits(
     config: ModelConfig, params: Params, hidden: Float[Array, "B T D"]
 ) -> Float[Array, "B T V"]:
-    """float32 logits ``hidden @ unembedding``; for sampling one step at a time, not training."""
+    """float32 logits ``z = hidden @ unembedding``, soft-capped to ``c * tanh(z / c)`` with
+    ``final_logit_softcap`` c; for sampling one step at a time, not training (the log-prob kernels
+    take the same cap)."""
     w = unembedding(config, params)
-    return jnp.einsum(
+    z = jnp.einsum(
         "btd,dv->btv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32
     )
+    cap = config.final_logit_softcap
+    return z if cap is None else cap * jnp.tanh(z / cap)

@@ -5,25 +5,37 @@ One block (Touvron et al., "LLaMA", 2023):
     h = x + Attn(RMSNorm(x)),   y = h + MLP(RMSNorm(h)),   MLP(x) = W_down(silu(W_gate x) * W_up x)
 
 Attention is grouped-query (Ainslie et al., "GQA", 2023): N query heads share K key/value heads.
-Options cover Mistral (sliding window), Qwen2 (q/k/v bias) and Qwen3 (RMSNorm over head_dim on q
-and k before RoPE). The L blocks are created with ``nnx.vmap`` so every layer parameter has a
-leading ``layers`` axis, and run with ``jax.lax.scan`` (compile time independent of L), the body
-optionally rematerialised with ``jax.checkpoint``.
+Options cover Mistral (sliding window), Qwen2 (q/k/v bias), Qwen3 (RMSNorm over head_dim on q
+and k before RoPE) and Gemma 2/3 (Gemma Team, 2024, 2025): RMSNorm scaling by ``1 + w``, norms
+after attention and MLP as well as before (``h = x + N(Attn(N(x)))``), embeddings times sqrt(D),
+GeGLU ``W_down(gelu_tanh(W_gate x) * W_up x)``, logits scaled by ``query_pre_attn_scalar ** -0.5``
+and soft-capped (``c * tanh(s / c)``), local sliding-window layers interleaved with global ones,
+each kind with its own RoPE base. The L blocks are created with ``nnx.vmap`` so every layer
+parameter has a leading ``layers`` axis, and run with ``jax.lax.scan`` (compile time independent
+of L), the body optionally rematerialised with ``jax.checkpoint``. What differs between layers
+(local or global mask, RoPE frequencies) is data scanned alongside the layer params, derived from
+the config at trace time (``local_layers``, ``layer_inv_freq``), never a parameter.
 
 Masking: a query attends to a key when the key is not later (causal), both carry the same
 segment id (packed sequences; 0 marks padding, which then only sees other padding, so no row of
-the mask is empty), and, with ``sliding_window`` W, ``pos_q - pos_k < W`` (Hugging Face Mistral).
+the mask is empty), and, in local layers with ``sliding_window`` W, ``pos_q - pos_k < W``
+(Hugging Face Mistral and Gemma).
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxalign.models.config import ModelConfig
-from jaxalign.models.rope import apply_rope, rope_inv_freq
+from jaxalign.models.config import ModelConfig, local_layers
+from jaxalign.models.rope import apply_rope, layer_inv_freq
+from jaxalign.sharding.rules import ShardingRules, with_logical_constraint
 
 INIT_STD = 0.02
 
@@ -43,19 +55,23 @@ def _param(
 
 
 class RMSNorm(nnx.Module):
-    """``y = x / sqrt(mean(x^2) + eps) * scale`` over the last axis, in float32 (Zhang & Sennrich,
-    "Root Mean Square Layer Normalization", 2019). ``scale`` is the HF Llama weight (init ones).
-    Computed in at least float32."""
+    """``y = x / sqrt(mean(x^2) + eps) * scale`` over the last axis (Zhang & Sennrich, "Root Mean
+    Square Layer Normalization", 2019). ``scale`` is the HF Llama weight (init ones); with
+    ``plus_one`` the factor is ``1 + scale`` (the HF Gemma weight, init zeros). Computed in at
+    least float32, cast back to the input dtype at the end (as HF Gemma does)."""
 
-    def __init__(self, dim: int, axis_name: str, eps: float, param_dtype):
+    def __init__(self, dim: int, axis_name: str, eps: float, param_dtype, plus_one: bool):
         self.eps = eps
-        self.scale = _param(None, (dim,), (axis_name,), param_dtype, "ones")
+        self.plus_one = plus_one
+        init = "zeros" if plus_one else "ones"
+        self.scale = _param(None, (dim,), (axis_name,), param_dtype, init)
 
     def __call__(self, x: Float[Array, "... X"]) -> Float[Array, "... X"]:
         compute = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 under x64
         xf = x.astype(compute)
         y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(compute)).astype(x.dtype)
+        scale = self.scale[...].astype(compute)
+        return (y * (1 + scale if self.plus_one else scale)).astype(x.dtype)
 
 
 class Dense(nnx.Module):
@@ -87,10 +103,13 @@ class Dense(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding table ``embedding [V, D]``."""
+    """Token embedding table ``embedding [V, D]``; with ``embed_scale`` the looked-up rows are
+    multiplied by sqrt(D) in the compute dtype, the factor first rounded to float32 and then to
+    that dtype (HF Gemma: sqrt(3072) = 55.43 becomes 55.5 in bfloat16)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.dtype = jnp.dtype(config.dtype)
+        self.scale = np.float32(math.sqrt(config.d_model)) if config.embed_scale else None
         self.embedding = _param(
             rngs,
             (config.vocab_size, config.d_model),
@@ -100,11 +119,13 @@ class Embed(nnx.Module):
         )
 
     def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
-        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        return x if self.scale is None else x * jnp.asarray(self.scale).astype(self.dtype)
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE, optional q/k/v bias and q/k RMSNorm."""
+    """Grouped-query self-attention with RoPE, optional q/k/v bias, q/k RMSNorm, query scaling
+    and logit soft-capping."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
@@ -126,14 +147,15 @@ class Attention(nnx.Module):
             rngs=rngs,
         )
         if c.qk_norm:
-            self.q_norm = RMSNorm(H, "head_dim", c.norm_eps, pdt)
-            self.k_norm = RMSNorm(H, "head_dim", c.norm_eps, pdt)
+            self.q_norm = RMSNorm(H, "head_dim", c.norm_eps, pdt, c.norm_plus_one)
+            self.k_norm = RMSNorm(H, "head_dim", c.norm_eps, pdt, c.norm_plus_one)
 
     def __call__(
         self,
         x: Float[Array, "B T D"],
         positions: Int[Array, "B T"],
         mask: Bool[Array, "B 1 T S"],
+        inv_freq: Float[Array, " H2"],
         kv_cache: tuple[Array, Array] | None = None,
         cache_index: Int[Array, ""] | None = None,
         layer: Int[Array, ""] | None = None,
@@ -142,12 +164,12 @@ class Attention(nnx.Module):
         k/v of the T new tokens are written into layer ``layer`` at slot ``cache_index`` and the
         queries attend over all S slots of that layer. Writing only the new slots into the
         stacked cache lets XLA update it in place inside the scan over layers (returning each
-        layer's cache as a scan output instead copies the whole cache on every decode step)."""
+        layer's cache as a scan output instead copies the whole cache on every decode step).
+        ``inv_freq`` are this layer's RoPE frequencies."""
         c = self.config
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         new_cache = None
         if kv_cache is not None:
@@ -157,16 +179,46 @@ class Attention(nnx.Module):
             cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
             new_cache = (cache_k, cache_v)
             k, v = cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype)
-        # Logits and softmax run in float32 inside dot_product_attention; K < N heads broadcast.
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
+        if c.attn_logit_softcap is None:
+            # Logits and softmax run in float32 in dot_product_attention; K < N heads broadcast.
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+        else:  # dot_product_attention has no soft-cap
+            scale = 1 / math.sqrt(c.head_dim) if scale is None else scale
+            y = softcapped_attention(q, k, v, mask, scale, c.attn_logit_softcap)
         return self.o_proj(y), new_cache
 
 
+def softcapped_attention(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K H"],
+    mask: Bool[Array, "B 1 T S"],
+    scale: float,
+    cap: float,
+) -> Float[Array, "B T N H"]:
+    """``softmax(mask(c * tanh(s q.k / c))) v`` with logits and softmax in float32 (Gemma 2).
+
+    Query head n uses key/value head ``n // (N / K)`` (HF ``repeat_kv``); masked logits are set to
+    the float32 minimum, as ``jax.nn.dot_product_attention`` does.
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, N // K, H)
+    s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    s = cap * jnp.tanh(s / cap)
+    s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(B, T, N, H)
+
+
 class MLP(nnx.Module):
-    """SwiGLU feed-forward (Shazeer, "GLU Variants Improve Transformer", 2020)."""
+    """SwiGLU or (``activation="gelu_tanh"``) GeGLU feed-forward (Shazeer, "GLU Variants Improve
+    Transformer", 2020); gelu_tanh(x) = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         dt, pdt = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+        self.gelu = config.activation == "gelu_tanh"
         D, F = config.d_model, config.d_ff
         kw = dict(use_bias=False, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.gate_proj = Dense((D,), (F,), ("embed",), ("mlp",), **kw)
@@ -174,23 +226,36 @@ class MLP(nnx.Module):
         self.down_proj = Dense((F,), (D,), ("mlp",), ("embed",), **kw)
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder block."""
+    """Pre-norm decoder block; with ``post_norms`` also normed after attention and MLP."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         pdt = jnp.dtype(config.param_dtype)
-        self.attn_norm = RMSNorm(config.d_model, "embed", config.norm_eps, pdt)
-        self.attn = Attention(config, rngs=rngs)
-        self.mlp_norm = RMSNorm(config.d_model, "embed", config.norm_eps, pdt)
-        self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, mask, kv_cache=None, cache_index=None, layer=None):
-        h, new_cache = self.attn(self.attn_norm(x), positions, mask, kv_cache, cache_index, layer)
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x)), new_cache
+        def norm():
+            return RMSNorm(config.d_model, "embed", config.norm_eps, pdt, config.norm_plus_one)
+
+        self.attn_norm = norm()
+        self.attn = Attention(config, rngs=rngs)
+        self.mlp_norm = norm()
+        self.mlp = MLP(config, rngs=rngs)
+        if config.post_norms:
+            self.attn_post_norm = norm()
+            self.mlp_post_norm = norm()
+        self.post_norms = config.post_norms
+
+    def __call__(self, x, positions, mask, inv_freq, kv_cache=None, cache_index=None, layer=None):
+        h, new_cache = self.attn(
+            self.attn_norm(x), positions, mask, inv_freq, kv_cache, cache_index, layer
+        )
+        x = x + (self.attn_post_norm(h) if self.post_norms else h)
+        h = self.mlp(self.mlp_norm(x))
+        return x + (self.mlp_post_norm(h) if self.post_norms else h), new_cache
 
 
 def attention_mask(
@@ -230,7 +295,11 @@ class Transformer(nnx.Module):
 
         self.layers = make_layers(rngs)
         self.final_norm = RMSNorm(
-            config.d_model, "embed", config.norm_eps, jnp.dtype(config.param_dtype)
+            config.d_model,
+            "embed",
+            config.norm_eps,
+            jnp.dtype(config.param_dtype),
+            config.norm_plus_one,
         )
         if not config.tie_embeddings:
             self.unembed = Dense(
@@ -255,34 +324,49 @@ class Transformer(nnx.Module):
         tokens: Int[Array, "B T"],
         positions: Int[Array, "B T"] | None = None,
         segment_ids: Int[Array, "B T"] | None = None,
+        *,
+        mesh: Mesh | None = None,
+        rules: ShardingRules | None = None,
     ) -> Float[Array, "B T D"]:
+        """With `rules`, the residual stream (after the embedding and after every block) is
+        constrained to its logical axes ("batch", "seq", "act_embed") on `mesh` (or the mesh set
+        with `jax.set_mesh`; none: no constraint)."""
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         slots = jnp.arange(T)
-        mask = attention_mask(
-            segment_ids,
-            segment_ids,
-            slots,
-            slots,
-            positions,
-            positions,
-            self.config.sliding_window,
-        )
+        masks = self._masks(segment_ids, segment_ids, slots, slots, positions, positions)
         graphdef, layer_state = nnx.split(self.layers)
 
-        def body(h, state):
-            h, _ = nnx.merge(graphdef, state)(h, positions, mask)
-            return h, None
+        def constrain(h):
+            if rules is None:
+                return h
+            return with_logical_constraint(h, ("batch", "seq", "act_embed"), rules, mesh)
+
+        def body(h, xs):
+            state, local, inv_freq = xs
+            mask = jnp.where(local, masks[1], masks[0])
+            h, _ = nnx.merge(graphdef, state)(h, positions, mask, inv_freq)
+            return constrain(h), None
 
         if self.config.remat != "none":
             body = jax.checkpoint(
                 body, policy=_REMAT_POLICIES[self.config.remat], prevent_cse=False
             )
-        h, _ = jax.lax.scan(body, self.embed(tokens), layer_state)
+        h, _ = jax.lax.scan(body, constrain(self.embed(tokens)), (layer_state, *self._layer_data()))
         return self.final_norm(h)
+
+    def _masks(self, *args) -> tuple[Bool[Array, "B 1 T S"], Bool[Array, "B 1 T S"]]:
+        """(global, local) masks from the ``attention_mask`` arguments (window aside)."""
+        full = attention_mask(*args, None)
+        window = self.config.sliding_window
+        return full, full if window is None else attention_mask(*args, window)
+
+    def _layer_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """Scanned per-layer data: ``[L]`` local flags and ``[L, H/2]`` RoPE frequencies."""
+        return local_layers(self.config), layer_inv_freq(self.config)
 
     def call_with_cache(
         self,
@@ -304,27 +388,30 @@ class Transformer(nnx.Module):
             cache["positions"], positions.astype(jnp.int32), start
         )
         S = cache_segments.shape[1]
-        mask = attention_mask(
+        masks = self._masks(
             segment_ids,
             cache_segments,
             index + jnp.arange(T),
             jnp.arange(S),
             positions,
             cache_positions,
-            self.config.sliding_window,
         )
         graphdef, layer_state = nnx.split(self.layers)
 
         def body(carry, xs):
             h, cache_k, cache_v = carry
-            state, layer = xs
+            state, local, inv_freq, layer = xs
+            mask = jnp.where(local, masks[1], masks[0])
             block = nnx.merge(graphdef, state)
-            h, (cache_k, cache_v) = block(h, positions, mask, (cache_k, cache_v), index, layer)
+            h, (cache_k, cache_v) = block(
+                h, positions, mask, inv_freq, (cache_k, cache_v), index, layer
+            )
             return (h, cache_k, cache_v), None
 
         layers = jnp.arange(cache["k"].shape[0])
         carry = (self.embed(tokens), cache["k"], cache["v"])
-        (h, k, v), _ = jax.lax.scan(body, carry, (layer_state, layers))
+        xs = (layer_state, *self._layer_data(), layers)
+        (h, k, v), _ = jax.lax.scan(body, carry, xs)
         new_cache = {
             "k": k,
             "v": v,

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from jaxalign import models as M
 from jaxalign.checkpoint import load_hf
 from jaxalign.checkpoint import manager as ckpt
-from jaxalign.checkpoint.convert import model_config_from_dict, read_config_record
+from jaxalign.checkpoint.convert import model_config_from_dict, read_record
 from jaxalign.data import load_tokenizer, make_prompt_pipeline
 from jaxalign.errors import ConfigError
 from jaxalign.sampling.best_of_n import best_of_n, get_reward
@@ -56,7 +56,7 @@ def load_model(spec: str) -> tuple[M.ModelConfig, M.Params, str | None, str | No
         has_tokenizer = any((pathlib.Path(where) / f).is_file() for f in _TOKENIZER_FILES)
         return config, params, where if has_tokenizer else None, None
     if kind == "checkpoint" and where:
-        record = read_config_record(where)
+        record = read_record(where)
         config = model_config_from_dict(record["model_config"])
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(

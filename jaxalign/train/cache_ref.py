@@ -32,7 +32,8 @@ from jaxalign.config import to_dict
 from jaxalign.data import JsonlSource, parse_pair, record_key
 from jaxalign.data.ref_cache import write_ref_cache
 from jaxalign.errors import ConfigError
-from jaxalign.train import loop, steps
+from jaxalign.train import families, objectives
+from jaxalign.train.run import init_params, setup
 
 
 def _key(record: dict, extra_fields: tuple[str, ...]) -> str:
@@ -40,33 +41,31 @@ def _key(record: dict, extra_fields: tuple[str, ...]) -> str:
     return record_key(record)
 
 
-def reference_logps(model_config, params, batch, implementation=None):
-    """Per pair ([P] x 4): chosen, rejected, chosen prefix, rejected prefix reference sums of one
-    global batch (leading micro-batch axis of size 1)."""
+def reference_logps(model_config, params, batch, *, mesh=None, implementation=None):
+    """Per pair ([P] x 4, the order of `CACHE_FIELDS`): chosen, rejected, chosen prefix, rejected
+    prefix reference sums of one global batch (leading micro-batch axis of size 1), by the
+    training objective's own `paired_logps`."""
     micro = jax.tree.map(lambda x: x[0], batch)
-    P = micro["example_mask"].shape[0]
-    index, total = steps.sequence_index(micro, 2 * P, 1)
-    mask = micro["loss_mask"]
-    lengths = steps.sequence_sums(mask, index, total)
-    prefix = steps.prefix_mask(mask, index, total, steps.pair_min_lengths(lengths, 1))
-    logps = steps.token_logps(model_config, params, micro, implementation)
-    full = steps.split_pairs(steps.sequence_sums(logps * mask, index, total), 1)
-    common = steps.split_pairs(steps.sequence_sums(logps * prefix, index, total), 1)
-    return (*full, *common)
+    sums = objectives.paired_logps(
+        model_config, params, micro, 1, with_prefix=True, mesh=mesh, impl=implementation
+    )
+    return (*sums["logps"], *sums["prefix_logps"])
 
 
 def cache_reference(config: ConfigDict, out: str) -> dict[str, int]:
     """Write the cache for `data.train` and `data.eval`; returns {split path: records}."""
     if jax.process_count() > 1:
         raise ConfigError("cache-ref runs on one process (it reads every record itself)")
-    if config.trainer != "dpo":
+    if not families.get(config.trainer).takes_ref_cache:
         raise ConfigError(f'cache-ref: trainer "{config.trainer}" takes no reference log-probs')
     plain = ConfigDict(to_dict(config))
     plain.data.ref_logps = ""
-    run = loop.setup(plain)
-    params = loop.init_params(plain, run.model_config, run.param_shardings)
+    run = setup(plain)
+    params = init_params(run)
     impl = None if config.logprob_impl == "auto" else config.logprob_impl
-    compute = jax.jit(functools.partial(reference_logps, run.model_config, implementation=impl))
+    compute = jax.jit(
+        functools.partial(reference_logps, run.model_config, mesh=run.mesh, implementation=impl)
+    )
     counts: dict[str, int] = {}
     key = functools.partial(_key, extra_fields=tuple(config.data.extra_fields))
 
@@ -75,9 +74,8 @@ def cache_reference(config: ConfigDict, out: str) -> dict[str, int]:
             keys = JsonlSource(path, key, skip_bad_records=config.data.skip_bad_records)
             # The pipeline's record order (`_index_dataset`): a permutation of (seed, length).
             order = grain.MapDataset.range(len(keys)).shuffle(seed=config.data.shuffle_seed)
-            pipeline = loop.make_pipeline(plain, run.tokenizer, path, train=False)
             start = 0
-            for batch in pipeline:
+            for batch in run.batches(path, train=False):
                 n = int(batch["example_mask"].sum())
                 values = jax.device_get(compute(params, run.global_batch([batch])))
                 for j in range(n):
@@ -85,5 +83,5 @@ def cache_reference(config: ConfigDict, out: str) -> dict[str, int]:
                 start += n
             counts[path] = start
 
-    write_ref_cache(out, entries(), loop.ref_cache_settings(config))
+    write_ref_cache(out, entries(), families.ref_cache_settings(config))
     return counts

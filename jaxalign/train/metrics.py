@@ -21,6 +21,9 @@ def _scalar(x) -> float:
 
 class MetricsWriter:
     def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, start_step: int = 0):
+        """Appends to WORKDIR/metrics.jsonl and TensorBoard; on a resumed run (`start_step` > 0)
+        TensorBoard drops the events after `start_step` that the interrupted run had written
+        (`jaxalign.train.workdir.trim_metrics` does the same for metrics.jsonl)."""
         self.active = jax.process_index() == 0
         self.workdir = pathlib.Path(workdir)
         self.bar = None
@@ -32,7 +35,9 @@ class MetricsWriter:
         self.jsonl = open(self.workdir / "metrics.jsonl", "a")
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        self.tb = SummaryWriter(
+            str(self.workdir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+        )
         self.bar = tqdm(
             total=total_steps,
             initial=start_step,
@@ -86,6 +91,10 @@ _SHOWN = {  # metric -> short label on the console
     "rewards/accuracy": "acc",
     "rewards/margin": "margin",
     "logps/accuracy": "logp_acc",
+    "reward": "reward",
+    "reward/greedy": "reward_greedy",
+    "reward/sampled": "reward_sampled",
+    "kl": "kl",
     "grad_norm": "gnorm",
     "learning_rate": "lr",
     "tokens_per_s": "tok/s",

@@ -27,6 +27,9 @@ def _decay_mask(params):
 
 
 def make_optimizer(opt: ConfigDict, steps: int) -> optax.GradientTransformation:
+    """AdamW (+ clipping); with `opt.skip_nonfinite` = k > 0 wrapped in `optax.apply_if_finite`:
+    an update whose gradients hold a NaN or Inf is skipped (params and moments unchanged), up to
+    k in a row."""
     chain = []
     if opt.clip_norm:
         chain.append(optax.clip_by_global_norm(opt.clip_norm))
@@ -40,4 +43,5 @@ def make_optimizer(opt: ConfigDict, steps: int) -> optax.GradientTransformation:
             mask=_decay_mask,
         )
     )
-    return optax.chain(*chain)
+    tx = optax.chain(*chain)
+    return optax.apply_if_finite(tx, opt.skip_nonfinite) if opt.skip_nonfinite else tx

@@ -1,7 +1,7 @@
 """Compile-only planning: `jaxalign train --config ... --compile_only [--topology v5p-64]`.
 
 Builds the run's shardings for the config's preset, mesh and sharding preset, lowers and compiles
-the real train step (`Setup.jit_train_step()`, donated state, explicit shardings) on abstract
+the real train step (`Run.jit_train_step()`, donated state, explicit shardings) on abstract
 inputs — `jax.ShapeDtypeStruct`s carrying their shardings, so no weight, optimizer slot or batch is
 ever allocated — and prints what XLA reports for one device: memory (`compiled.memory_analysis()`)
 and FLOPs (`compiled.cost_analysis()`), plus the parameter count and tokens per step.
@@ -9,12 +9,7 @@ and FLOPs (`compiled.cost_analysis()`), plus the parameter count and tokens per 
 Without `--topology` it compiles for this machine's devices (on CPU, e.g. the 8 fake devices of the
 tests). With `--topology` it compiles ahead of time for a TPU slice that is not here, through
 `jax.experimental.topologies.get_topology_desc`, which needs libtpu (`pip install 'jax[tpu]'`, the
-`[tpu]` extra) but no TPU. Topology names:
-
-    v5p-N, v4-N   N TensorCores, 2 per chip -> N/2 chips in the standard 3D slice shape:
-                  4 chips 2x2x1, 8 2x2x2, 16 2x2x4, 32 2x4x4, 64 4x4x4, 128 4x4x8, 256 4x8x8, ...
-                  (v5p-64 -> v5p:2x4x4, v5p-256 -> v5p:4x4x8)
-    KIND:AxBxC    passed to libtpu as is, e.g. "v5p:2x4x4", "v5e:4x4"
+`[tpu]` extra) but no TPU. Topology names: `jaxalign.sharding.topology`.
 
 FLOPs. The plan prints XLA's count, a count by hand (`analytic_flops`) and the model FLOPs
 (6N + 2N per token). XLA's cost analysis counts the body of a while loop once, whatever its trip
@@ -22,132 +17,75 @@ count, and jaxalign scans its layers (forward, backward and the reference forwar
 loop over the L layers), so `compiled.cost_analysis()["flops"]` alone undercounts by about L. The
 plan also compiles the same step for the same model with no layers (R0, everything outside the
 layer loops) and reports R0 + L (R_L - R0), the whole program for grad_accum = 1 (L >= 2). With
-grad_accum A > 1 the first micro-batch is unrolled and the rest is one more loop, also counted
-once, so the reported count is (A / 2) (R0 + L (R_L - R0)) (the optimizer update, < 0.1% of a
-step, is then counted A / 2 times instead of once). Measured on TPU v5p, XLA's count is 89-94%
+grad_accum A > 1 the micro-batches are one more loop around the model (traced once), also counted
+once, so the reported count is A (R0 + L (R_L - R0)) (the optimizer update, < 0.1% of a step, is
+then counted A times instead of once). Measured on TPU v5p, XLA's count is 89-94%
 of the count by hand, except for Llama 3.1 70B at 4 sequences per v5p chip (37%: the count
 matches the forward and reference loops alone, as if the compiler had restructured the backward
 loop into a form its cost analysis skips). Below the model FLOPs, a lower bound, the plan prints
 a warning.
 
-The abstract batch has the pipeline's shapes at their largest: pad mode [A, R, T] with A =
-`optimizer.grad_accum`, R = 2b rows for pairs (b for SFT), b = data.batch_size / A, T =
-data.max_len; pack mode R = max(1, b * seqs_per_example // 2) rows of T = max_len; per-example
-fields [A, b]. Rows are sharded exactly as `Setup.global_batch` shards them.
+The abstract batch has the pipeline's shapes at their largest, in the layout of the family's
+objective (`abstract_batch`, `jaxalign.data.layout`): every trainer family plans, with cached
+reference log-probs too; `data.extra_fields` (whose width is only known from the data) are
+refused. Rows are sharded exactly as `Run.global_batch` shards them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 from jaxalign import models, sharding
+from jaxalign.data import layout
 from jaxalign.errors import ConfigError
-
-_CORES_PER_CHIP = {"v4": 2, "v5p": 2}
-
-
-def _slice_shape_3d(chips: int) -> tuple[int, int, int]:
-    """Standard 3D torus shape of a v4/v5p slice with `chips` chips (a power of two >= 4)."""
-    if chips == 4:
-        return (2, 2, 1)
-    dims = [2, 2, 2]
-    while math.prod(dims) < chips:
-        smallest = min(dims)
-        dims[max(i for i, d in enumerate(dims) if d == smallest)] *= 2
-    return tuple(dims)
-
-
-def topology_name(topology: str) -> str:
-    """ "v5p-64" -> "v5p:2x4x4" (see the module docstring); "KIND:AxBxC" is returned as is."""
-    if ":" in topology:
-        return topology
-    m = re.fullmatch(r"(v4|v5p)-(\d+)", topology)
-    if m is None:
-        raise ConfigError(
-            f'--topology "{topology}": expected v5p-N or v4-N (N TensorCores), or KIND:AxBxC '
-            'such as "v5p:2x4x4"'
-        )
-    kind, cores = m.group(1), int(m.group(2))
-    chips = cores // _CORES_PER_CHIP[kind]
-    if cores % _CORES_PER_CHIP[kind] or chips < 4 or chips & (chips - 1):
-        raise ConfigError(
-            f'--topology "{topology}": N counts TensorCores (2 per chip) and a {kind} slice has '
-            f"a power-of-two number of chips >= 4: {kind}-8, {kind}-16, {kind}-32, ..."
-        )
-    dims = _slice_shape_3d(chips)
-    return f"{kind}:{'x'.join(map(str, dims))}"
-
-
-def topology_devices(topology: str) -> list:
-    """The devices of a TPU slice described by name, for ahead-of-time compilation (libtpu)."""
-    name = topology_name(topology)
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            f'--topology "{topology}" compiles for TPU ahead of time and needs libtpu, which is '
-            "not installed: pip install 'jax[tpu]' (jaxalign's [tpu] extra). Leave out --topology "
-            "to compile for this machine's devices."
-        ) from None
-    from jax.experimental import topologies
-
-    try:
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
-    except Exception as e:  # libtpu raises XlaRuntimeError/ValueError with its own message
-        raise ConfigError(f'--topology "{topology}" (libtpu topology "{name}"): {e}') from None
-    return list(desc.devices)
+from jaxalign.sharding.topology import topology_devices, topology_name
+from jaxalign.train.run import setup
 
 
 def abstract_batch(run) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of one train-step batch (leading micro-batch axis), sharded like
-    `run.global_batch` shards the real one."""
+    """ShapeDtypeStructs of one train-step batch (leading micro-batch axis) in the layout of the
+    run's objective (`jaxalign.data.layout`), sharded like `run.global_batch` shards the real one.
+    Shapes at their largest: pad mode R = B rows (B sequences), pack mode R = max(1, B // 2) rows,
+    T = data.max_len."""
     config = run.config
-    if config.trainer not in ("sft", "dpo") or config.data.ref_logps or config.data.extra_fields:
-        # Those batches carry more sequences or fields (KTO's mismatched pairs, cached reference
-        # log-probs, data fields); planning them from shapes alone is not supported yet.
+    spec = run.objective.batch
+    if config.data.extra_fields:
+        # A list-valued field's width M (e.g. modpo's margins) is not known without the data.
         raise ConfigError(
-            f"--compile_only plans the sft and dpo trainers without data.ref_logps or "
-            f"data.extra_fields; this config has trainer={config.trainer!r}"
+            "--compile_only cannot shape data.extra_fields "
+            f"{tuple(config.data.extra_fields)} without reading the data; plan without them"
         )
     accum = config.optimizer.grad_accum
-    b = config.data.batch_size // accum
-    per_example = 2 if config.trainer == "dpo" else 1
-    T = config.data.max_len
-    R = max(1, b * per_example // 2) if config.data.pack else b * per_example
+    examples = config.data.batch_size // accum
+    sequences = examples * spec.sequences_per_example
+    rows = max(1, sequences // 2) if config.data.pack else sequences
     shards = math.prod(run.mesh.shape[a] for a in run.rules.mesh_axes("batch"))
-    if b % shards or R % shards:
+    if examples % shards or rows % shards:
         raise ConfigError(
-            f"a micro-batch of {b} examples in {R} rows (data.batch_size={config.data.batch_size}"
-            f" / optimizer.grad_accum={accum}) does not split over the {shards} row shards of "
-            f"mesh axes {run.rules.mesh_axes('batch')}: every device needs whole examples and rows"
+            f"a micro-batch of {examples} examples in {rows} rows (data.batch_size="
+            f"{config.data.batch_size} / optimizer.grad_accum={accum}) does not split over the "
+            f"{shards} row shards of mesh axes {run.rules.mesh_axes('batch')}: every device needs "
+            "whole examples and rows"
         )
 
-    def spec(shape, dtype):
-        batch_axes = sharding.batch_spec(run.rules, len(shape) - 1)
-        return jax.ShapeDtypeStruct(
-            shape, dtype, sharding=NamedSharding(run.mesh, P(None, *batch_axes))
-        )
+    def sharded(ndim):
+        return NamedSharding(run.mesh, P(None, *sharding.batch_spec(run.rules, ndim - 1)))
 
-    rows = {
-        "tokens": jnp.int32,
-        "targets": jnp.int32,
-        "loss_mask": jnp.float32,
-        "positions": jnp.int32,
-        "segment_ids": jnp.int32,
-        "seq_index": jnp.int32,
-    }
-    batch = {k: spec((accum, R, T), dtype) for k, dtype in rows.items()}
-    batch["example_mask"] = spec((accum, b), jnp.float32)
-    return batch
+    return layout.abstract(
+        spec,
+        examples=examples,
+        rows=rows,
+        T=config.data.max_len,
+        micro_batches=accum,
+        sharding=sharded,
+    )
 
 
 def _compile(run):
@@ -211,8 +149,6 @@ def compile_plan(config: ConfigDict, topology: str = "", *, echo: bool = True) -
     per device in bytes: arguments, outputs, aliased, temporaries, generated_code, total
     (= arguments + outputs - aliased + temporaries + generated_code, the live peak XLA plans for).
     """
-    from jaxalign.train.loop import setup
-
     devices = topology_devices(topology) if topology else None
     run = setup(config, devices=devices, read_files=False)
     mesh_devices = run.mesh.devices.ravel()
@@ -243,10 +179,11 @@ def compile_plan(config: ConfigDict, topology: str = "", *, echo: bool = True) -
         outside = _flops(
             _compile(setup(config, devices=devices, model_config=no_layers, read_files=False))
         )
-        flops = (outside + layers * (counted - outside)) * max(1, config.optimizer.grad_accum / 2)
+        flops = (outside + layers * (counted - outside)) * config.optimizer.grad_accum
     n_params = models.param_count(run.model_config)
-    accum, rows, T = batch["tokens"].shape
-    tokens = accum * rows * T
+    T = batch["tokens"].shape[-1]
+    # Every token the step runs through the model: the batch's rows and a retain set's.
+    tokens = sum(math.prod(v.shape) for k, v in batch.items() if k.split("/")[-1] == "tokens")
     plan = {
         "devices": n_devices,
         "device_kind": mesh_devices[0].device_kind,
@@ -271,8 +208,9 @@ def format_plan(config: ConfigDict, run, plan: dict) -> str:
     mc = run.model_config
     where = f" (topology {plan['topology']})" if plan["topology"] else ""
     mesh = " ".join(f"{k}={v}" for k, v in plan["mesh"].items())
-    unit = "pairs" if config.trainer == "dpo" else "sequences"
-    per_example = 2 if config.trainer == "dpo" else 1
+    spec = run.objective.batch
+    unit = "pairs" if spec.records == "pair" else "examples"
+    per_example = spec.sequences_per_example
     mem = plan["memory"]
     lines = [
         f"compile-only plan: trainer {config.trainer}, preset {config.model.preset}",

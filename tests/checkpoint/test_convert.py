@@ -109,3 +109,39 @@ def test_dpo_starts_from_a_converted_checkpoint(hf_dir, tmp_path):
     result = train(config, tmp_path / "run")
     assert np.isfinite(result["train"]["loss"])
     assert convert.read_model_config(tmp_path / "run").vocab_size == 256
+
+
+def test_dpo_from_a_gemma3_directory_exports_what_transformers_runs(tmp_path):
+    """Gemma 3 through the whole path (capped training log-probs, the architecture recorded in
+    the run's checkpoint, export): transformers' logits of the export equal jaxalign's."""
+    from jaxalign import models
+    from jaxalign.checkpoint import convert, load_hf
+
+    hf_config = transformers.Gemma3TextConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=4,
+        sliding_window_pattern=3,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+        final_logit_softcapping=5.0,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(hf_config).save_pretrained(tmp_path / "hf")
+    result = train(_dpo_config(f"hf:{tmp_path / 'hf'}"), tmp_path / "run")
+    assert np.isfinite(result["train"]["loss"])
+    recorded = convert.read_model_config(tmp_path / "run")
+    assert recorded == load_hf(tmp_path / "hf")[0]
+    convert.to_hf(tmp_path / "run", tmp_path / "out")
+    config, params = load_hf(tmp_path / "out")
+    tokens = np.random.default_rng(0).integers(0, 256, size=(2, 9))
+    want = models.logits(config, params, models.forward(config, params, tokens))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        got = model(input_ids=torch.from_numpy(tokens)).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

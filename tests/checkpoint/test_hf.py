@@ -47,6 +47,24 @@ CASES = {
         **TINY, rope_theta=1e6, tie_word_embeddings=True
     ),
     "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=32, rope_theta=1e6),
+    # Two layers: one local (window 4 < T), one global; small caps so that they bite.
+    "gemma2": lambda: transformers.Gemma2Config(
+        **TINY,
+        head_dim=16,
+        sliding_window=4,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=5.0,
+    ),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **TINY,
+        head_dim=16,
+        sliding_window=4,
+        sliding_window_pattern=2,
+        query_pre_attn_scalar=24,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+        final_logit_softcapping=5.0,
+    ),
 }
 T = 12
 RNG = np.random.default_rng(0)
@@ -308,6 +326,56 @@ def test_unknown_architecture(hf_dirs, tmp_path):
         load_hf(bad)
 
 
+def test_gemma_configs_refused_with_the_reason():
+    from jaxalign.checkpoint.hf import family_for
+    from jaxalign.models import get_preset
+
+    hub = HUB_CONFIGS["gemma3-1b"]
+    with pytest.raises(CheckpointError, match="hidden_activation='gelu'; only 'gelu_pytorch_tanh'"):
+        config_from_hf(hub | {"hidden_activation": "gelu"})
+    with pytest.raises(CheckpointError, match="use_bidirectional_attention=true"):
+        config_from_hf(hub | {"use_bidirectional_attention": True})
+    odd = ["sliding_attention", "full_attention", "full_attention"] + ["sliding_attention"] * 23
+    with pytest.raises(CheckpointError, match="layer_types=.* mix sliding and full attention"):
+        config_from_hf(hub | {"layer_types": odd})
+    with pytest.raises(CheckpointError, match="expected 26 entries"):
+        config_from_hf(hub | {"layer_types": ["sliding_attention"] * 3})
+    local_scaled = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}
+    rope = {"full_attention": {"rope_theta": 1e6}, "sliding_attention": local_scaled}
+    with pytest.raises(CheckpointError, match="RoPE scaling on sliding-window layers"):
+        config_from_hf(hub | {"rope_parameters": rope})
+    # Layer patterns: all local, none, every P-th global; Qwen's layer_types too.
+    assert (
+        config_from_hf(hub | {"layer_types": ["sliding_attention"] * 26}).sliding_window_pattern
+        is None
+    )
+    assert config_from_hf(hub | {"layer_types": ["full_attention"] * 26}).sliding_window is None
+    qwen = HUB_CONFIGS["qwen2.5-0.5b"] | {
+        "layer_types": ["sliding_attention", "full_attention"] * 12
+    }
+    assert config_from_hf(qwen).sliding_window_pattern == 2
+
+    gemma2 = get_preset("gemma2-2b")
+    assert family_for(gemma2).architecture == "Gemma2ForCausalLM"
+    assert family_for(get_preset("gemma3-4b")).architecture == "Gemma3ForCausalLM"
+    with pytest.raises(
+        CheckpointError,
+        match=r"Gemma3ForCausalLM cannot express .*qk_norm=False.*"
+        r"rope_local_theta=None.*attn_logit_softcap=50.0",
+    ):
+        family_for(gemma2, "Gemma3ForCausalLM")
+    with pytest.raises(
+        CheckpointError, match=r"LlamaForCausalLM cannot express .*norm_plus_one=True"
+    ):
+        family_for(
+            gemma2.replace(sliding_window=None, sliding_window_pattern=None), "LlamaForCausalLM"
+        )
+    with pytest.raises(
+        CheckpointError, match=r"MistralForCausalLM cannot express .*sliding_window_pattern=2"
+    ):
+        family_for(get_preset("mistral-7b", sliding_window=8, sliding_window_pattern=2))
+
+
 def test_failed_export_leaves_no_directory(hf_dirs, tmp_path, monkeypatch):
     config, params = load_hf(hf_dirs["llama"][0])
     out_root = tmp_path / "exports"
@@ -426,14 +494,96 @@ HUB_CONFIGS = {  # config.json of the hub checkpoints (transformers 4 keys), tri
 }
 
 
+_GEMMA2_HUB = {  # google/gemma-2-2b config.json (transformers 4; no tie_word_embeddings key)
+    "architectures": ["Gemma2ForCausalLM"],
+    "model_type": "gemma2",
+    "attention_bias": False,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "head_dim": 256,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "max_position_embeddings": 8192,
+    "num_attention_heads": 8,
+    "num_hidden_layers": 26,
+    "num_key_value_heads": 4,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "torch_dtype": "float32",
+    "vocab_size": 256000,
+}
+HUB_CONFIGS |= {
+    "gemma2-2b": _GEMMA2_HUB,
+    "gemma2-9b": _GEMMA2_HUB  # google/gemma-2-9b
+    | {
+        "hidden_size": 3584,
+        "intermediate_size": 14336,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 42,
+        "num_key_value_heads": 8,
+        "sliding_window_size": 4096,
+    },
+    "gemma3-1b": {  # google/gemma-3-1b-pt
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "attention_bias": False,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": 1152,
+        "intermediate_size": 6912,
+        "max_position_embeddings": 32768,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 26,
+        "num_key_value_heads": 1,
+        "query_pre_attn_scalar": 256,
+        "rms_norm_eps": 1e-06,
+        "rope_local_base_freq": 10000,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "sliding_window": 512,
+        "sliding_window_pattern": 6,
+        "torch_dtype": "bfloat16",
+        "vocab_size": 262144,
+    },
+    # google/gemma-3-4b-pt: its config.json's text_config, which leaves the rest to
+    # Gemma3TextConfig's defaults (8 heads, 4 kv heads, vocab 262208, ...).
+    "gemma3-4b": {
+        "architectures": ["Gemma3ForCausalLM"],
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024,
+    },
+}
+# Published parameter counts: the safetensors totals of the hub checkpoints (also KerasHub's
+# preset metadata). gemma3-4b is its language model alone: 4,300,079,472 on the hub include the
+# SigLIP vision tower and projector; the text-only GGUF conversions report 3,880,263,168.
+GEMMA_PUBLISHED = {
+    "gemma2-2b": 2_614_341_888,
+    "gemma2-9b": 9_241_705_984,
+    "gemma3-1b": 999_885_952,
+    "gemma3-4b": 3_880_263_168,
+}
+
+
 @pytest.mark.parametrize("preset", list(HUB_CONFIGS))
 def test_hub_configs_match_presets_and_round_trip(preset):
     from jaxalign.checkpoint.hf import config_to_hf, family_for
-    from jaxalign.models import get_preset
+    from jaxalign.models import get_preset, param_count
 
     want = get_preset(preset, dtype="bfloat16", param_dtype="bfloat16")
     config = config_from_hf(HUB_CONFIGS[preset], dtype="bfloat16")
     assert config == want
+    if preset in GEMMA_PUBLISHED:
+        assert param_count(config) == GEMMA_PUBLISHED[preset]
     arch = HUB_CONFIGS[preset]["architectures"][0]
     written = config_to_hf(config, family_for(config, arch), "bfloat16")
     assert written["architectures"] == [arch]

@@ -93,7 +93,7 @@ def test_parse_unpaired_label():
 def test_tokenize_no_truncation(demo_tokenizer):
     tok, t = demo_tokenizer, get_template("plain")
     msgs = [{"role": "user", "content": "What is 1+2?"}]
-    ids, plen = tokenize_example(tok, t, msgs, None, "3", max_len=64, max_prompt_len=32)
+    ids, plen, _ = tokenize_example(tok, t, msgs, None, "3", max_len=64, max_prompt_len=32)
     prompt = [tok.bos_id] + tok.encode("What is 1+2?\n")
     assert plen == len(prompt)
     assert ids.tolist() == prompt + tok.encode("3") + [tok.eos_id]
@@ -107,16 +107,16 @@ def test_truncation_policy(demo_tokenizer):
     response = "1234567890" * 3
     full_resp = tok.encode(response) + [tok.eos_id]
     # 1. prompt cut from the left to max_prompt_len, BOS kept; response whole
-    ids, plen = tokenize_example(tok, t, msgs, None, response, max_len=200, max_prompt_len=10)
+    ids, plen, _ = tokenize_example(tok, t, msgs, None, response, max_len=200, max_prompt_len=10)
     assert plen == 10
     assert ids[:plen].tolist() == [tok.bos_id] + full_prompt[-9:]
     assert ids[plen:].tolist() == full_resp
     # 2. then the response is cut from the right (start kept, no EOS); total = max_len + 1 tokens
-    ids, plen = tokenize_example(tok, t, msgs, None, response, max_len=20, max_prompt_len=10)
+    ids, plen, _ = tokenize_example(tok, t, msgs, None, response, max_len=20, max_prompt_len=10)
     assert len(ids) == 21 and plen == 10
     assert ids[plen:].tolist() == full_resp[:11]
     # the response is never empty: max_prompt_len < max_len leaves at least two response tokens
-    ids, plen = tokenize_example(tok, t, msgs, None, response, max_len=11, max_prompt_len=10)
+    ids, plen, _ = tokenize_example(tok, t, msgs, None, response, max_len=11, max_prompt_len=10)
     assert len(ids) - plen == 2
     with pytest.raises(ValueError, match="max_prompt_len < max_len"):
         tokenize_example(tok, t, msgs, None, response, max_len=10, max_prompt_len=10)
@@ -143,7 +143,7 @@ def test_eos_not_doubled_with_chat_suffix(tmp_path):
     hf.add_special_tokens(["<s>", "<|im_end|>", "<|im_start|>"])
     hf.save(str(tmp_path / "tokenizer.json"))
     tok = load_tokenizer(str(tmp_path / "tokenizer.json"), eos="<|im_end|>")
-    ids, plen = tokenize_example(
+    ids, plen, _ = tokenize_example(
         tok,
         get_template("chatml"),
         [{"role": "user", "content": "hi"}],

@@ -6,7 +6,9 @@ Tolerances (fixed; do not relax, find out why a result moved):
   the same bf16 inputs but sum tiles in a different order); gradients are bf16 outputs, compared at
   atol 2e-2 * max|reference grad| (one bf16 ulp is ~0.4%; the backward also rounds dz to bf16
   before each matmul, as the reference's own backward does).
-Pallas kernels run in interpret mode on CPU with tiny shapes.
+Pallas kernels run in interpret mode on CPU with tiny shapes. Final-logit soft-capping
+(``softcap=``) is tested with the same tolerances, the capped reference itself against float64
+NumPy.
 """
 
 import jax
@@ -25,6 +27,7 @@ IMPLS = [
     pytest.param("pallas_gpu", {"interpret": True}, id="pallas_gpu-interpret"),
 ]
 TOL = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (2e-3, 2e-2)}
+CAP = 3.0  # logits here have std ~4, so the cap saturates many of them
 
 
 def _inputs(seed, lead=(2, 7), dtype=jnp.float32, vocab=V):
@@ -36,7 +39,7 @@ def _inputs(seed, lead=(2, 7), dtype=jnp.float32, vocab=V):
     return h, w, t, g
 
 
-def _value_and_grads(impl, kw, h, w, t, g, mask=None, block_size=BLOCK):
+def _value_and_grads(impl, kw, h, w, t, g, mask=None, block_size=BLOCK, softcap=None):
     def loss(h, w):
         lp, ex = token_logprobs(
             h,
@@ -47,6 +50,7 @@ def _value_and_grads(impl, kw, h, w, t, g, mask=None, block_size=BLOCK):
             return_entropy=True,
             return_sum_sq=True,
             block_size=block_size,
+            softcap=softcap,
             **kw,
         )
         out = (lp, ex["entropy"], ex["sum_sq_probs"])
@@ -62,12 +66,13 @@ def _close(got, want, atol):
     )
 
 
+@pytest.mark.parametrize("softcap", [None, CAP], ids=["nocap", "softcap"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("impl,kw", IMPLS)
-def test_matches_reference(impl, kw, dtype):
+def test_matches_reference(impl, kw, dtype, softcap):
     h, w, t, g = _inputs(1, dtype=dtype)
-    want, want_g = _value_and_grads("reference", {}, h, w, t, g)
-    got, got_g = _value_and_grads(impl, kw, h, w, t, g)
+    want, want_g = _value_and_grads("reference", {}, h, w, t, g, softcap=softcap)
+    got, got_g = _value_and_grads(impl, kw, h, w, t, g, softcap=softcap)
     vtol, gtol = TOL[dtype]
     for a, b in zip(got, want, strict=True):
         assert a.dtype == jnp.float32 and a.shape == t.shape
@@ -75,6 +80,39 @@ def test_matches_reference(impl, kw, dtype):
     for a, b in zip(got_g, want_g, strict=True):
         assert a.dtype == b.dtype
         _close(a, b, gtol * float(jnp.max(jnp.abs(b.astype(jnp.float32)))))
+
+
+def test_softcapped_reference_matches_numpy():
+    """The capped spec from the math in float64: z = c tanh(h W / c), log-probs, entropy, sum of
+    squares, and d(sum_i g_i logp_i) / dh_i = g_i sum_j (1[j = t_i] - p_ij) (1 - tanh^2) W[:, j]
+    (dW likewise)."""
+    h, w, t, g = _inputs(7, lead=(9,))
+
+    def weighted(h, w):
+        lp, ex = token_logprobs(
+            h,
+            w,
+            t,
+            implementation="reference",
+            return_entropy=True,
+            return_sum_sq=True,
+            softcap=CAP,
+        )
+        return jnp.sum(g[0] * lp), (lp, ex["entropy"], ex["sum_sq_probs"])
+
+    (_, (lp, ent, sq)), (dh, dw) = jax.value_and_grad(weighted, (0, 1), has_aux=True)(h, w)
+    h64, w64, g64 = (np.asarray(x, np.float64) for x in (h, w, g[0]))
+    tanh = np.tanh(h64 @ w64 / CAP)
+    z = CAP * tanh
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.sum(np.exp(logp), -1, keepdims=True))
+    p = np.exp(logp)
+    np.testing.assert_allclose(lp, logp[np.arange(9), np.asarray(t)], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(ent, -np.sum(p * logp, -1), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(sq, np.sum(p * p, -1), rtol=0, atol=2e-5)
+    dz = g64[:, None] * (np.eye(V)[np.asarray(t)] - p) * (1 - tanh**2)
+    np.testing.assert_allclose(dh, dz @ w64.T, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(dw, h64.T @ dz, rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("impl,kw", IMPLS)
@@ -135,8 +173,10 @@ def test_dispatch_and_shapes():
         token_logprobs(h[:, :3], w, t)
 
 
-@pytest.mark.parametrize("token_axes", [None, "data"])
-def test_sharded_matches_unsharded(token_axes):
+@pytest.mark.parametrize(
+    "token_axes,softcap", [(None, None), ("data", None), ("data", CAP)], ids=["v", "dv", "dv-cap"]
+)
+def test_sharded_matches_unsharded(token_axes, softcap):
     mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Explicit,) * 2)
     vocab = 200  # divisible by the 4 vocab shards; each shard's 50 columns not by BLOCK
     h, w, t, g = _inputs(6, lead=(4, 6), vocab=vocab)
@@ -150,7 +190,9 @@ def test_sharded_matches_unsharded(token_axes):
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(h, w)
 
-    (_, want), want_g = run(lambda *a, **k: token_logprobs(*a, implementation="reference", **k))
+    (_, want), want_g = run(
+        lambda *a, **k: token_logprobs(*a, implementation="reference", softcap=softcap, **k)
+    )
     (_, got), got_g = run(
         lambda *a, **k: sharded_token_logprobs(
             *a,
@@ -159,6 +201,7 @@ def test_sharded_matches_unsharded(token_axes):
             token_axes=token_axes,
             implementation="xla",
             block_size=16,
+            softcap=softcap,
             **k,
         )
     )
@@ -166,15 +209,18 @@ def test_sharded_matches_unsharded(token_axes):
         _close(a, b, 3e-5 * max(1.0, float(jnp.max(jnp.abs(b)))))
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0], ids=["nocap", "softcap"])
 @pytest.mark.parametrize("platform,module", [("tpu", pallas_tpu), ("cuda", pallas_gpu)])
-def test_pallas_lowers_for_hardware(platform, module):
+def test_pallas_lowers_for_hardware(platform, module, softcap):
     """Cross-platform lowering needs no device and runs the Pallas -> Mosaic / Triton lowering."""
     h = jax.ShapeDtypeStruct((512, 256), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((256, 1000), jnp.bfloat16)  # V not a multiple of the tile
     t = jax.ShapeDtypeStruct((512,), jnp.int32)
 
     def loss(h, w, t):
-        lp, ent, sq = module.logprobs(h, w, t, return_entropy=True, return_sum_sq=True)
+        lp, ent, sq = module.logprobs(
+            h, w, t, return_entropy=True, return_sum_sq=True, softcap=softcap
+        )
         return jnp.sum(lp + ent + sq)
 
     lowered = jax.jit(jax.grad(loss, (0, 1))).trace(h, w, t).lower(lowering_platforms=(platform,))

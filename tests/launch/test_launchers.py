@@ -104,6 +104,7 @@ def test_queued_multislice_spot():
         assert "git clone --quiet https://example.com/jaxalign.git" in remote(ssh[0])
         assert "git checkout --quiet v0.1" in remote(ssh[0])
         assert "FOO=bar" in remote(ssh[2]) and "jaxalign train" in remote(ssh[2])
+        assert "--config.dcn_mesh.data=2" in remote(ssh[2])  # only data crosses slices
     assert all(c[:5] != ["gcloud", "compute", "tpus", "tpu-vm", "scp"] for c in cmds)
 
 

@@ -251,8 +251,8 @@ def test_interrupted_run_leaves_the_old_output_untouched(
         return generate(*args, **kwargs)
 
     monkeypatch.setattr(cg, "generate", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        _generate(capsys, f"checkpoint:{run_dir}", prompts, out, "--temperature", 0)
+    status, err = _generate(capsys, f"checkpoint:{run_dir}", prompts, out, "--temperature", 0)
+    assert status == 130 and "jaxalign: interrupted" in err, err
     assert len(calls) == 2 and out.read_text() == "previous\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "prompts.jsonl"]
 

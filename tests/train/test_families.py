@@ -15,11 +15,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxalign import losses
+from jaxalign import losses, models
 from jaxalign.checkpoint import manager as ckpt
 from jaxalign.config import apply_overrides, load_config
 from jaxalign.data import CACHE_FIELDS, load_tokenizer, make_pair_pipeline, make_sft_pipeline
-from jaxalign.train import loop, reward, setup, steps, train
+from jaxalign.train import init_params, objectives, reward, setup, train
 from jaxalign.train.cache_ref import cache_reference, reference_logps
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -112,14 +112,15 @@ def test_cached_reference_logps_equal_the_on_the_fly_run(dpo_run, tmp_path):
     assert not run.needs_ref  # no reference weights, no reference forward
     # The joined numbers are exactly what the first training batch computes on the fly, and so
     # are that batch's loss and gradient (up to float32 rounding: the programs differ).
-    batch = next(loop.make_pipeline(cached, run.tokenizer, cached.data.train, train=True))
-    ref = loop.init_params(cached, run.model_config, run.param_shardings)
-    fresh = reference_logps(run.model_config, ref, run.global_batch([batch]))
+    batch = next(run.batches(cached.data.train, train=True))
+    ref = init_params(run)
+    compute = jax.jit(lambda p, b: reference_logps(run.model_config, p, b, mesh=run.mesh))
+    fresh = compute(ref, run.global_batch([batch]))
     for field, values in zip(CACHE_FIELDS, fresh, strict=True):
         np.testing.assert_array_equal(batch[field], np.asarray(values), err_msg=field)
     on_the_fly = {k: v for k, v in batch.items() if k not in CACHE_FIELDS}
     grads = [
-        jax.jit(jax.value_and_grad(lambda p, r, b, f=objective: f(p, r, b)[0]))(ref, r, b)
+        jax.jit(jax.value_and_grad(lambda p, r, b, f=objective.fn: f(p, r, b)[0]))(ref, r, b)
         for objective, r, b in [
             (run.objective, None, batch),
             (setup(config).objective, ref, on_the_fly),
@@ -202,7 +203,7 @@ def test_reward_model_learns_and_scores(sft_dir, pairs, tmp_path):
     tok = load_tokenizer(str(ROOT / "data/demo/tokenizer.model"))
     batch = next(
         make_pair_pipeline(
-            str(ROOT / "data/demo/pairs_eval.jsonl"),
+            pairs[0].partition("=")[2],  # pairs it trained on
             tok,
             batch_size=8,
             max_len=48,
@@ -211,7 +212,17 @@ def test_reward_model_learns_and_scores(sft_dir, pairs, tmp_path):
         )
     )
     rewards = np.asarray(reward.score(model_config, params, batch, num_sequences=16))
-    assert rewards.shape == (16,) and np.isfinite(rewards).all()
+    # Each reward is the head on the hidden state of its sequence's last token, the sequence run
+    # alone (no padding): computed here directly from the model and the head's weights.
+    head = jax.device_get(params[reward.HEAD])
+    decoder = {k: v for k, v in params.items() if k != reward.HEAD}
+    for s in range(16):
+        row = np.nonzero((batch["seq_index"] == s).any(axis=1))[0][0]
+        tokens = batch["tokens"][row][batch["seq_index"][row] == s]
+        hidden = models.forward(model_config, decoder, tokens[None])[0, -1]
+        want = np.asarray(hidden, np.float64) @ head["kernel"][:, 0] + head["bias"][0]
+        np.testing.assert_allclose(rewards[s], want, rtol=1e-5, atol=1e-5)
+    assert np.abs(rewards).min() > 1e-3  # so a score of zeros could not pass
 
 
 def _prefix_numpy(batch, S):
@@ -249,9 +260,11 @@ def test_ld_dpo_prefix_mask_matches_a_numpy_walk(pack):
     )
     batch = next(pipe)
     S = 12
-    index, total = steps.sequence_index(batch, S, 1)
-    lengths = steps.sequence_sums(batch["loss_mask"], index, total)
-    got = steps.prefix_mask(batch["loss_mask"], index, total, steps.pair_min_lengths(lengths, 1))
+    index, total = objectives.sequence_index(batch, S, 1)
+    lengths = objectives.sequence_sums(batch["loss_mask"], index, total)
+    got = objectives.prefix_mask(
+        batch["loss_mask"], index, total, objectives.pair_min_lengths(lengths, 1)
+    )
     np.testing.assert_array_equal(np.asarray(got), _prefix_numpy(batch, S))
 
 
@@ -276,8 +289,8 @@ def test_ld_dpo_alpha_one_is_dpo_through_the_objective(tmp_path):
     ref = models.init_params(run.model_config, jax.random.key(1))
     # One pass for all three: a mix reports every term's per-pair loss.
     terms = [("dpo", 1.0), ("ld_dpo", 1.0, {"alpha": 1.0}), ("ld_dpo", 1.0, {"alpha": 0.0})]
-    objective = steps.preference_objective(run.model_config, losses.mix(terms))
-    _, weight, metrics = jax.jit(objective)(params, ref, batch)
+    objective = objectives.paired_objective(run.model_config, losses.mix(terms))
+    _, weight, metrics = jax.jit(objective.fn)(params, ref, batch)
     dpo, ld1, ld0 = (metrics[k] / weight for k in ("dpo/loss", "ld_dpo#1/loss", "ld_dpo#2/loss"))
     np.testing.assert_allclose(ld1, dpo, rtol=1e-6)
     assert not np.isclose(ld0, dpo)
@@ -290,7 +303,7 @@ def test_bco_running_delta_update_is_the_mean_of_all_rewards():
     for w in (3, 5, 8):
         rewards = rng.normal(size=w)
         seen.extend(rewards)
-        state = steps.update_loss_state(state, {"delta/batch_reward": rewards.mean()}, w)
+        state = objectives.update_loss_state(state, {"delta/batch_reward": rewards.mean()}, w)
         np.testing.assert_allclose(state["delta"], np.mean(seen), rtol=1e-6)
     assert state["delta_count"] == 16
 
@@ -364,8 +377,8 @@ def test_data_fields_feed_modpo_margins_and_mm_dpo_beta(tmp_path):
         ("modpo", 1.0, {"weights": (1.0, 0.5, 0.25)}),
         ("mm_dpo", 1.0, {"w": 0.5}),
     ]
-    objective = steps.preference_objective(run.model_config, losses.mix(terms))
-    _, weight, metrics = jax.jit(objective)(params, ref, batch)
+    objective = objectives.paired_objective(run.model_config, losses.mix(terms))
+    _, weight, metrics = jax.jit(objective.fn)(params, ref, batch)
     mean = {k: float(v / weight) for k, v in metrics.items()}
     assert mean["modpo#1/loss"] == pytest.approx(mean["dpo/loss"], rel=1e-6)
     assert mean["modpo#2/loss"] != pytest.approx(mean["dpo/loss"], rel=1e-3)  # margins read

@@ -132,7 +132,35 @@ def test_compile_for_a_tpu_topology_on_this_machine(capsys):
     assert "4 x TPU" in capsys.readouterr().out
 
 
-def test_trainers_whose_batches_it_cannot_shape_are_refused():
-    config = load_config(str(ROOT / "configs/kto/tiny.py"))
-    with pytest.raises(ConfigError, match="plans the sft and dpo trainers"):
-        compile_plan(config, echo=False)
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("kto/tiny.py", ()),  # unpaired with the mismatched KL sequences: 2 sequences per example
+        ("npo/tiny.py", ()),  # forget set + retain set batch
+        ("reward/tiny.py", ()),  # pairs, reward head
+    ],
+)
+def test_every_family_plans(name, overrides):
+    config = apply_overrides(
+        load_config(f"{ROOT / 'configs' / name}:smoke=True"),
+        ["data.batch_size=16", *overrides],
+    )
+    plan = compile_plan(config, echo=False)
+    run = setup(config, read_files=False)
+    # Padded at their longest: every sequence of the batch (and of the retain batch) is a row.
+    rows = 16 * run.objective.batch.sequences_per_example * (2 if config.data.retain else 1)
+    assert plan["tokens_per_step"] == rows * config.data.max_len
+    assert plan["memory"]["total"] > 0 and plan["flops_per_step"] > 0
+
+
+def test_a_cached_reference_plans_no_reference(tiny_plan):
+    uncached, _ = tiny_plan
+    cached = compile_plan(_tiny("data.ref_logps=unused.jsonl"), echo=False)
+    # 6N per token without the reference forward, 8N with it; and no reference weights.
+    assert cached["model_flops_per_step"] * 8 == uncached["model_flops_per_step"] * 6
+    assert cached["memory"]["arguments"] < uncached["memory"]["arguments"]
+
+
+def test_fields_whose_width_needs_the_data_are_refused():
+    with pytest.raises(ConfigError, match="cannot shape data.extra_fields"):
+        compile_plan(_tiny("data.extra_fields=('chosen_margins',)"), echo=False)

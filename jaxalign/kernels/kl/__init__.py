@@ -27,12 +27,15 @@ def token_kl(
     implementation: str | None = None,
     mask: Array | None = None,
     block_size: int | None = None,
+    softcap: float | None = None,
     interpret: bool = False,
 ) -> Float[Array, "*B"]:
     """``KL(p || q) = sum_j p_j (log p_j - log q_j)`` per token over the full vocabulary, float32.
 
     ``p = softmax(hidden_p @ unembedding_p)`` (the policy; gets gradients) and
     ``q = softmax(hidden_q @ unembedding_q)`` (the reference; treated as constant, zero gradient).
+    With ``softcap`` c (a final-logit soft-capped model family, e.g. Gemma 2) both sides' logits are
+    ``c tanh(z / c)``, applied per vocab tile.
     Masked positions (``mask`` 0/False) return 0 with zero gradient. ``hidden_p`` and ``hidden_q``
     share the leading shape; their widths Dp, Dq may differ; V must match. ``implementation`` and
     ``interpret`` as in ``token_logprobs``; ``block_size`` is the vocab tile.
@@ -61,7 +64,7 @@ def token_kl(
     kwargs = (
         {"interpret": interpret} if module.__name__.endswith(("pallas_tpu", "pallas_gpu")) else {}
     )
-    out = module.kl(hp, unembedding_p, hq, wq, block_size=block_size, **kwargs)
+    out = module.kl(hp, unembedding_p, hq, wq, block_size=block_size, softcap=softcap, **kwargs)
     if mask is not None:
         out = jnp.where(m, out, 0.0)
     return out.reshape(lead)

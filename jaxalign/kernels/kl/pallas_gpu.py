@@ -8,7 +8,8 @@ both logits tiles and writes per-row partials of its tile,
 merged in XLA (``KL = A / S_p - lse_p + lse_q`` after rescaling to the global maxima). Backward
 (q is a constant) recomputes the tiles and ``dzp_j = g p_j (log p_j - log q_j - KL)``: grid
 ``(N / Tn,)`` accumulates ``dh_p[rows] += dzp @ Wp^T``; grid ``(V / Tv,)`` accumulates
-``dW_p[:, cols] += h_p^T @ dzp``; each program owns its outputs (no atomics).
+``dW_p[:, cols] += h_p^T @ dzp``; each program owns its outputs (no atomics). With a soft-cap c
+both tiles are ``c tanh(z / c)`` and ``dzp_j *= 1 - (zp_j / c)^2``.
 """
 
 import functools
@@ -20,23 +21,25 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float
 
+from jaxalign.kernels import _softcap
 from jaxalign.kernels.logprob.pallas_gpu import _blocks, _call, _index, _load2, _logits
 
 PerToken = Float[Array, "N"]
 
 
-def _both_logits(hp_ref, wp_ref, hq_ref, wq_ref, rs, rmask, cs, cmask, tn, tv, td):
-    zp = _logits(hp_ref, wp_ref, rs, rmask, cs, cmask, tn, tv, td)
-    zq = _logits(hq_ref, wq_ref, rs, rmask, cs, cmask, tn, tv, td)
+def _both_logits(hp_ref, wp_ref, hq_ref, wq_ref, rs, rmask, cs, cmask, tn, tv, td, softcap):
+    """Both (soft-capped) logits tiles, columns past V at -inf."""
+    zp = _softcap.cap(_logits(hp_ref, wp_ref, rs, rmask, cs, cmask, tn, tv, td), softcap)
+    zq = _softcap.cap(_logits(hq_ref, wq_ref, rs, rmask, cs, cmask, tn, tv, td), softcap)
     return jnp.where(cmask[None, :], zp, -jnp.inf), jnp.where(cmask[None, :], zq, -jnp.inf)
 
 
-def _fwd_kernel(hp_ref, wp_ref, hq_ref, wq_ref, *part_refs, tn, tv, td):
+def _fwd_kernel(hp_ref, wp_ref, hq_ref, wq_ref, *part_refs, tn, tv, td, softcap):
     n, vocab = hp_ref.shape[0], wp_ref.shape[1]
     i, j = pl.program_id(0), pl.program_id(1)
     rs, _, rmask = _index(i * tn, tn, n)
     cs, _, cmask = _index(j * tv, tv, vocab)
-    zp, zq = _both_logits(hp_ref, wp_ref, hq_ref, wq_ref, rs, rmask, cs, cmask, tn, tv, td)
+    zp, zq = _both_logits(hp_ref, wp_ref, hq_ref, wq_ref, rs, rmask, cs, cmask, tn, tv, td, softcap)
     mp, mq = jnp.max(zp, axis=1), jnp.max(zq, axis=1)
     ep = jnp.exp(zp - mp[:, None])
     stats = (
@@ -50,16 +53,16 @@ def _fwd_kernel(hp_ref, wp_ref, hq_ref, wq_ref, *part_refs, tn, tv, td):
         plgpu.store(ref.at[j, rs], x, mask=rmask)
 
 
-def _dz(hp_ref, wp_ref, hq_ref, wq_ref, rows_refs, rs, rmask, cs, cmask, tn, tv, td):
+def _dz(hp_ref, wp_ref, hq_ref, wq_ref, rows_refs, rs, rmask, cs, cmask, tn, tv, td, softcap):
     kl, lse_p, lse_q, g = (plgpu.load(r.at[rs], mask=rmask, other=0.0)[:, None] for r in rows_refs)
-    zp, zq = _both_logits(hp_ref, wp_ref, hq_ref, wq_ref, rs, rmask, cs, cmask, tn, tv, td)
+    zp, zq = _both_logits(hp_ref, wp_ref, hq_ref, wq_ref, rs, rmask, cs, cmask, tn, tv, td, softcap)
     logp = jnp.where(cmask[None, :], zp - lse_p, 0.0)
     logq = jnp.where(cmask[None, :], zq - lse_q, 0.0)
     p = jnp.where(cmask[None, :], jnp.exp(logp), 0.0)
-    return g * p * (logp - logq - kl)
+    return _softcap.chain(g * p * (logp - logq - kl), zp, softcap, cmask[None, :])
 
 
-def _dh_kernel(hp_ref, wp_ref, hq_ref, wq_ref, *refs, tn, tv, td):
+def _dh_kernel(hp_ref, wp_ref, hq_ref, wq_ref, *refs, tn, tv, td, softcap):
     *rows_refs, dh_ref = refs
     (n, d), vocab = hp_ref.shape, wp_ref.shape[1]
     rs, _, rmask = _index(pl.program_id(0) * tn, tn, n)
@@ -76,7 +79,9 @@ def _dh_kernel(hp_ref, wp_ref, hq_ref, wq_ref, *refs, tn, tv, td):
 
     def vocab_tile(j, _):
         cs, _, cmask = _index(j * tv, tv, vocab)
-        dz = _dz(hp_ref, wp_ref, hq_ref, wq_ref, rows_refs, rs, rmask, cs, cmask, tn, tv, td)
+        dz = _dz(
+            hp_ref, wp_ref, hq_ref, wq_ref, rows_refs, rs, rmask, cs, cmask, tn, tv, td, softcap
+        )
         dz = dz.astype(wp_ref.dtype)
 
         def d_chunk(k, _):
@@ -94,7 +99,7 @@ def _dh_kernel(hp_ref, wp_ref, hq_ref, wq_ref, *refs, tn, tv, td):
     lax.fori_loop(0, pl.cdiv(vocab, tv), vocab_tile, None)
 
 
-def _dw_kernel(hp_ref, wp_ref, hq_ref, wq_ref, *refs, tn, tv, td):
+def _dw_kernel(hp_ref, wp_ref, hq_ref, wq_ref, *refs, tn, tv, td, softcap):
     *rows_refs, dw_ref = refs
     (n, d), vocab = hp_ref.shape, wp_ref.shape[1]
     cs, _, cmask = _index(pl.program_id(0) * tv, tv, vocab)
@@ -111,7 +116,9 @@ def _dw_kernel(hp_ref, wp_ref, hq_ref, wq_ref, *refs, tn, tv, td):
 
     def token_block(i, _):
         rs, _, rmask = _index(i * tn, tn, n)
-        dz = _dz(hp_ref, wp_ref, hq_ref, wq_ref, rows_refs, rs, rmask, cs, cmask, tn, tv, td)
+        dz = _dz(
+            hp_ref, wp_ref, hq_ref, wq_ref, rows_refs, rs, rmask, cs, cmask, tn, tv, td, softcap
+        )
         dz = dz.astype(hp_ref.dtype)
 
         def d_chunk(k, _):
@@ -134,12 +141,12 @@ def _plan(hp, hq, wp, block_size):
     return _blocks(n, max(dp, dq), vocab, block_size)
 
 
-def _forward(hp, wp, hq, wq, block_size, interpret):
+def _forward(hp, wp, hq, wq, block_size, softcap, interpret):
     n, vocab = hp.shape[0], wp.shape[1]
     tn, tv, td = _plan(hp, hq, wp, block_size)
     nv = pl.cdiv(vocab, tv)
     mp, sp, mq, sq, a = _call(
-        functools.partial(_fwd_kernel, tn=tn, tv=tv, td=td),
+        functools.partial(_fwd_kernel, tn=tn, tv=tv, td=td, softcap=softcap),
         [jax.ShapeDtypeStruct((nv, n), jnp.float32)] * 5,
         (pl.cdiv(n, tn), nv),
         interpret,
@@ -152,21 +159,21 @@ def _forward(hp, wp, hq, wq, block_size, interpret):
     return jnp.sum(a * scale_p, axis=0) / s_p - lse_p + lse_q, lse_p, lse_q
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _kl(hp, wp, hq, wq, block_size, interpret):
-    return _forward(hp, wp, hq, wq, block_size, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _kl(hp, wp, hq, wq, block_size, softcap, interpret):
+    return _forward(hp, wp, hq, wq, block_size, softcap, interpret)[0]
 
 
-def _kl_fwd(hp, wp, hq, wq, block_size, interpret):
-    kl, lse_p, lse_q = _forward(hp, wp, hq, wq, block_size, interpret)
+def _kl_fwd(hp, wp, hq, wq, block_size, softcap, interpret):
+    kl, lse_p, lse_q = _forward(hp, wp, hq, wq, block_size, softcap, interpret)
     return kl, (hp, wp, hq, wq, kl, lse_p, lse_q)
 
 
-def _kl_bwd(block_size, interpret, res, g):
+def _kl_bwd(block_size, softcap, interpret, res, g):
     hp, wp, hq, wq, kl, lse_p, lse_q = res
     (n, dp), vocab = hp.shape, wp.shape[1]
     tn, tv, td = _plan(hp, hq, wp, block_size)
-    static = dict(tn=tn, tv=tv, td=td)
+    static = dict(tn=tn, tv=tv, td=td, softcap=softcap)
     args = (hp, wp, hq, wq, kl, lse_p, lse_q, g)
     dh = _call(
         functools.partial(_dh_kernel, **static),
@@ -193,7 +200,9 @@ def kl(
     unembedding_q: Float[Array, "Dq V"],
     *,
     block_size: int | None = None,
+    softcap: float | None = None,
     interpret: bool = False,
 ) -> PerToken:
-    """Per-token KL(p || q) in float32 on GPU (``interpret=True``: anywhere); gradients to p."""
-    return _kl(hidden_p, unembedding_p, hidden_q, unembedding_q, block_size, interpret)
+    """Per-token KL(p || q) in float32 on GPU (``interpret=True``: anywhere); gradients to p;
+    logits soft-capped by ``softcap``."""
+    return _kl(hidden_p, unembedding_p, hidden_q, unembedding_q, block_size, softcap, interpret)

@@ -12,7 +12,8 @@ so ``KL = A / s_p - lse_p + lse_q``. Backward (q is a constant) recomputes the t
     dzp_j = g p_j (log p_j - log q_j - KL),  dh_p = dzp @ Wp^T,  dW_p = h_p^T @ dzp,
 
 in a ``(token "parallel", vocab "arbitrary")`` kernel for dh_p and a ``(vocab "parallel", token
-"arbitrary")`` kernel for dW_p.
+"arbitrary")`` kernel for dW_p. With a soft-cap c both tiles are ``c tanh(z / c)`` and
+``dzp_j *= 1 - (zp_j / c)^2``.
 """
 
 import functools
@@ -24,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float
 
+from jaxalign.kernels import _softcap
 from jaxalign.kernels.logprob.pallas_tpu import LANES, _blocks, _pad_rows, _params, _tile_logits
 
 PerToken = Float[Array, "N"]
@@ -32,7 +34,7 @@ _ROW_STATS = 8  # backward per-row inputs: kl, lse_p, lse_q, g
 
 
 def _fwd_kernel(
-    hp_ref, wp_ref, hq_ref, wq_ref, out_ref, mp_sc, sp_sc, mq_sc, sq_sc, a_sc, *, vocab, tv
+    hp_ref, wp_ref, hq_ref, wq_ref, out_ref, mp_sc, sp_sc, mq_sc, sq_sc, a_sc, *, vocab, tv, softcap
 ):
     j = pl.program_id(1)
 
@@ -43,8 +45,8 @@ def _fwd_kernel(
         for ref in (sp_sc, sq_sc, a_sc):
             ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
-    zp, _, valid, _ = _tile_logits(hp_ref[...], wp_ref, j, tv, vocab)
-    zq, _, _, _ = _tile_logits(hq_ref[...], wq_ref, j, tv, vocab)
+    zp, _, valid, _ = _tile_logits(hp_ref[...], wp_ref, j, tv, vocab, softcap)
+    zq, _, _, _ = _tile_logits(hq_ref[...], wq_ref, j, tv, vocab, softcap)
     mp_prev, mq_prev = mp_sc[...], mq_sc[...]
     mp_new = jnp.maximum(mp_prev, jnp.max(zp, axis=1, keepdims=True))
     mq_new = jnp.maximum(mq_prev, jnp.max(zq, axis=1, keepdims=True))
@@ -69,23 +71,24 @@ def _fwd_kernel(
         out_ref[...] = jnp.where(lane == _LSE_Q, lse_q, out)
 
 
-def _dz(hp, wp_ref, hq_ref, wq_ref, rows, j, tv, vocab):
-    zp, _, valid, wp = _tile_logits(hp, wp_ref, j, tv, vocab)
-    zq, _, _, _ = _tile_logits(hq_ref[...], wq_ref, j, tv, vocab)
+def _dz(hp, wp_ref, hq_ref, wq_ref, rows, j, tv, vocab, softcap):
+    zp, _, valid, wp = _tile_logits(hp, wp_ref, j, tv, vocab, softcap)
+    zq, _, _, _ = _tile_logits(hq_ref[...], wq_ref, j, tv, vocab, softcap)
     logp = jnp.where(valid, zp - rows[:, 1:2], 0.0)
     logq = jnp.where(valid, zq - rows[:, 2:3], 0.0)
     p = jnp.where(valid, jnp.exp(logp), 0.0)
-    return rows[:, 3:4] * p * (logp - logq - rows[:, 0:1]), wp
+    dz = rows[:, 3:4] * p * (logp - logq - rows[:, 0:1])
+    return _softcap.chain(dz, zp, softcap, valid), wp
 
 
-def _dh_kernel(rows_ref, hp_ref, wp_ref, hq_ref, wq_ref, dh_ref, acc_sc, *, vocab, tv):
+def _dh_kernel(rows_ref, hp_ref, wp_ref, hq_ref, wq_ref, dh_ref, acc_sc, *, vocab, tv, softcap):
     j = pl.program_id(1)
 
     @pl.when(j == 0)
     def _init():
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    dz, wp = _dz(hp_ref[...], wp_ref, hq_ref, wq_ref, rows_ref[...], j, tv, vocab)
+    dz, wp = _dz(hp_ref[...], wp_ref, hq_ref, wq_ref, rows_ref[...], j, tv, vocab, softcap)
     acc_sc[...] += lax.dot_general(
         dz.astype(wp.dtype), wp, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
     )
@@ -95,14 +98,16 @@ def _dh_kernel(rows_ref, hp_ref, wp_ref, hq_ref, wq_ref, dh_ref, acc_sc, *, voca
         dh_ref[...] = acc_sc[...].astype(dh_ref.dtype)
 
 
-def _dw_kernel(rows_ref, hp_ref, hpt_ref, wp_ref, hq_ref, wq_ref, dw_ref, acc_sc, *, vocab, tv):
+def _dw_kernel(
+    rows_ref, hp_ref, hpt_ref, wp_ref, hq_ref, wq_ref, dw_ref, acc_sc, *, vocab, tv, softcap
+):
     j, i = pl.program_id(0), pl.program_id(1)
 
     @pl.when(i == 0)
     def _init():
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    dz, _ = _dz(hp_ref[...], wp_ref, hq_ref, wq_ref, rows_ref[...], j, tv, vocab)
+    dz, _ = _dz(hp_ref[...], wp_ref, hq_ref, wq_ref, rows_ref[...], j, tv, vocab, softcap)
     acc_sc[...] += jnp.dot(
         hpt_ref[...], dz.astype(hpt_ref.dtype), preferred_element_type=jnp.float32
     )
@@ -126,11 +131,11 @@ def _specs(tn, tv, dp, dq, vocab_first):
     ]
 
 
-def _forward(hp, wp, hq, wq, block_size, interpret):
+def _forward(hp, wp, hq, wq, block_size, softcap, interpret):
     (n, dp), dq, vocab = hp.shape, hq.shape[1], wp.shape[1]
     tn, tv, n_pad = _blocks(n, vocab, block_size, interpret)
     out = pl.pallas_call(
-        functools.partial(_fwd_kernel, vocab=vocab, tv=tv),
+        functools.partial(_fwd_kernel, vocab=vocab, tv=tv, softcap=softcap),
         out_shape=jax.ShapeDtypeStruct((n_pad, LANES), jnp.float32),
         grid=(n_pad // tn, pl.cdiv(vocab, tv)),
         in_specs=_specs(tn, tv, dp, dq, vocab_first=False),
@@ -141,17 +146,17 @@ def _forward(hp, wp, hq, wq, block_size, interpret):
     return out[:, _KL], out[:, _LSE_P], out[:, _LSE_Q]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _kl(hp, wp, hq, wq, block_size, interpret):
-    return _forward(hp, wp, hq, wq, block_size, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _kl(hp, wp, hq, wq, block_size, softcap, interpret):
+    return _forward(hp, wp, hq, wq, block_size, softcap, interpret)[0]
 
 
-def _kl_fwd(hp, wp, hq, wq, block_size, interpret):
-    kl, lse_p, lse_q = _forward(hp, wp, hq, wq, block_size, interpret)
+def _kl_fwd(hp, wp, hq, wq, block_size, softcap, interpret):
+    kl, lse_p, lse_q = _forward(hp, wp, hq, wq, block_size, softcap, interpret)
     return kl, (hp, wp, hq, wq, kl, lse_p, lse_q)
 
 
-def _kl_bwd(block_size, interpret, res, g):
+def _kl_bwd(block_size, softcap, interpret, res, g):
     hp, wp, hq, wq, kl, lse_p, lse_q = res
     (n, dp), dq, vocab = hp.shape, hq.shape[1], wp.shape[1]
     tn, tv, n_pad = _blocks(n, vocab, block_size, interpret)
@@ -159,7 +164,7 @@ def _kl_bwd(block_size, interpret, res, g):
     zero = jnp.zeros_like(kl)
     rows = _pad_rows(jnp.stack([kl, lse_p, lse_q, g, zero, zero, zero, zero], axis=1), n_pad)
     hp_pad, hq_pad = _pad_rows(hp, n_pad), _pad_rows(hq, n_pad)
-    static = dict(vocab=vocab, tv=tv)
+    static = dict(vocab=vocab, tv=tv, softcap=softcap)
     dh = pl.pallas_call(
         functools.partial(_dh_kernel, **static),
         out_shape=jax.ShapeDtypeStruct((n_pad, dp), hp.dtype),
@@ -200,7 +205,9 @@ def kl(
     unembedding_q: Float[Array, "Dq V"],
     *,
     block_size: int | None = None,
+    softcap: float | None = None,
     interpret: bool = False,
 ) -> PerToken:
-    """Per-token KL(p || q) in float32 on TPU (``interpret=True``: anywhere); gradients to p."""
-    return _kl(hidden_p, unembedding_p, hidden_q, unembedding_q, block_size, interpret)
+    """Per-token KL(p || q) in float32 on TPU (``interpret=True``: anywhere); gradients to p;
+    logits soft-capped by ``softcap``."""
+    return _kl(hidden_p, unembedding_p, hidden_q, unembedding_q, block_size, softcap, interpret)

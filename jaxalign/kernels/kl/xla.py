@@ -8,6 +8,8 @@ so that ``KL = A / s_p - lse_p + lse_q``. Backward (``jax.custom_vjp``; the q si
 constant and gets zero gradient) recomputes the tiles:
 
     d zp_j = g p_j (log p_j - log q_j - KL),  dh_p += dzp @ Wp_tile^T,  dW_p[:, tile] = h_p^T dzp.
+
+With a soft-cap c both sides' tiles are ``c tanh(z / c)`` and ``d zp_j *= 1 - (zp_j / c)^2``.
 """
 
 import functools
@@ -16,15 +18,16 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from jaxalign.kernels import _softcap
 from jaxalign.kernels.logprob.xla import accumulate_grads, fold_tiles, tile_logits
 
 PerToken = Float[Array, "N"]
 
 
-def _forward(hp, wp, hq, wq, block_size):
+def _forward(hp, wp, hq, wq, block_size, softcap):
     def tile_stats(start, size):
-        zp, _ = tile_logits(hp, wp, start, size)
-        zq, _ = tile_logits(hq, wq, start, size)
+        zp, _ = tile_logits(hp, wp, start, size, softcap)
+        zq, _ = tile_logits(hq, wq, start, size, softcap)
         mp, mq = jnp.max(zp, axis=-1), jnp.max(zq, axis=-1)
         ep = jnp.exp(zp - mp[:, None])
         sq = jnp.sum(jnp.exp(zq - mq[:, None]), axis=-1)
@@ -42,24 +45,25 @@ def _forward(hp, wp, hq, wq, block_size):
     return a / sp - lse_p + lse_q, lse_p, lse_q
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _kl(hp, wp, hq, wq, block_size):
-    return _forward(hp, wp, hq, wq, block_size)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _kl(hp, wp, hq, wq, block_size, softcap):
+    return _forward(hp, wp, hq, wq, block_size, softcap)[0]
 
 
-def _kl_fwd(hp, wp, hq, wq, block_size):
-    kl, lse_p, lse_q = _forward(hp, wp, hq, wq, block_size)
+def _kl_fwd(hp, wp, hq, wq, block_size, softcap):
+    kl, lse_p, lse_q = _forward(hp, wp, hq, wq, block_size, softcap)
     return kl, (hp, wp, hq, wq, kl, lse_p, lse_q)
 
 
-def _kl_bwd(block_size, res, g):
+def _kl_bwd(block_size, softcap, res, g):
     hp, wp, hq, wq, kl, lse_p, lse_q = res
 
     def tile_grads(start, size):
-        zp, wp_tile = tile_logits(hp, wp, start, size)
-        zq, _ = tile_logits(hq, wq, start, size)
+        zp, wp_tile = tile_logits(hp, wp, start, size, softcap)
+        zq, _ = tile_logits(hq, wq, start, size, softcap)
         logp, logq = zp - lse_p[:, None], zq - lse_q[:, None]
         dz = g[:, None] * jnp.exp(logp) * (logp - logq - kl[:, None])
+        dz = _softcap.chain(dz, zp, softcap)
         dh = jnp.dot(dz.astype(wp_tile.dtype), wp_tile.T, preferred_element_type=jnp.float32)
         dw = jnp.dot(hp.T, dz.astype(hp.dtype), preferred_element_type=jnp.float32)
         return dh, dw
@@ -78,6 +82,8 @@ def kl(
     unembedding_q: Float[Array, "Dq V"],
     *,
     block_size: int | None = None,
+    softcap: float | None = None,
 ) -> PerToken:
-    """Per-token KL(p || q) in float32 with vocab tiles of ``block_size``; gradients to p only."""
-    return _kl(hidden_p, unembedding_p, hidden_q, unembedding_q, block_size)
+    """Per-token KL(p || q) in float32 with vocab tiles of ``block_size``, logits soft-capped by
+    ``softcap``; gradients to p only."""
+    return _kl(hidden_p, unembedding_p, hidden_q, unembedding_q, block_size, softcap)

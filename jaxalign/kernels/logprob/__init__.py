@@ -2,7 +2,8 @@
 
 Models return hidden states; this op turns ``hidden [..., D]`` and the unembedding ``W [D, V]`` into
 per-token ``log softmax(h @ W)[target]`` without materialising ``[N, V]`` logits (except in
-``reference``).
+``reference``). Models with a final-logit soft-cap c (Gemma 2) pass ``softcap=c``: every
+implementation then uses ``z = c tanh(h @ W / c)``, tile by tile, gradients included.
 
 Implementations (``implementation=``):
 
@@ -25,12 +26,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Float, Int
 
-from jaxalign.kernels import _dispatch
+from jaxalign.kernels import _dispatch, _softcap
 
 _PACKAGE = __name__
 
 
-def _call(module, h, w, t, return_entropy, return_sum_sq, block_size, interpret):
+def _call(module, h, w, t, return_entropy, return_sum_sq, block_size, softcap, interpret):
     kwargs = (
         {"interpret": interpret} if module.__name__.rsplit(".", 1)[1].startswith("pallas") else {}
     )
@@ -41,6 +42,7 @@ def _call(module, h, w, t, return_entropy, return_sum_sq, block_size, interpret)
         return_entropy=return_entropy,
         return_sum_sq=return_sum_sq,
         block_size=block_size,
+        softcap=softcap,
         **kwargs,
     )
 
@@ -84,9 +86,11 @@ def token_logprobs(
     return_entropy: bool = False,
     return_sum_sq: bool = False,
     block_size: int | None = None,
+    softcap: float | None = None,
     interpret: bool = False,
 ):
-    """``log p(target | h) = (h @ W)[target] - logsumexp(h @ W)`` per token, float32.
+    """``log p(target | h) = z[target] - logsumexp(z)`` per token, float32, with logits
+    ``z = h @ W``, or ``z = c tanh(h @ W / c)`` with ``softcap`` c.
 
     Args:
       hidden: ``[B, T, D]`` or ``[N, D]`` (any leading shape), bfloat16 or float32.
@@ -99,6 +103,8 @@ def token_logprobs(
       return_entropy: also return ``entropy = -sum_j p_j log p_j``.
       return_sum_sq: also return ``sum_sq_probs = sum_j p_j^2``.
       block_size: vocab tile width (implementation default when None); V need not be a multiple.
+      softcap: final-logit soft-cap c (``ModelConfig.final_logit_softcap``) or None; applied to
+        each vocab tile, so capped models keep the no-``[N, V]`` path.
       interpret: run Pallas implementations in the Pallas interpreter (tests on CPU).
 
     Returns:
@@ -115,7 +121,7 @@ def token_logprobs(
     lead = targets.shape
     h, t, m, valid = _prepare(hidden, unembedding, targets, mask)
     logp, entropy, sum_sq = _call(
-        module, h, unembedding, t, return_entropy, return_sum_sq, block_size, interpret
+        module, h, unembedding, t, return_entropy, return_sum_sq, block_size, softcap, interpret
     )
     return _finish(lead, valid, m, logp, entropy, sum_sq)
 
@@ -148,6 +154,7 @@ def sharded_token_logprobs(
     return_entropy: bool = False,
     return_sum_sq: bool = False,
     block_size: int | None = None,
+    softcap: float | None = None,
     interpret: bool = False,
 ):
     """``token_logprobs`` with the unembedding's V sharded over ``mesh`` axis ``vocab_axis``.
@@ -182,12 +189,14 @@ def sharded_token_logprobs(
         if token_names:
             w = jax.lax.pcast(w, token_names, to="varying")
         lp_l, ent_l, sq_l = _call(
-            module, h, w, t_local, return_entropy, return_sum_sq, block_size, interpret
+            module, h, w, t_local, return_entropy, return_sum_sq, block_size, softcap, interpret
         )
-        # lse_l = z_t - logp_l; the one-hot parts of the two gradients cancel exactly.
+        # lse_l = z_t - logp_l; the one-hot parts of the two gradients cancel (exactly without a
+        # cap, to rounding with one).
         z_t = jnp.einsum(
             "nd,dn->n", h, jnp.take(w, t_local, axis=1), preferred_element_type=jnp.float32
         )
+        z_t = _softcap.cap(z_t, softcap)
         lse_l = z_t - lp_l
         return _combine_shards(lse_l, jnp.where(mine, z_t, 0.0), ent_l, sq_l, vocab_axis)
 

@@ -19,7 +19,8 @@ in two kernels: grid ``(N / Tn,)`` loops over vocab tiles and accumulates ``dh[r
 grid ``(V / Tv,)`` loops over token blocks and accumulates ``dW[:, cols] += h^T @ dz`` (each
 program owns its output rows/columns: no atomics, deterministic). Both accumulate in float32
 outputs. Matmul work: forward 2NDV, backward 8NDV (each backward kernel recomputes the logits).
-All three outputs are exactly differentiable.
+All three outputs are exactly differentiable. With a final-logit soft-cap c each tile is capped
+after its matmul, ``z = c tanh(h W / c)``, and the backward multiplies ``dz`` by ``1 - (z / c)^2``.
 
 Ragged edges (N, V, D not multiples of the blocks) use masked loads and stores.
 """
@@ -32,6 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
+
+from jaxalign.kernels import _softcap
 
 PerToken = Float[Array, "N"]
 TokenIds = Int[Array, "N"]
@@ -88,12 +91,12 @@ def _logits(h_ref, w_ref, rs, rmask, cs, cmask, tn, tv, td):
     return lax.fori_loop(0, pl.cdiv(d, td), body, jnp.zeros((tn, tv), jnp.float32))
 
 
-def _fwd_kernel(h_ref, w_ref, t_ref, *part_refs, tn, tv, td, want_ent, want_sq):
+def _fwd_kernel(h_ref, w_ref, t_ref, *part_refs, tn, tv, td, want_ent, want_sq, softcap):
     n, vocab = h_ref.shape[0], w_ref.shape[1]
     i, j = pl.program_id(0), pl.program_id(1)
     rs, _, rmask = _index(i * tn, tn, n)
     cs, cols, cmask = _index(j * tv, tv, vocab)
-    z = _logits(h_ref, w_ref, rs, rmask, cs, cmask, tn, tv, td)
+    z = _softcap.cap(_logits(h_ref, w_ref, rs, rmask, cs, cmask, tn, tv, td), softcap)
     z = jnp.where(cmask[None, :], z, -jnp.inf)
     t = plgpu.load(t_ref.at[rs], mask=rmask, other=0)
     m = jnp.max(z, axis=1)
@@ -107,8 +110,10 @@ def _fwd_kernel(h_ref, w_ref, t_ref, *part_refs, tn, tv, td, want_ent, want_sq):
         plgpu.store(ref.at[j, rs], x, mask=rmask)
 
 
-def _dz(z, cols, cmask, t, rows, want_ent, want_sq):
-    """d loss / d z of one tile; ``rows``: lse, g_lp, g_ent, entropy, g_sq, sum_sq ([Tn] each)."""
+def _dz(z, cols, cmask, t, rows, want_ent, want_sq, softcap):
+    """d loss / d z of one tile of uncapped logits ``z``; ``rows``: lse, g_lp, g_ent, entropy,
+    g_sq, sum_sq ([Tn] each)."""
+    z = _softcap.cap(z, softcap)
     lse, g_lp, g_ent, ent, g_sq, sq = (r[:, None] for r in rows)
     logp = jnp.where(cmask[None, :], z - lse, 0.0)
     p = jnp.where(cmask[None, :], jnp.exp(logp), 0.0)
@@ -117,7 +122,7 @@ def _dz(z, cols, cmask, t, rows, want_ent, want_sq):
         dz = dz - g_ent * p * (logp + ent)
     if want_sq:
         dz = dz + 2.0 * g_sq * p * (p - sq)
-    return dz
+    return _softcap.chain(dz, z, softcap, cmask[None, :])
 
 
 def _load_rows(t_ref, rows_refs, rs, rmask):
@@ -125,7 +130,7 @@ def _load_rows(t_ref, rows_refs, rs, rmask):
     return t, [plgpu.load(r.at[rs], mask=rmask, other=0.0) for r in rows_refs]
 
 
-def _dh_kernel(h_ref, w_ref, t_ref, *refs, tn, tv, td, want_ent, want_sq):
+def _dh_kernel(h_ref, w_ref, t_ref, *refs, tn, tv, td, want_ent, want_sq, softcap):
     (n, d), vocab = h_ref.shape, w_ref.shape[1]
     *rows_refs, dh_ref = refs
     rs, _, rmask = _index(pl.program_id(0) * tn, tn, n)
@@ -144,7 +149,7 @@ def _dh_kernel(h_ref, w_ref, t_ref, *refs, tn, tv, td, want_ent, want_sq):
     def vocab_tile(j, _):
         cs, cols, cmask = _index(j * tv, tv, vocab)
         z = _logits(h_ref, w_ref, rs, rmask, cs, cmask, tn, tv, td)
-        dz = _dz(z, cols, cmask, t, rows, want_ent, want_sq).astype(w_ref.dtype)
+        dz = _dz(z, cols, cmask, t, rows, want_ent, want_sq, softcap).astype(w_ref.dtype)
 
         def d_chunk(k, _):
             ds, _, dmask = _index(k * td, td, d)
@@ -161,7 +166,7 @@ def _dh_kernel(h_ref, w_ref, t_ref, *refs, tn, tv, td, want_ent, want_sq):
     lax.fori_loop(0, pl.cdiv(vocab, tv), vocab_tile, None)
 
 
-def _dw_kernel(h_ref, w_ref, t_ref, *refs, tn, tv, td, want_ent, want_sq):
+def _dw_kernel(h_ref, w_ref, t_ref, *refs, tn, tv, td, want_ent, want_sq, softcap):
     (n, d), vocab = h_ref.shape, w_ref.shape[1]
     *rows_refs, dw_ref = refs
     cs, cols, cmask = _index(pl.program_id(0) * tv, tv, vocab)
@@ -180,7 +185,7 @@ def _dw_kernel(h_ref, w_ref, t_ref, *refs, tn, tv, td, want_ent, want_sq):
         rs, _, rmask = _index(i * tn, tn, n)
         t, rows = _load_rows(t_ref, rows_refs, rs, rmask)
         z = _logits(h_ref, w_ref, rs, rmask, cs, cmask, tn, tv, td)
-        dz = _dz(z, cols, cmask, t, rows, want_ent, want_sq).astype(h_ref.dtype)
+        dz = _dz(z, cols, cmask, t, rows, want_ent, want_sq, softcap).astype(h_ref.dtype)
 
         def d_chunk(k, _):
             ds, _, dmask = _index(k * td, td, d)
@@ -197,11 +202,13 @@ def _dw_kernel(h_ref, w_ref, t_ref, *refs, tn, tv, td, want_ent, want_sq):
     lax.fori_loop(0, pl.cdiv(n, tn), token_block, None)
 
 
-def _forward(h, w, t, block_size, want_ent, want_sq, interpret):
+def _forward(h, w, t, block_size, want_ent, want_sq, softcap, interpret):
     (n, d), vocab = h.shape, w.shape[1]
     tn, tv, td = _blocks(n, d, vocab, block_size)
     nv = pl.cdiv(vocab, tv)
-    kernel = functools.partial(_fwd_kernel, tn=tn, tv=tv, td=td, want_ent=want_ent, want_sq=want_sq)
+    kernel = functools.partial(
+        _fwd_kernel, tn=tn, tv=tv, td=td, want_ent=want_ent, want_sq=want_sq, softcap=softcap
+    )
     n_stats = 3 + want_ent + want_sq
     part = _call(
         kernel,
@@ -220,17 +227,17 @@ def _forward(h, w, t, block_size, want_ent, want_sq, interpret):
     return (logp, entropy, sum_sq), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _logprobs(h, w, t, block_size, want_ent, want_sq, interpret):
-    return _forward(h, w, t, block_size, want_ent, want_sq, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _logprobs(h, w, t, block_size, want_ent, want_sq, softcap, interpret):
+    return _forward(h, w, t, block_size, want_ent, want_sq, softcap, interpret)[0]
 
 
-def _logprobs_fwd(h, w, t, block_size, want_ent, want_sq, interpret):
-    outs, lse = _forward(h, w, t, block_size, want_ent, want_sq, interpret)
+def _logprobs_fwd(h, w, t, block_size, want_ent, want_sq, softcap, interpret):
+    outs, lse = _forward(h, w, t, block_size, want_ent, want_sq, softcap, interpret)
     return outs, (h, w, t, lse, outs[1], outs[2])
 
 
-def _logprobs_bwd(block_size, want_ent, want_sq, interpret, res, cotangents):
+def _logprobs_bwd(block_size, want_ent, want_sq, softcap, interpret, res, cotangents):
     h, w, t, lse, entropy, sum_sq = res
     g_lp, g_ent, g_sq = cotangents
     (n, d), vocab = h.shape, w.shape[1]
@@ -244,7 +251,7 @@ def _logprobs_bwd(block_size, want_ent, want_sq, interpret, res, cotangents):
         g_sq if want_sq else zero,
         sum_sq if want_sq else zero,
     )
-    static = dict(tn=tn, tv=tv, td=td, want_ent=want_ent, want_sq=want_sq)
+    static = dict(tn=tn, tv=tv, td=td, want_ent=want_ent, want_sq=want_sq, softcap=softcap)
     dh = _call(
         functools.partial(_dh_kernel, **static),
         jax.ShapeDtypeStruct((n, d), jnp.float32),
@@ -271,12 +278,14 @@ def logprobs(
     return_entropy: bool = False,
     return_sum_sq: bool = False,
     block_size: int | None = None,
+    softcap: float | None = None,
     interpret: bool = False,
 ) -> tuple[PerToken, PerToken | None, PerToken | None]:
     """Per-token ``(logp, entropy, sum_sq)`` in float32 on GPU (``interpret=True``: anywhere).
 
-    ``block_size`` is the vocab tile Tv (rounded up to a power of two); ``targets`` in ``[0, V)``.
+    ``block_size`` is the vocab tile Tv (rounded up to a power of two); ``targets`` in ``[0, V)``;
+    logits soft-capped by ``softcap``.
     """
     return _logprobs(
-        hidden, unembedding, targets, block_size, return_entropy, return_sum_sq, interpret
+        hidden, unembedding, targets, block_size, return_entropy, return_sum_sq, softcap, interpret
     )

@@ -18,7 +18,9 @@ Backward recomputes the logits tile by tile, ``p = exp(z - lse)`` and
 
 then ``dh = dz @ W^T`` in a kernel with grid ``(token blocks "parallel", vocab tiles "arbitrary")``
 and ``dW = h^T @ dz`` in one with grid ``(vocab tiles "parallel", token blocks "arbitrary")``, each
-accumulating in a float32 VMEM scratch. All three outputs are exactly differentiable.
+accumulating in a float32 VMEM scratch. All three outputs are exactly differentiable. With a
+final-logit soft-cap c each tile is capped right after its matmul, ``z = c tanh(h W / c)``, and
+the backward multiplies ``dz`` by ``1 - (z / c)^2``.
 
 Ragged edges: N is padded to a multiple of Tn (cheap, ``[N, D]``); the last vocab tile may run past
 V and its out-of-range columns are masked (W is never padded or copied).
@@ -32,6 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float, Int
+
+from jaxalign.kernels import _softcap
 
 PerToken = Float[Array, "N"]
 TokenIds = Int[Array, "N"]
@@ -62,17 +66,32 @@ def _params(semantics, interpret):
     )
 
 
-def _tile_logits(h, w_ref, j, tv, vocab):
-    """``z = h @ W_tile`` with out-of-range columns (last tile) at -inf, and their mask."""
+def _tile_logits(h, w_ref, j, tv, vocab, softcap):
+    """``z = h @ W_tile`` (soft-capped) with out-of-range columns (last tile) at -inf, and their
+    mask."""
     cols = j * tv + lax.broadcasted_iota(jnp.int32, (1, tv), 1)
     valid = cols < vocab
     w = jnp.where(valid, w_ref[...], jnp.zeros((), w_ref.dtype))  # past-V columns are garbage
-    z = jnp.dot(h, w, preferred_element_type=jnp.float32)
+    z = _softcap.cap(jnp.dot(h, w, preferred_element_type=jnp.float32), softcap)
     return jnp.where(valid, z, -jnp.inf), cols, valid, w
 
 
 def _fwd_kernel(
-    t_ref, h_ref, w_ref, out_ref, m_sc, s_sc, zt_sc, a_sc, q_sc, *, vocab, tv, want_ent, want_sq
+    t_ref,
+    h_ref,
+    w_ref,
+    out_ref,
+    m_sc,
+    s_sc,
+    zt_sc,
+    a_sc,
+    q_sc,
+    *,
+    vocab,
+    tv,
+    want_ent,
+    want_sq,
+    softcap,
 ):
     j = pl.program_id(1)
 
@@ -82,7 +101,7 @@ def _fwd_kernel(
         for ref in (s_sc, zt_sc, a_sc, q_sc):
             ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
-    z, cols, valid, _ = _tile_logits(h_ref[...], w_ref, j, tv, vocab)
+    z, cols, valid, _ = _tile_logits(h_ref[...], w_ref, j, tv, vocab, softcap)
     m_prev = m_sc[...]
     m_new = jnp.maximum(m_prev, jnp.max(z, axis=1, keepdims=True))  # [Tn, 128]
     alpha = jnp.exp(m_prev - m_new)
@@ -109,8 +128,8 @@ def _fwd_kernel(
         out_ref[...] = out
 
 
-def _dz(z, cols, valid, t, rows, want_ent, want_sq):
-    """d loss / d z for one tile from the per-row stats ``rows [Tn, 8]``."""
+def _dz(z, cols, valid, t, rows, want_ent, want_sq, softcap):
+    """d loss / d z (before the cap) for one tile from the per-row stats ``rows [Tn, 8]``."""
     lse, g_lp = rows[:, 0:1], rows[:, 1:2]
     logp = jnp.where(valid, z - lse, 0.0)
     p = jnp.where(valid, jnp.exp(logp), 0.0)
@@ -119,18 +138,20 @@ def _dz(z, cols, valid, t, rows, want_ent, want_sq):
         dz = dz - rows[:, 2:3] * p * (logp + rows[:, 3:4])
     if want_sq:
         dz = dz + 2.0 * rows[:, 4:5] * p * (p - rows[:, 5:6])
-    return dz
+    return _softcap.chain(dz, z, softcap, valid)
 
 
-def _dh_kernel(t_ref, rows_ref, h_ref, w_ref, dh_ref, acc_sc, *, vocab, tv, want_ent, want_sq):
+def _dh_kernel(
+    t_ref, rows_ref, h_ref, w_ref, dh_ref, acc_sc, *, vocab, tv, want_ent, want_sq, softcap
+):
     j = pl.program_id(1)
 
     @pl.when(j == 0)
     def _init():
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    z, cols, valid, w = _tile_logits(h_ref[...], w_ref, j, tv, vocab)
-    dz = _dz(z, cols, valid, t_ref[...], rows_ref[...], want_ent, want_sq)
+    z, cols, valid, w = _tile_logits(h_ref[...], w_ref, j, tv, vocab, softcap)
+    dz = _dz(z, cols, valid, t_ref[...], rows_ref[...], want_ent, want_sq, softcap)
     acc_sc[...] += lax.dot_general(
         dz.astype(w.dtype), w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
     )
@@ -141,7 +162,7 @@ def _dh_kernel(t_ref, rows_ref, h_ref, w_ref, dh_ref, acc_sc, *, vocab, tv, want
 
 
 def _dw_kernel(
-    t_ref, rows_ref, h_ref, ht_ref, w_ref, dw_ref, acc_sc, *, vocab, tv, want_ent, want_sq
+    t_ref, rows_ref, h_ref, ht_ref, w_ref, dw_ref, acc_sc, *, vocab, tv, want_ent, want_sq, softcap
 ):
     j, i = pl.program_id(0), pl.program_id(1)
 
@@ -149,8 +170,8 @@ def _dw_kernel(
     def _init():
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    z, cols, valid, _ = _tile_logits(h_ref[...], w_ref, j, tv, vocab)
-    dz = _dz(z, cols, valid, t_ref[...], rows_ref[...], want_ent, want_sq)
+    z, cols, valid, _ = _tile_logits(h_ref[...], w_ref, j, tv, vocab, softcap)
+    dz = _dz(z, cols, valid, t_ref[...], rows_ref[...], want_ent, want_sq, softcap)
     acc_sc[...] += jnp.dot(ht_ref[...], dz.astype(ht_ref.dtype), preferred_element_type=jnp.float32)
 
     @pl.when(i == pl.num_programs(1) - 1)
@@ -162,12 +183,14 @@ def _pad_rows(x, n_pad):
     return jnp.pad(x, [(0, n_pad - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
-def _forward(h, w, t, block_size, want_ent, want_sq, interpret):
+def _forward(h, w, t, block_size, want_ent, want_sq, softcap, interpret):
     n, d = h.shape
     vocab = w.shape[1]
     tn, tv, n_pad = _blocks(n, vocab, block_size, interpret)
     grid = (n_pad // tn, pl.cdiv(vocab, tv))
-    kernel = functools.partial(_fwd_kernel, vocab=vocab, tv=tv, want_ent=want_ent, want_sq=want_sq)
+    kernel = functools.partial(
+        _fwd_kernel, vocab=vocab, tv=tv, want_ent=want_ent, want_sq=want_sq, softcap=softcap
+    )
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((n_pad, LANES), jnp.float32),
@@ -186,17 +209,17 @@ def _forward(h, w, t, block_size, want_ent, want_sq, interpret):
     return (out[:, _LP], entropy, sum_sq), out[:, _LSE]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _logprobs(h, w, t, block_size, want_ent, want_sq, interpret):
-    return _forward(h, w, t, block_size, want_ent, want_sq, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _logprobs(h, w, t, block_size, want_ent, want_sq, softcap, interpret):
+    return _forward(h, w, t, block_size, want_ent, want_sq, softcap, interpret)[0]
 
 
-def _logprobs_fwd(h, w, t, block_size, want_ent, want_sq, interpret):
-    outs, lse = _forward(h, w, t, block_size, want_ent, want_sq, interpret)
+def _logprobs_fwd(h, w, t, block_size, want_ent, want_sq, softcap, interpret):
+    outs, lse = _forward(h, w, t, block_size, want_ent, want_sq, softcap, interpret)
     return outs, (h, w, t, lse, outs[1], outs[2])
 
 
-def _logprobs_bwd(block_size, want_ent, want_sq, interpret, res, cotangents):
+def _logprobs_bwd(block_size, want_ent, want_sq, softcap, interpret, res, cotangents):
     h, w, t, lse, entropy, sum_sq = res
     g_lp, g_ent, g_sq = cotangents
     n, d = h.shape
@@ -218,7 +241,7 @@ def _logprobs_bwd(block_size, want_ent, want_sq, interpret, res, cotangents):
         axis=1,
     )
     t2, rows, hp = _pad_rows(t[:, None], n_pad), _pad_rows(rows, n_pad), _pad_rows(h, n_pad)
-    static = dict(vocab=vocab, tv=tv, want_ent=want_ent, want_sq=want_sq)
+    static = dict(vocab=vocab, tv=tv, want_ent=want_ent, want_sq=want_sq, softcap=softcap)
     dh = pl.pallas_call(
         functools.partial(_dh_kernel, **static),
         out_shape=jax.ShapeDtypeStruct((n_pad, d), h.dtype),
@@ -262,13 +285,15 @@ def logprobs(
     return_entropy: bool = False,
     return_sum_sq: bool = False,
     block_size: int | None = None,
+    softcap: float | None = None,
     interpret: bool = False,
 ) -> tuple[PerToken, PerToken | None, PerToken | None]:
     """Per-token ``(logp, entropy, sum_sq)`` in float32 on TPU (``interpret=True``: anywhere).
 
     ``block_size`` is the vocab tile Tv (rounded up to a multiple of 128 on hardware); tokens go in
-    blocks of ``TOKEN_BLOCK``. ``targets`` must lie in ``[0, V)``.
+    blocks of ``TOKEN_BLOCK``. ``targets`` must lie in ``[0, V)``; logits soft-capped by
+    ``softcap``.
     """
     return _logprobs(
-        hidden, unembedding, targets, block_size, return_entropy, return_sum_sq, interpret
+        hidden, unembedding, targets, block_size, return_entropy, return_sum_sq, softcap, interpret
     )

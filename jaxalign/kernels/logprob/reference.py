@@ -2,12 +2,15 @@
 
 Materialises the full ``[N, V]`` logits, so it is only for tests, tiny models and as a last resort.
 
-    z = h @ W,  logp_t = z_t - logsumexp(z),  entropy = -sum_j p_j log p_j,  sum_sq = sum_j p_j^2.
+    z = h @ W  (soft-capped: z = c tanh(h @ W / c)),
+    logp_t = z_t - logsumexp(z),  entropy = -sum_j p_j log p_j,  sum_sq = sum_j p_j^2.
 """
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
+
+from jaxalign.kernels import _softcap
 
 PerToken = Float[Array, "N"]
 TokenIds = Int[Array, "N"]
@@ -21,6 +24,7 @@ def logprobs(
     return_entropy: bool = False,
     return_sum_sq: bool = False,
     block_size: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[PerToken, PerToken | None, PerToken | None]:
     """Per-token ``(logp, entropy, sum_sq)`` in float32; extras are None unless asked.
 
@@ -29,6 +33,7 @@ def logprobs(
     """
     del block_size
     logits = jnp.dot(hidden, unembedding, preferred_element_type=jnp.float32)  # [N, V]
+    logits = _softcap.cap(logits, softcap)
     logp_all = jax.nn.log_softmax(logits, axis=-1)
     logp = jnp.take_along_axis(logp_all, targets[:, None], axis=-1)[:, 0]
     probs = jnp.exp(logp_all)

@@ -8,12 +8,13 @@ Gimelshein, 2018, "Online normalizer calculation for softmax"): for each tile ``
     q' = q * exp(2 (m - m')) + sum_j exp(2 (z_j - m'))                   (sum of squared probs)
 
 and at the end ``lse = m + log s``, ``entropy = lse - a / s``, ``sum_sq = q / s^2``. The target
-logit is a gather ``z_t = h . W[:, t]`` outside the loop.
+logit is a gather ``z_t = h . W[:, t]`` outside the loop. With a final-logit soft-cap c every
+logit (tile and target) is ``c tanh(h . w / c)``.
 
 Backward (``jax.custom_vjp``) recomputes each tile and never stores ``[N, V]``:
 
     d z_j = -g_lp p_j - g_ent p_j (log p_j + H) + 2 g_sq p_j (p_j - S)   (+ g_lp at j = t),
-    dh += dz @ W_tile^T,   dW[:, tile] = h^T @ dz.
+    (capped: d z_j *= 1 - (z_j / c)^2),   dh += dz @ W_tile^T,   dW[:, tile] = h^T @ dz.
 
 All three outputs are exactly differentiable w.r.t. ``hidden`` and ``unembedding``.
 
@@ -28,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
+
+from jaxalign.kernels import _softcap
 
 PerToken = Float[Array, "N"]
 TokenIds = Int[Array, "N"]
@@ -66,20 +69,22 @@ def accumulate_grads(vocab: int, block_size: int | None, grad_fn, dw_shape):
     return step(carry, n_full * vb, rem) if rem else carry
 
 
-def tile_logits(hidden, unembedding, start, size):
-    """``z = h @ W[:, start:start+size]`` in float32, and the tile of W."""
+def tile_logits(hidden, unembedding, start, size, softcap):
+    """``z = h @ W[:, start:start+size]`` in float32 (soft-capped), and the tile of W."""
     w_tile = lax.dynamic_slice_in_dim(unembedding, start, size, axis=1)
-    return jnp.dot(hidden, w_tile, preferred_element_type=jnp.float32), w_tile
+    z = jnp.dot(hidden, w_tile, preferred_element_type=jnp.float32)
+    return _softcap.cap(z, softcap), w_tile
 
 
-def _target_logit(hidden, unembedding, targets):
+def _target_logit(hidden, unembedding, targets, softcap):
     w_t = jnp.take(unembedding, targets, axis=1)  # [D, N]
-    return jnp.sum(hidden.astype(jnp.float32) * w_t.T.astype(jnp.float32), axis=-1)
+    z_t = jnp.sum(hidden.astype(jnp.float32) * w_t.T.astype(jnp.float32), axis=-1)
+    return _softcap.cap(z_t, softcap)
 
 
-def _forward(hidden, unembedding, targets, block_size, want_ent, want_sq):
+def _forward(hidden, unembedding, targets, block_size, want_ent, want_sq, softcap):
     def tile_stats(start, size):
-        z, _ = tile_logits(hidden, unembedding, start, size)
+        z, _ = tile_logits(hidden, unembedding, start, size, softcap)
         m = jnp.max(z, axis=-1)
         e = jnp.exp(z - m[:, None])
         a = jnp.sum(e * z, axis=-1) if want_ent else None
@@ -96,30 +101,30 @@ def _forward(hidden, unembedding, targets, block_size, want_ent, want_sq):
 
     m, s, a, q = fold_tiles(unembedding.shape[1], block_size, tile_stats, merge)
     lse = m + jnp.log(s)
-    logp = _target_logit(hidden, unembedding, targets) - lse
+    logp = _target_logit(hidden, unembedding, targets, softcap) - lse
     entropy = lse - a / s if want_ent else None
     sum_sq = q / (s * s) if want_sq else None
     return logp, entropy, sum_sq, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _logprobs(hidden, unembedding, targets, block_size, want_ent, want_sq):
-    return _forward(hidden, unembedding, targets, block_size, want_ent, want_sq)[:3]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _logprobs(hidden, unembedding, targets, block_size, want_ent, want_sq, softcap):
+    return _forward(hidden, unembedding, targets, block_size, want_ent, want_sq, softcap)[:3]
 
 
-def _logprobs_fwd(hidden, unembedding, targets, block_size, want_ent, want_sq):
+def _logprobs_fwd(hidden, unembedding, targets, block_size, want_ent, want_sq, softcap):
     logp, entropy, sum_sq, lse = _forward(
-        hidden, unembedding, targets, block_size, want_ent, want_sq
+        hidden, unembedding, targets, block_size, want_ent, want_sq, softcap
     )
     return (logp, entropy, sum_sq), (hidden, unembedding, targets, lse, entropy, sum_sq)
 
 
-def _logprobs_bwd(block_size, want_ent, want_sq, res, cotangents):
+def _logprobs_bwd(block_size, want_ent, want_sq, softcap, res, cotangents):
     hidden, unembedding, targets, lse, entropy, sum_sq = res
     g_lp, g_ent, g_sq = cotangents
 
     def tile_grads(start, size):
-        z, w_tile = tile_logits(hidden, unembedding, start, size)
+        z, w_tile = tile_logits(hidden, unembedding, start, size, softcap)
         logp = z - lse[:, None]
         p = jnp.exp(logp)
         dz = -g_lp[:, None] * p
@@ -127,14 +132,16 @@ def _logprobs_bwd(block_size, want_ent, want_sq, res, cotangents):
             dz = dz - g_ent[:, None] * p * (logp + entropy[:, None])
         if want_sq:
             dz = dz + 2.0 * g_sq[:, None] * p * (p - sum_sq[:, None])
+        dz = _softcap.chain(dz, z, softcap)
         dh = jnp.dot(dz.astype(w_tile.dtype), w_tile.T, preferred_element_type=jnp.float32)
         dw = jnp.dot(hidden.T, dz.astype(hidden.dtype), preferred_element_type=jnp.float32)
         return dh, dw
 
     dh, dw = accumulate_grads(unembedding.shape[1], block_size, tile_grads, unembedding.shape)
-    # One-hot part of d z: +g_lp at the target column.
-    dh = dh + g_lp[:, None] * jnp.take(unembedding, targets, axis=1).T.astype(jnp.float32)
-    dw = dw.at[:, targets].add((g_lp[:, None] * hidden.astype(jnp.float32)).T)
+    # One-hot part of d z: +g_lp at the target column (through the cap's slope there).
+    g_t = _softcap.chain(g_lp, _target_logit(hidden, unembedding, targets, softcap), softcap)
+    dh = dh + g_t[:, None] * jnp.take(unembedding, targets, axis=1).T.astype(jnp.float32)
+    dw = dw.at[:, targets].add((g_t[:, None] * hidden.astype(jnp.float32)).T)
     return dh.astype(hidden.dtype), dw.astype(unembedding.dtype), None
 
 
@@ -149,9 +156,13 @@ def logprobs(
     return_entropy: bool = False,
     return_sum_sq: bool = False,
     block_size: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[PerToken, PerToken | None, PerToken | None]:
-    """Per-token ``(logp, entropy, sum_sq)`` in float32 with vocab tiles of ``block_size`` columns.
+    """Per-token ``(logp, entropy, sum_sq)`` in float32 with vocab tiles of ``block_size`` columns,
+    logits soft-capped by ``softcap``.
 
     ``targets`` must lie in ``[0, V)``. Memory is O(N * block_size + D * V) in forward and backward.
     """
-    return _logprobs(hidden, unembedding, targets, block_size, return_entropy, return_sum_sq)
+    return _logprobs(
+        hidden, unembedding, targets, block_size, return_entropy, return_sum_sq, softcap
+    )

@@ -30,6 +30,7 @@ is at most lr * |dg| / eps, ~3e-8 for the gradient rounding of the mesh-equivale
 a missing or wrong update (~lr = 5e-5 to 1e-4 per step) still fails by orders of magnitude.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -46,7 +47,7 @@ from jaxalign import models
 from jaxalign.checkpoint import manager as ckpt
 from jaxalign.config import apply_overrides, load_config
 from jaxalign.data import load_tokenizer, make_pair_pipeline
-from jaxalign.train import loop
+from jaxalign.train import families, train
 
 pytestmark = pytest.mark.multiprocess
 
@@ -179,9 +180,13 @@ def one_process_run(tmp_path_factory):
         config.tokenizer = str(ROOT / config.tokenizer)
     assert jax.device_count() == 8 and jax.process_count() == 1
     patch = pytest.MonkeyPatch()
-    patch.setattr(loop, "make_pipeline", lambda config, *a, **k: _TwoHostBatches(config))
+    paired = families.FAMILIES["paired"]
+    two_hosts = dataclasses.replace(
+        paired, batches=lambda run, *a, **k: _TwoHostBatches(run.config)
+    )
+    patch.setitem(families.FAMILIES, "paired", two_hosts)
     try:
-        loop.train(config, workdir)
+        train(config, workdir)
     finally:
         patch.undo()
     return workdir, config

@@ -1,0 +1,304 @@
+"""Trainer families: one record each, read by the loops, the compile-only plan and the reference
+cache. Nothing else chooses by the family's name.
+
+| `trainer`  | objective                     | records              | head          | loop    |
+|------------|-------------------------------|----------------------|---------------|---------|
+| `sft`      | token-mean NLL                | sft                  |               | offline |
+| `paired`   | any paired loss or mix        | pair                 |               | offline |
+| `unpaired` | kto / bco / npo (+ retain)    | unpaired (kto, bco), |               | offline |
+|            |                               | sft (npo forget set) |               |         |
+| `reward`   | Bradley-Terry reward model    | pair                 | `reward_head` | offline |
+| `ppo`      | clipped PG + value loss, GAE  | prompts              | `value_head`  | online  |
+| `grpo`     | clipped PG, group advantages  | prompts              |               | online  |
+| `rloo`     | clipped PG, leave-one-out     | prompts              |               | online  |
+| `reinforce_pp` | clipped PG, REINFORCE++   | prompts              |               | online  |
+| `online_dpo` | any paired loss on (best, worst) of a group | prompts |            | online  |
+| `rft`      | SFT on each group's best      | prompts              |               | online  |
+
+`trainer="dpo"` is an alias of `paired` (it runs any paired loss, not only DPO).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import pathlib
+from collections.abc import Callable
+
+import jax
+from ml_collections import ConfigDict
+
+from jaxalign import losses
+from jaxalign.data import layout, make_batches, make_prompt_pipeline, make_ref_join
+from jaxalign.errors import ConfigError
+from jaxalign.losses import policy as policy_losses
+from jaxalign.models import heads
+from jaxalign.sharding import ShardingRules
+from jaxalign.train import objectives, policy, reward, updates
+from jaxalign.train.objectives import Objective
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Everything that differs between trainer families.
+
+    objective: (config, model_config, mesh) -> Objective (its `batch` is the batch spec).
+    batches: (run, path, *, train) -> the batch iterator of one split (prompt batches for the
+      online families).
+    head: the name of a scalar head in the params tree (`jaxalign.models.heads`), or None.
+    takes_ref_cache: `data.ref_logps` (`jaxalign cache-ref`) applies.
+    loop: which loop runs it ("offline": one batch, one update; "online": sample, score,
+      update, `jaxalign.train.online`).
+    to_batch: online families: (run) -> the rollout-to-update-batch function
+      (`jaxalign.train.updates`).
+    """
+
+    objective: Callable[..., Objective]
+    batches: Callable
+    head: str | None = None
+    takes_ref_cache: bool = False
+    loop: str = "offline"
+    to_batch: Callable | None = None
+
+
+def make_loss(config: ConfigDict) -> losses.Bound | losses.Mix:
+    """The configured loss, its hyperparameters checked against the loss's signature.
+
+    `loss.name` a name in `jaxalign.losses.names()`, the other `loss.*` keys its hyperparameters;
+    or `loss.name = "mix"` with `loss.terms` a tuple of `(name, weight[, hyper[, rename]])`, e.g.
+    MPO: `(("dpo", 0.8, {"beta": 0.1}), ("bco_pair", 0.2, {}), ("sft", 1.0, {}))`: loss =
+    sum_k weight_k loss_k (`jaxalign.losses.mix`)."""
+    loss = config.loss.to_dict()
+    name = loss.pop("name")
+    try:
+        if name != "mix":
+            return losses.bind(name, **loss)
+        terms = loss.pop("terms", ())
+        if loss or not terms:
+            raise ValueError(
+                f"a mix takes `loss.terms` (name, weight[, hyper[, rename]]) only, got "
+                f"terms={terms!r} and {sorted(loss)}"
+            )
+        return losses.mix([tuple(t) for t in terms])
+    except (KeyError, TypeError, ValueError) as e:
+        message = str(e.args[0] if e.args else e).removeprefix("jaxalign: ")
+        raise ConfigError(
+            message if message.startswith("unknown loss") else f"loss {name!r}: {message}"
+        ) from None
+
+
+def ref_cache_settings(config: ConfigDict) -> dict:
+    """What cached reference log-probs depend on; the join checks them against the cache's."""
+    return {
+        "tokenizer": config.tokenizer,
+        "template": config.data.template,
+        "max_len": config.data.max_len,
+        "max_prompt_len": config.data.max_prompt_len,
+        "train_on_prompt": config.data.train_on_prompt,
+        "reference": config.model.init_from or f"{config.model.preset} seed={config.seed}",
+    }
+
+
+@functools.lru_cache(maxsize=2)
+def _ref_join_cached(path: str, mtime: float, settings_json: str):
+    return make_ref_join(path, json.loads(settings_json))
+
+
+def ref_join(config: ConfigDict):
+    """The reference-cache join transform of `data.ref_logps`, loaded once per file version
+    (evaluations rebuild pipelines)."""
+    path = config.data.ref_logps
+    mtime = pathlib.Path(path).stat().st_mtime if pathlib.Path(path).exists() else 0.0
+    return _ref_join_cached(path, mtime, json.dumps(ref_cache_settings(config), sort_keys=True))
+
+
+def _fields(config: ConfigDict) -> tuple[str, ...]:
+    """The per-example data fields of a batch: `data.extra_fields`, and the reference cache's."""
+    cached = layout.CACHE_FIELDS if config.data.ref_logps else ()
+    return (*config.data.extra_fields, *cached)
+
+
+def _with_loss(make, config: ConfigDict, model_config, **kw) -> Objective:
+    """`make(model_config, loss, num_groups=..., fields=..., **kw)` with the configured loss; a
+    loss the objective cannot carry is a ConfigError."""
+    try:
+        return make(
+            model_config,
+            make_loss(config),
+            num_groups=jax.process_count(),
+            fields=_fields(config),
+            **kw,
+        )
+    except ValueError as e:
+        raise ConfigError(f"loss: {e}") from None
+
+
+def _placement(config: ConfigDict, mesh) -> dict:
+    """Where the objective runs: the mesh (for the sharded log-prob kernel), the sharding rules
+    (activation annotations) and the log-prob kernel implementation."""
+    impl = None if config.logprob_impl == "auto" else config.logprob_impl
+    return {"mesh": mesh, "rules": ShardingRules.preset(config.sharding), "implementation": impl}
+
+
+def sft(config: ConfigDict, model_config, mesh) -> Objective:
+    return objectives.sft_objective(
+        model_config,
+        num_groups=jax.process_count(),
+        fields=_fields(config),
+        **_placement(config, mesh),
+    )
+
+
+def paired(config: ConfigDict, model_config, mesh) -> Objective:
+    return _with_loss(objectives.paired_objective, config, model_config, **_placement(config, mesh))
+
+
+def unpaired(config: ConfigDict, model_config, mesh) -> Objective:
+    return _with_loss(
+        objectives.unpaired_objective,
+        config,
+        model_config,
+        retain=bool(config.data.retain),
+        **_placement(config, mesh),
+    )
+
+
+def reward_model(config: ConfigDict, model_config, mesh) -> Objective:
+    del mesh  # the reward head reads hidden states; no log-prob kernel
+    return _with_loss(reward.reward_objective, config, model_config)
+
+
+def offline_batches(run, path: str, *, train: bool):
+    """Batches of the objective's spec from `path` (`jaxalign.data.make_batches`): each host reads
+    its share of every micro-batch of the global `data.batch_size`; the reference-cache join when
+    `data.ref_logps` is set; endless for training, one pass otherwise."""
+    config = run.config
+    data = config.data
+    spec = run.objective.batch
+    transforms = (ref_join(config),) if data.ref_logps else ()
+    return make_batches(
+        spec,
+        path,
+        run.tokenizer,
+        retain_path=data.retain,
+        batch_size=data.batch_size // (config.optimizer.grad_accum * jax.process_count()),
+        max_len=data.max_len,
+        max_prompt_len=data.max_prompt_len,
+        pack=data.pack,
+        seed=data.shuffle_seed,
+        template=data.template,
+        skip_bad_records=data.skip_bad_records,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        train_on_prompt=data.train_on_prompt,
+        transforms=transforms,
+        num_epochs=None if train else 1,
+    )
+
+
+def prompt_batches(run, path: str, *, train: bool):
+    """Prompt batches (`jaxalign.data.make_prompt_pipeline`) of the online families: each host
+    reads its share of `data.batch_size` prompts; endless and shuffled for training, one pass in
+    file order for evaluation."""
+    data = run.config.data
+    return make_prompt_pipeline(
+        path,
+        run.tokenizer,
+        batch_size=data.batch_size // jax.process_count(),
+        max_prompt_len=data.max_prompt_len,
+        seed=data.shuffle_seed,
+        shuffle=train,
+        template=data.template,
+        skip_bad_records=data.skip_bad_records,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_epochs=None if train else 1,
+    )
+
+
+def _group_of_two(config: ConfigDict, family: str) -> None:
+    if config.rl.group_size < 2:
+        raise ConfigError(
+            f"rl.group_size={config.rl.group_size}: {family} compares the completions of a "
+            "prompt, so it needs at least 2"
+        )
+
+
+def _policy(*, kl_in_loss: bool, value_head: bool, family: str, pairs: bool = False):
+    def build(config: ConfigDict, model_config, mesh) -> Objective:
+        if pairs:
+            _group_of_two(config, family)
+        if config.rl.aggregation not in policy_losses.AGGREGATIONS:
+            raise ConfigError(
+                f'rl.aggregation "{config.rl.aggregation}" is unknown (known: '
+                f"{', '.join(policy_losses.AGGREGATIONS)})"
+            )
+        if config.rl.ratio not in ("token", "sequence"):
+            raise ConfigError(f'rl.ratio "{config.rl.ratio}": expected "token" or "sequence"')
+        place = _placement(config, mesh)
+        return policy.policy_objective(
+            model_config,
+            config.rl,
+            kl_in_loss=kl_in_loss,
+            value_head=value_head,
+            mesh=place["mesh"],
+            rules=place["rules"],
+            impl=place["implementation"],
+        )
+
+    return build
+
+
+def online_dpo(config: ConfigDict, model_config, mesh) -> Objective:
+    _group_of_two(config, "online_dpo")
+    return paired(config, model_config, mesh)
+
+
+def _online(objective, estimator, *, kl_in_loss=False, head=None) -> Family:
+    return Family(
+        objective,
+        prompt_batches,
+        head=head,
+        loop="online",
+        to_batch=lambda run: updates.policy_batch(run, estimator, kl_in_loss=kl_in_loss),
+    )
+
+
+FAMILIES: dict[str, Family] = {
+    "sft": Family(sft, offline_batches),
+    "paired": Family(paired, offline_batches, takes_ref_cache=True),
+    "unpaired": Family(unpaired, offline_batches),
+    "reward": Family(reward_model, offline_batches, head=heads.REWARD_HEAD),
+    "ppo": _online(
+        _policy(kl_in_loss=False, value_head=True, family="ppo"), None, head=heads.VALUE_HEAD
+    ),
+    "grpo": _online(
+        _policy(kl_in_loss=True, value_head=False, family="grpo"),
+        updates.grpo_advantages,
+        kl_in_loss=True,
+    ),
+    "rloo": _online(
+        _policy(kl_in_loss=False, value_head=False, family="rloo", pairs=True),
+        updates.rloo_advantages,
+    ),
+    "reinforce_pp": _online(
+        _policy(kl_in_loss=False, value_head=False, family="reinforce_pp"),
+        updates.reinforce_pp_advantages,
+    ),
+    "online_dpo": Family(online_dpo, prompt_batches, loop="online", to_batch=updates.pair_batch),
+    "rft": Family(sft, prompt_batches, loop="online", to_batch=updates.best_batch),
+}
+ALIASES = {"dpo": "paired"}
+
+
+def get(name: str) -> Family:
+    """The family a config's `trainer` names (aliases resolved); unknown names are ConfigErrors."""
+    family = FAMILIES.get(ALIASES.get(name, name))
+    if family is None:
+        close = difflib.get_close_matches(name, [*FAMILIES, *ALIASES], n=1)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        known = ", ".join([*FAMILIES, *(f"{a} (= {b})" for a, b in ALIASES.items())])
+        raise ConfigError(f'trainer "{name}" is unknown{hint}; known: {known}')
+    return family

@@ -1,0 +1,425 @@
+"""What a trainer family's step computes: the `Objective` record and the offline objectives.
+
+An objective maps one micro-batch to weighted sums,
+
+    fn(params, ref_params, micro, loss_state) -> (weighted_loss_sum, weight_sum, metric_sums),
+
+and the step (`jaxalign.train.steps`) sums them over micro-batches and divides by the total weight,
+so any split into micro-batches gives the gradient of the whole batch. Every metric is a weighted
+sum divided the same way.
+
+Objectives: `sft_objective` (token-mean NLL), `paired_objective` (any paired loss or mix on pair
+batches), `unpaired_objective` (kto / bco / npo on single responses) and
+`jaxalign.train.reward.reward_objective` (Bradley-Terry reward model).
+
+Sequences. A batch holds B sequences in R rows (layout: `jaxalign.data.layout`); `seq_index`
+maps every token to its sequence, which makes the same code serve padded and packed rows. A global
+batch is `num_groups` blocks of rows, one per host, each indexing its own sequences
+(`sequence_index`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxalign import kernels, losses, models
+from jaxalign.data import layout
+from jaxalign.data.layout import BatchSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """Everything the steps, loops, plans and the reference cache need to know about an objective.
+
+    fn: (params, ref_params, micro, loss_state) -> (loss_sum, weight, metric_sums).
+    batch: what its batches hold (`jaxalign.data.layout.BatchSpec`).
+    needs_ref: whether `fn` reads `ref_params` (the run then holds frozen reference weights).
+    initial_loss_state: running loss state carried in the train state (BCO's delta), or None.
+    """
+
+    fn: Callable
+    batch: BatchSpec
+    needs_ref: bool = False
+    initial_loss_state: dict | None = None
+
+
+def as_loss(loss, loss_kwargs: dict | None = None) -> losses.Bound | losses.Mix:
+    """A loss name (with hyperparameters) or an already built `Bound` / `Mix`."""
+    if isinstance(loss, str):
+        return losses.bind(loss, **(loss_kwargs or {}))
+    return loss
+
+
+def loss_inputs(loss: losses.Bound | losses.Mix) -> set[str]:
+    """Every input name any term of `loss` reads (optional ones included, renames applied)."""
+    terms = loss.terms if isinstance(loss, losses.Mix) else (loss,)
+    return {t.rename.get(p, p) for t in terms for p in losses.inputs(t.name)}
+
+
+def kl_sequences_needed(loss) -> bool:
+    """Whether the loss takes mismatched-pair log-probs (KTO's z0)."""
+    return any(n.startswith("kl_") for n in loss_inputs(as_loss(loss)))
+
+
+def sequence_index(batch, seqs_per_group: int, num_groups: int):
+    """(index int [R, T], B): the global sequence of every token, B for padding.
+
+    A global batch is `num_groups` blocks of rows (one per host), each indexing its own
+    `seqs_per_group` sequences; block g's sequences come out at [g * seqs_per_group, (g + 1) *
+    seqs_per_group)."""
+    rows = batch["loss_mask"].shape[0]
+    group = (jnp.arange(rows) // (rows // num_groups))[:, None]
+    total = seqs_per_group * num_groups
+    seq_index = batch["seq_index"]
+    return jnp.where(seq_index >= 0, seq_index + group * seqs_per_group, total), total
+
+
+def sequence_sums(values, index, total: int):
+    """[R, T] token values -> [B] per-sequence sums (padding dropped)."""
+    return jax.ops.segment_sum(values.ravel(), index.ravel(), total + 1)[:total]
+
+
+def response_ordinals(loss_mask, index, total: int):
+    """1, 2, ... |y| on the counted tokens of each sequence, in order; 0 elsewhere: [R, T].
+
+    A sequence is contiguous within its row, so with c the row's inclusive cumulative count of
+    counted tokens, the ordinal is c - (c before the sequence's first token) = c - min_seq(c - m).
+    """
+    counts = jnp.cumsum(loss_mask, axis=1)
+    before = jax.ops.segment_min((counts - loss_mask).ravel(), index.ravel(), total + 1)
+    return (counts - before[index]) * loss_mask
+
+
+def pair_min_lengths(lengths, num_groups: int):
+    """[G * 2P] sequence lengths (block g: P chosen then P rejected) -> [G * 2P], each sequence's
+    min(|y_w|, |y_l|) of its pair."""
+    x = lengths.reshape(num_groups, 2, -1)
+    return jnp.broadcast_to(x.min(axis=1, keepdims=True), x.shape).reshape(-1)
+
+
+def prefix_mask(loss_mask, index, total: int, limit):
+    """The counted tokens among the first `limit[s]` counted tokens of each sequence s: [R, T].
+
+    For LD-DPO, `limit = pair_min_lengths(lengths)`: the common prefix of the pair's responses."""
+    ordinals = response_ordinals(loss_mask, index, total)
+    bound = jnp.concatenate([limit, jnp.zeros((1,), limit.dtype)])[index]
+    return loss_mask * (ordinals <= bound)
+
+
+def token_logps(
+    model_config, params, batch, *, mesh: Mesh | None = None, rules=None, implementation=None
+):
+    """Log-probs of the targets on counted tokens, 0 elsewhere: [R, T] (no [R, T, V] logits).
+
+    `rules` (`jaxalign.sharding.ShardingRules`) annotate the model's activations. On a
+    multi-device `mesh` the kernel runs per shard inside `shard_map`: rows split over the
+    batch axes (data, fsdp) as the batch is, the unembedding's vocabulary over `tensor`, partial
+    logsumexps merged across it. A Pallas kernel cannot be partitioned by XLA, so this is also
+    what keeps it sharded.
+    """
+    hidden = models.forward(
+        model_config,
+        params,
+        batch["tokens"],
+        batch["positions"],
+        batch["segment_ids"],
+        mesh=mesh,
+        rules=rules,
+    )
+    unembedding = models.unembedding(model_config, params)
+    mask = batch["loss_mask"] > 0
+    if mesh is None or mesh.size == 1:
+        return kernels.token_logprobs(
+            hidden,
+            unembedding,
+            batch["targets"],
+            mask=mask,
+            implementation=implementation,
+            softcap=model_config.final_logit_softcap,
+        )
+    return kernels.sharded_token_logprobs(
+        hidden,
+        unembedding,
+        batch["targets"],
+        mesh=mesh,
+        vocab_axis="tensor",
+        token_axes=("data", "fsdp"),
+        mask=mask,
+        implementation=implementation,
+        softcap=model_config.final_logit_softcap,
+    )
+
+
+def sequence_logps(
+    model_config,
+    params,
+    batch,
+    seqs_per_group: int,
+    num_groups: int,
+    *,
+    mesh=None,
+    rules=None,
+    impl=None,
+):
+    """Sum of response-token log-probs and response lengths per sequence: ([B], [B])."""
+    index, total = sequence_index(batch, seqs_per_group, num_groups)
+    mask = batch["loss_mask"]
+    logps = token_logps(model_config, params, batch, mesh=mesh, rules=rules, implementation=impl)
+    return sequence_sums(logps * mask, index, total), sequence_sums(mask, index, total)
+
+
+def split_pairs(x, num_groups: int):
+    """[G * 2P] per-sequence values (block g: P chosen then P rejected) -> ([G*P], [G*P])."""
+    x = x.reshape(num_groups, 2, -1)
+    return x[:, 0].reshape(-1), x[:, 1].reshape(-1)
+
+
+def paired_logps(
+    model_config, params, micro, num_groups: int, *, with_prefix, mesh=None, rules=None, impl=None
+):
+    """Per pair ([G*P], [G*P]) chosen and rejected sums of a pair batch: {"logps": ...} and, with
+    `with_prefix`, {"prefix_logps": ...} over the first min(|y_w|, |y_l|) response tokens of each
+    side (LD-DPO, `prefix_mask`). Also returns the per-side lengths under "lengths"."""
+    per_group = 2 * micro["example_mask"].shape[0] // num_groups
+    index, total = sequence_index(micro, per_group, num_groups)
+    mask = micro["loss_mask"]
+    lengths = sequence_sums(mask, index, total)
+    logps = token_logps(model_config, params, micro, mesh=mesh, rules=rules, implementation=impl)
+    out = {
+        "lengths": split_pairs(lengths, num_groups),
+        "logps": split_pairs(sequence_sums(logps * mask, index, total), num_groups),
+    }
+    if with_prefix:
+        prefix = prefix_mask(mask, index, total, pair_min_lengths(lengths, num_groups))
+        out["prefix_logps"] = split_pairs(sequence_sums(logps * prefix, index, total), num_groups)
+    return out
+
+
+def weighted(metrics: dict, weight):
+    """Per-example metrics [E] -> weighted sums; scalar metrics are weighted by the batch weight."""
+    total = weight.sum()
+    return {k: (v * weight).sum() if v.ndim else v * total for k, v in metrics.items()}
+
+
+def delta_state(loss) -> dict | None:
+    """BCO's running reward mean, when a term of the loss takes `delta` (one such term at most)."""
+    terms = loss.terms if isinstance(loss, losses.Mix) else (loss,)
+    takers = [t for t in terms if "delta" in losses.inputs(t.name) and "delta" not in t.rename]
+    if len(takers) > 1:
+        raise ValueError(
+            f"{len(takers)} loss terms take the running mean `delta` "
+            f"({[t.name for t in takers]}); the trainer carries one"
+        )
+    if not takers:
+        return None
+    return {"delta": jnp.zeros((), jnp.float32), "delta_count": jnp.zeros((), jnp.float32)}
+
+
+def update_loss_state(loss_state: dict | None, metrics: dict, weight):
+    """Fold the batch into the running state: BCO's delta is the mean of all rewards seen so far,
+
+        n' = n + w,   delta' = delta + (mean_batch - delta) w / n',
+
+    with mean_batch = metrics[".../delta/batch_reward"] (already the weighted batch mean of the
+    per-example rewards beta * s) and w the batch weight (real examples, or pairs: per pair the
+    metric is the mean of its two rewards, so the mean over pairs is the mean over all rewards).
+    The delta used at step t is thus the mean over the batches of steps < t (0 at the first step):
+    TRL's BCO folds the current batch in first; lagging one batch keeps the step a single pass
+    and independent of the micro-batch split."""
+    if not loss_state:
+        return loss_state
+    key = next(k for k in metrics if k.endswith("delta/batch_reward"))
+    count = loss_state["delta_count"] + weight
+    delta = loss_state["delta"] + (metrics[key] - loss_state["delta"]) * weight / count
+    return {"delta": delta, "delta_count": count}
+
+
+def finalize_metrics(metrics: dict) -> dict:
+    """Ratios of averaged metrics: the mean implicit reward of desirable and undesirable
+    responses and their gap (unpaired objective), from its weighted sums."""
+    if "labels/desirable" not in metrics:
+        return metrics
+    good = metrics["labels/desirable"]
+    desirable = metrics["rewards/desirable_sum"] / jnp.maximum(good, 1e-9)
+    undesirable = metrics["rewards/undesirable_sum"] / jnp.maximum(1.0 - good, 1e-9)
+    return metrics | {
+        "rewards/desirable": desirable,
+        "rewards/undesirable": undesirable,
+        "rewards/gap": desirable - undesirable,
+    }
+
+
+def sft_objective(
+    model_config, *, num_groups: int = 1, mesh=None, rules=None, implementation=None, fields=()
+) -> Objective:
+    """Token-mean NLL of response tokens over the whole batch (prompt tokens masked)."""
+
+    def fn(params, ref_params, micro, loss_state=None):
+        del ref_params, loss_state
+        per_group = micro["example_mask"].shape[0] // num_groups
+        logps, lengths = sequence_logps(
+            model_config,
+            params,
+            micro,
+            per_group,
+            num_groups,
+            mesh=mesh,
+            rules=rules,
+            impl=implementation,
+        )
+        loss, metrics = losses.sft(logps, lengths)
+        # Token-weighted: sum_i len_i * (-logp_i / len_i) / sum_i len_i = token-mean NLL.
+        weight = lengths * micro["example_mask"]
+        return (loss * weight).sum(), weight.sum(), weighted(metrics, weight)
+
+    return Objective(fn, BatchSpec("sft", fields=tuple(fields)))
+
+
+def paired_objective(
+    model_config,
+    loss,
+    loss_kwargs: dict | None = None,
+    *,
+    num_groups: int = 1,
+    mesh=None,
+    rules=None,
+    implementation=None,
+    fields=(),
+) -> Objective:
+    """Any paired loss (a name with `loss_kwargs`, or a `losses.Bound` / `losses.Mix`) on pair
+    batches (sequence i chosen, P + i rejected).
+
+    Inputs the objective supplies, by name: `policy_{chosen,rejected}_logps`, `{chosen,rejected}
+    _lengths`; `ref_*` (only when some term needs the reference: from the batch's cached
+    `ref_chosen_logps` / `ref_rejected_logps` fields when `fields` holds the reference cache's
+    `CACHE_FIELDS`, else one reference forward); `*_prefix_logps` when a term takes them (LD-DPO:
+    sums over the first min(|y_w|, |y_l|) response tokens of each side); `delta` from `loss_state`
+    (BCO); and every data field of the batch under its own name (e.g. `margin`, `beta_feature`,
+    `chosen_margins`).
+    """
+    loss = as_loss(loss, loss_kwargs)
+    with_prefix = any(n.endswith("_prefix_logps") for n in loss_inputs(loss))
+    cached = set(layout.CACHE_FIELDS) <= set(fields)
+    needs_ref = loss.needs_reference and not cached
+    sides = {"policy": False, "ref": True} if needs_ref else {"policy": False}
+    kw = dict(with_prefix=with_prefix, mesh=mesh, rules=rules, impl=implementation)
+
+    def fn(params, ref_params, micro, loss_state=None):
+        inputs = layout.data_fields(micro)
+        for who, frozen in sides.items():
+            values = paired_logps(
+                model_config, ref_params if frozen else params, micro, num_groups, **kw
+            )
+            lengths = values.pop("lengths")
+            if frozen:
+                values = jax.lax.stop_gradient(values)
+            for what, (chosen, rejected) in values.items():
+                inputs[f"{who}_chosen_{what}"] = chosen
+                inputs[f"{who}_rejected_{what}"] = rejected
+        inputs["chosen_lengths"], inputs["rejected_lengths"] = lengths
+        if loss_state:
+            inputs["delta"] = loss_state["delta"]
+        per_pair, metrics = loss(inputs)
+        metrics = dict(metrics)
+        # Does the policy itself rank chosen above rejected? (With the reference equal to the
+        # policy at step 0 the implicit-reward accuracy is 0 by ties; this one is not.)
+        metrics["logps/accuracy"] = (
+            inputs["policy_chosen_logps"] > inputs["policy_rejected_logps"]
+        ).astype(jnp.float32)
+        metrics["logps/chosen"] = inputs["policy_chosen_logps"]
+        metrics["logps/rejected"] = inputs["policy_rejected_logps"]
+        weight = micro["example_mask"]
+        return (per_pair * weight).sum(), weight.sum(), weighted(metrics, weight)
+
+    batch = BatchSpec("pair", fields=tuple(fields))
+    return Objective(fn, batch, needs_ref, delta_state(loss))
+
+
+def unpaired_objective(
+    model_config,
+    loss,
+    loss_kwargs: dict | None = None,
+    *,
+    num_groups: int = 1,
+    mesh=None,
+    rules=None,
+    implementation=None,
+    fields=(),
+    retain: bool = False,
+) -> Objective:
+    """kto / bco / npo (or a mix) on single responses: batch sequence i is example i.
+
+    A loss that takes `labels` reads `{prompt, completion, label}` records; one without (NPO)
+    reads SFT records (the forget set). `kl_sequences_needed(loss)` (KTO) means the batch also
+    carries, as sequence E + i, example i's prompt with another example's completion; their sums
+    are the `kl_policy_logps` / `kl_ref_logps` inputs (the batch KL baseline z0). Inputs:
+    `policy_logps`, `lengths`, `ref_logps` (when needed), `labels`, `example_mask`, `delta`
+    (BCO's running mean from `loss_state`), the data fields, and with a retain set (`retain=True`:
+    an SFT batch under "retain/<key>") `retain_logps` / `retain_lengths`, e.g. for NPO+GD: mix
+    (("npo", 1, {...}), ("sft", w, {}, {"policy_logps": "retain_logps", "lengths":
+    "retain_lengths"})).
+
+    Metrics: `logps/policy` (mean sequence log-prob) and, with labels, the mean implicit reward
+    s = logp - ref of desirable and undesirable responses as weighted sums to be divided
+    (`rewards/desirable_sum` / `labels/desirable`; `finalize_metrics` derives
+    `rewards/desirable`, `rewards/undesirable` and `rewards/gap`).
+    """
+    loss = as_loss(loss, loss_kwargs)
+    needs_ref = loss.needs_reference
+    kl = kl_sequences_needed(loss)
+    labelled = "labels" in loss_inputs(loss)
+    impl = implementation
+
+    def fn(params, ref_params, micro, loss_state=None):
+        n = micro["example_mask"].shape[0]
+        per_group = (2 if kl else 1) * n // num_groups
+        index, total = sequence_index(micro, per_group, num_groups)
+        mask = micro["loss_mask"]
+
+        def sums(p):
+            logps = token_logps(model_config, p, micro, mesh=mesh, rules=rules, implementation=impl)
+            values = sequence_sums(logps * mask, index, total)
+            return split_pairs(values, num_groups) if kl else (values, None)
+
+        inputs = layout.data_fields(micro)
+        lengths = sequence_sums(mask, index, total)
+        inputs["lengths"] = split_pairs(lengths, num_groups)[0] if kl else lengths
+        inputs["policy_logps"], inputs["kl_policy_logps"] = sums(params)
+        if needs_ref:
+            ref, kl_ref = jax.lax.stop_gradient(sums(ref_params))
+            inputs["ref_logps"], inputs["kl_ref_logps"] = ref, kl_ref
+        if retain:
+            held = layout.retain_batch(micro)
+            inputs["retain_logps"], inputs["retain_lengths"] = sequence_logps(
+                model_config,
+                params,
+                held,
+                held["example_mask"].shape[0] // num_groups,
+                num_groups,
+                mesh=mesh,
+                rules=rules,
+                impl=impl,
+            )
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        if loss_state:
+            inputs["delta"] = loss_state["delta"]
+        per_example, metrics = loss(inputs)
+        metrics = dict(metrics)
+        metrics["logps/policy"] = inputs["policy_logps"]
+        if labelled and needs_ref:
+            s = jax.lax.stop_gradient(inputs["policy_logps"] - inputs["ref_logps"])
+            good = micro["labels"]
+            metrics["rewards/desirable_sum"] = s * good
+            metrics["rewards/undesirable_sum"] = s * (1.0 - good)
+            metrics["labels/desirable"] = good
+        weight = micro["example_mask"]
+        return (per_example * weight).sum(), weight.sum(), weighted(metrics, weight)
+
+    records = "unpaired" if labelled else "sft"
+    batch = BatchSpec(records, kl_sequences=kl, fields=tuple(fields), retain=retain)
+    return Objective(fn, batch, needs_ref, delta_state(loss))

@@ -1,0 +1,338 @@
+"""The online loop (ppo, grpo, rloo, reinforce_pp, online_dpo, rft), one straight line per step:
+
+    prompts (checkpointable Grain pipeline) -> sample n completions each with the current params
+    (`jaxalign.sampling.generate`, same process, same shardings: nothing is copied or synced) ->
+    rewards on the host (rule rewards, a reward model) -> the family's update batch
+    (`jaxalign.train.updates`: old and reference log-probs, values, advantages) -> `rl.epochs` x
+    `rl.minibatches` jitted updates (`jaxalign.train.steps`, the same step as offline training).
+
+The rollout key of step t is fold_in(key(seed), t): a resumed run samples exactly what the
+uninterrupted one would have, and nothing but the step needs saving for it. The checkpoint holds
+the params, the optimizer state, the loop state (KL controller, reward statistics) and the prompt
+iterator's position. Evaluation samples `data.eval`'s prompts greedily and at the sampling
+temperature and reports their rewards.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from ml_collections import ConfigDict
+
+from jaxalign import sampling, sharding
+from jaxalign.checkpoint import manager as ckpt
+from jaxalign.errors import ConfigError, TrainingError
+from jaxalign.models import heads
+from jaxalign.rl import rewards as rl_rewards
+from jaxalign.rl.rollout import rollout_rows
+from jaxalign.train.run import Run, Session, check_finite, checkpoint_due, session
+
+PROMPT_ARRAYS = ("prompt_tokens", "prompt_segment_ids", "prompt_positions", "prompt_lengths")
+
+
+def sampling_options(run: Run, *, greedy: bool = False, n: int | None = None):
+    rl, tok = run.config.rl, run.tokenizer
+    return sampling.SamplingOptions(
+        max_new_tokens=rl.max_new_tokens,
+        n=rl.group_size if n is None else n,
+        temperature=0.0 if greedy else rl.temperature,
+        top_k=rl.top_k,
+        top_p=rl.top_p,
+        stop_strings=tuple(rl.stop_strings),
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        seed=run.config.seed,
+    )
+
+
+class Scorer:
+    """The configured rewards of completions: the rule rewards of `rl.rewards` and, with
+    `rl.reward_model`, a reward model's score weighted by `rl.reward_model_weight`."""
+
+    def __init__(self, run: Run):
+        rl = run.config.rl
+        self.specs = rl_rewards.rewards_from_config(rl.rewards)
+        self.model = None
+        if rl.reward_model:
+            from jaxalign.train.reward import load_reward_model
+
+            recorded = _recorded_tokenizer(rl.reward_model)
+            if (
+                recorded
+                and pathlib.Path(recorded).resolve() != pathlib.Path(run.config.tokenizer).resolve()
+            ):
+                raise ConfigError(
+                    f"rl.reward_model={rl.reward_model} was trained with tokenizer {recorded}, "
+                    f"the policy uses {run.config.tokenizer}: it would score other tokens"
+                )
+            self.model = load_reward_model(rl.reward_model)
+            self.path = rl.reward_model
+            self.weight = rl.reward_model_weight
+
+    def __call__(self, records, texts, rows, step) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        total, per_fn = rl_rewards.score_rule_rewards(self.specs, records, list(texts), step)
+        total, per_fn = np.asarray(total, np.float32), {k: np.asarray(v) for k, v in per_fn.items()}
+        if self.model is not None:
+            scores = np.asarray(rl_rewards.reward_model_scores(*self.model, rows))
+            if not np.isfinite(scores).all():
+                raise TrainingError(
+                    f"step {step}: rl.reward_model={self.path} gave a non-finite score (record "
+                    f"{int(np.argmin(np.isfinite(scores)))}); the step is refused, nothing saved"
+                )
+            per_fn["reward_model"] = scores
+            total = total + self.weight * scores
+        return total, per_fn
+
+
+def _recorded_tokenizer(workdir) -> str | None:
+    from jaxalign.train import workdir as workdirs
+
+    recorded = workdirs.read_config(workdir)
+    return None if recorded is None else recorded.get("tokenizer")
+
+
+def _rollout(run: Run, params, prompts: dict, key, options, scorer: Scorer, step: int):
+    """Sample, score and lay out one prompt batch: (rows with "rewards", per-reward values,
+    the generation result)."""
+    arrays = {k: prompts[k] for k in (*PROMPT_ARRAYS, "example_mask")}
+    result = sampling.generate(
+        run.model_config,
+        heads.decoder_params(params),
+        arrays,
+        rng=key,
+        options=options,
+        tokenizer=run.tokenizer,
+        mesh=run.mesh,
+        rules=run.rules,
+    )
+    records = [prompts["records"][i] for i in result.prompt_index]
+    rows = rollout_rows(arrays, result, options.pad_id)
+    # Empty slots at the end of a finite prompt file (no record) get reward 0, unscored.
+    real = np.array([r is not None for r in records])
+    picked = {k: v[real] for k, v in rows.items()}
+    texts = [t for t, keep in zip(result.text, real, strict=True) if keep]
+    scored, scored_fn = scorer([r for r in records if r is not None], texts, picked, step)
+    rewards = np.zeros(len(records), np.float32)
+    rewards[real] = scored
+    per_fn = {}
+    for name, values in scored_fn.items():
+        per_fn[name] = np.zeros(len(records), np.float32)
+        per_fn[name][real] = values
+    return rows | {"rewards": rewards}, per_fn, result
+
+
+def _pad_left(rows: dict, T: int) -> dict:
+    """Rollout rows widened to T columns by left padding (prompt buckets differ)."""
+    extra = T - rows["tokens"].shape[1]
+    if not extra:
+        return rows
+    fill = {"seq_index": -1}
+    return {
+        k: np.pad(v, ((0, 0), (extra, 0)), constant_values=fill.get(k, 0)) if v.ndim == 2 else v
+        for k, v in rows.items()
+    }
+
+
+def _informative(rewards: np.ndarray, G: int) -> np.ndarray:
+    """[groups] whether a group's rewards differ (all equal: no learning signal)."""
+    r = rewards.reshape(-1, G)
+    return r.max(axis=1) > r.min(axis=1)
+
+
+def rollout_step(run: Run, params, pipeline, key, options, scorer, step):
+    """One step's rollout: the next prompt batch sampled and scored; with `rl.dynamic_sampling`
+    (DAPO) groups whose rewards are all equal are replaced by informative groups of up to that
+    many further prompt batches (fixed shapes: as many groups as one batch; groups still equal
+    when the rounds run out are kept). Returns rows, per-reward values, results, statistics."""
+    G = run.config.rl.group_size
+    rows, per_fn, result = _rollout(run, params, next(pipeline), key, options, scorer, step)
+    stats = {"frac_reward_zero_std": 1.0 - _informative(rows["rewards"], G).mean()}
+    rounds = run.config.rl.dynamic_sampling
+    for extra in range(rounds):
+        keep = _informative(rows["rewards"], G)
+        if keep.all():
+            break
+        more, more_fn, more_result = _rollout(
+            run, params, next(pipeline), jax.random.fold_in(key, extra + 1), options, scorer, step
+        )
+        useful = np.nonzero(_informative(more["rewards"], G))[0]
+        slots = np.nonzero(~keep)[0][: len(useful)]
+        if not len(slots):
+            continue
+        T = max(rows["tokens"].shape[1], more["tokens"].shape[1])
+        rows, more = _pad_left(rows, T), _pad_left(more, T)
+        take = np.concatenate([np.arange(g * G, (g + 1) * G) for g in useful[: len(slots)]])
+        put = np.concatenate([np.arange(g * G, (g + 1) * G) for g in slots])
+        for k in rows:
+            rows[k][put] = more[k][take]
+        for k in per_fn:
+            per_fn[k][put] = more_fn[k][take]
+        for field in ("lengths", "finish_reason"):
+            getattr(result, field)[put] = getattr(more_result, field)[take]
+        stats["dynamic_sampling/rounds"] = extra + 1
+    stats["dynamic_sampling/frac_kept_zero_std"] = 1.0 - _informative(rows["rewards"], G).mean()
+    return rows, per_fn, result, stats
+
+
+def rollout_metrics(rows, per_fn, result, G: int) -> dict[str, float]:
+    """Reward and completion statistics of a rollout, named as TRL / verl users expect."""
+    rewards = rows["rewards"].reshape(-1, G)
+    out = {
+        "reward": float(rewards.mean()),
+        "reward_std": float(rewards.std(axis=1, ddof=1).mean()) if G > 1 else 0.0,
+        "completions/mean_length": float(np.mean(result.lengths)),
+        "completions/clipped_ratio": float(np.mean(result.finish_reason == "length")),
+    }
+    out |= {f"rewards/{name}": float(np.mean(v)) for name, v in per_fn.items()}
+    return out
+
+
+def _minibatches(run: Run, batch, key, take):
+    """The update's minibatches: `rl.epochs` passes over them. A list (pair and SFT batches of
+    online_dpo and rft) is used in order; rollout rows are split into `rl.minibatches` by a fresh
+    permutation per pass (the rows in order with one minibatch and one pass), each stacked into
+    `optimizer.grad_accum` micro-batches, rows sharded."""
+    rl, accum = run.config.rl, run.config.optimizer.grad_accum
+    if isinstance(batch, list):
+        for _ in range(rl.epochs):
+            yield from batch
+        return
+    R = batch["example_mask"].shape[0]
+    if R % (rl.minibatches * accum):
+        raise ConfigError(
+            f"{R} rollout rows do not split into rl.minibatches={rl.minibatches} x "
+            f"optimizer.grad_accum={accum}"
+        )
+    size = R // rl.minibatches
+    shuffle = rl.epochs > 1 or rl.minibatches > 1
+    for epoch in range(rl.epochs):
+        order = np.arange(R)
+        if shuffle:
+            order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 1000 + epoch), R))
+        for m in range(rl.minibatches):
+            yield take(batch, jnp.asarray(order[m * size : (m + 1) * size]))
+
+
+def _take(run: Run):
+    """Jitted (batch [R, ...], row indices) -> [A, rows / A, ...], rows over the batch axes."""
+    accum = run.config.optimizer.grad_accum
+
+    def take(batch, index):
+        def one(x):
+            picked = x[index]
+            stacked = picked.reshape(accum, -1, *picked.shape[1:])
+            spec = P(None, *sharding.batch_spec(run.rules, stacked.ndim - 1))
+            return jax.lax.with_sharding_constraint(stacked, NamedSharding(run.mesh, spec))
+
+        return jax.tree.map(one, batch)
+
+    return jax.jit(take)
+
+
+def make_evaluator(run: Run, scorer: Scorer):
+    """`evaluate(params) -> {reward/greedy, reward/sampled, rewards/<fn>/...}` on `data.eval`'s
+    prompts (one completion each; at most `eval_batches` batches), None without an eval file."""
+    config = run.config
+    greedy = sampling_options(run, greedy=True, n=1)
+    sampled = sampling_options(run, n=1)
+
+    def evaluate(params, step: int) -> dict | None:
+        if not config.data.eval:
+            return None
+        values: dict[str, list] = {}
+        prompts_batches = run.family.batches(run, config.data.eval, train=False)
+        for i, prompts in enumerate(prompts_batches):
+            if config.eval_batches and i >= config.eval_batches:
+                break
+            real = np.asarray(prompts["example_mask"]) > 0
+            for name, options in (("greedy", greedy), ("sampled", sampled)):
+                key = jax.random.fold_in(jax.random.key(config.seed + 1), i)
+                rows, per_fn, result = _rollout(run, params, prompts, key, options, scorer, step)
+                values.setdefault(f"reward/{name}", []).extend(rows["rewards"][real])
+                lengths = values.setdefault(f"completions/mean_length/{name}", [])
+                lengths.extend(result.lengths[real])
+                for fn, v in per_fn.items():
+                    values.setdefault(f"rewards/{fn}/{name}", []).extend(np.asarray(v)[real])
+        return {k: float(np.mean(v)) for k, v in values.items()}
+
+    return evaluate
+
+
+def train(
+    config: ConfigDict, workdir: str | pathlib.Path, *, allow_config_change: bool = False
+) -> dict:
+    """Run (or resume) an online RL family; returns the run's summary (`summary.json`)."""
+    with session(config, workdir, allow_config_change=allow_config_change) as s:
+        return s.finished if s.finished is not None else _loop(s)
+
+
+def _loop(s: Session) -> dict:
+    run, config, rl = s.run, s.run.config, s.run.config.rl
+    state, ref_params, writer, stop = s.state, s.ref_params, s.writer, s.stop
+    scorer = Scorer(run)
+    options = sampling_options(run)
+    to_batch = run.family.to_batch(run)
+    train_step = run.jit_train_step()
+    take = _take(run)
+    evaluate = make_evaluator(run, scorer)
+    last_train, last_eval, saved = {}, None, None
+    started, total_tokens = time.perf_counter(), 0.0
+    if s.first == 0 and config.data.eval:
+        last_eval = evaluate(state["params"], 0)
+        writer.write(0, last_eval, split="eval")
+    if stop:
+        writer.print(f"{stop.name} received before training started; exiting")
+    for step in range(s.first, s.first if stop else config.steps):
+        key = jax.random.fold_in(jax.random.key(config.seed), step)
+        tick = time.perf_counter()
+        rows, per_fn, result, stats = rollout_step(
+            run, state["params"], s.pipeline, key, options, scorer, step
+        )
+        generated = float(np.sum(result.lengths))
+        batch, prepared, rl_state = to_batch(state, ref_params, rows)
+        state = state | {"rl": rl_state}
+        rollout_s = time.perf_counter() - tick
+        updates = []
+        for minibatch in _minibatches(run, batch, key, take):
+            state, metrics = train_step(state, ref_params, minibatch)
+            updates.append(metrics)
+        metrics = jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *updates)
+        writer.advance()
+        done = step + 1
+        total_tokens += generated
+        if done % config.log_every == 0 or done == config.steps:
+            check_finite(metrics, done, config, s.manager, s.workdir)
+            update_s = time.perf_counter() - tick - rollout_s
+            metrics = dict(metrics) | dict(jax.device_get(prepared)) | stats
+            metrics |= rollout_metrics(rows, per_fn, result, rl.group_size)
+            metrics |= {
+                "time/rollout_s": rollout_s,
+                "time/update_s": update_s,
+                "rollout_tokens_per_s": generated / max(rollout_s, 1e-9),
+            }
+            last_train = writer.write(done, metrics)
+        if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+            writer.write(done, evaluate(state["params"], done) or {}, split="eval")
+        if checkpoint_due(config, done, bool(stop)):
+            check_finite(metrics, done, config, s.manager, s.workdir)
+            ckpt.save(s.manager, done, state, s.pipeline.get_state(), s.record)
+            saved = done
+        if stop:
+            writer.print(f"step {done}: {stop.name} received; checkpoint saved, exiting")
+            break
+    if not stop and config.data.eval:
+        last_eval = evaluate(state["params"], config.steps)
+        writer.write(config.steps, last_eval, split="eval")
+    return s.finish(
+        saved=saved,
+        wall=time.perf_counter() - started,
+        tokens=total_tokens,
+        train=last_train,
+        eval=last_eval,
+    )

@@ -1,0 +1,171 @@
+"""The policy update of the online families (ppo, grpo, rloo, reinforce_pp): an `Objective` on
+rollout rows.
+
+A rollout batch holds the rows of `jaxalign.rl.rollout.rollout_rows` plus what the rollout step
+computed before the first update (`jaxalign.train.online`), all [R, T] and aligned with the
+targets:
+
+    old_logps      log-probs of the completion tokens under the params that sampled them
+                   (the training kernels, temperature applied): the ratio's denominator
+    ref_logps      the reference policy's (KL as a loss term)
+    advantages     per token
+    old_values, returns   PPO's value head at rollout time and its GAE targets
+    sampler_logps  the sampler's own log-probs (truncated importance sampling)
+
+Per completion token, with pi the policy at the sampling temperature T (hidden states / T, the
+distribution the tokens were drawn from, before top-k / top-p truncation: the ratio is computed
+against that untruncated distribution, as the sampler reports it):
+
+    token_loss = pg(ratio, A) [* TIS weight] + kl_coef * k3(logp, ref_logp) - entropy_coef * H
+               (+ value_coef * value_loss with a value head)
+
+reduced by `jaxalign.losses.policy.aggregate` (`rl.aggregation`); pg is the clipped surrogate
+(`rl.ratio="token"`) or GSPO's sequence ratio (`"sequence"`). The loss sum and its weight add up
+over micro-batches, so gradient accumulation gives the whole minibatch's gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign import kernels, models
+from jaxalign.data.layout import BatchSpec
+from jaxalign.losses import policy
+from jaxalign.models import heads
+from jaxalign.train.objectives import Objective
+
+
+def rollout_logps(
+    model_config, params, rows, *, temperature, mesh=None, rules=None, impl=None, entropy=False
+):
+    """Log-probs of the targets at `temperature` (the sampling distribution) on the loss mask,
+    0 elsewhere: [R, T]; with `entropy`, also the per-token entropy and the hidden states."""
+    hidden = models.forward(
+        model_config,
+        heads.decoder_params(params),
+        rows["tokens"],
+        rows["positions"],
+        rows["segment_ids"],
+        mesh=mesh,
+        rules=rules,
+    )
+    scaled = hidden / jnp.asarray(temperature, hidden.dtype) if temperature != 1.0 else hidden
+    unembedding = models.unembedding(model_config, params)
+    kw = dict(
+        mask=rows["loss_mask"] > 0,
+        implementation=impl,
+        softcap=model_config.final_logit_softcap,
+        return_entropy=entropy,
+    )
+    if mesh is None or mesh.size == 1:
+        out = kernels.token_logprobs(scaled, unembedding, rows["targets"], **kw)
+    else:
+        out = kernels.sharded_token_logprobs(
+            scaled,
+            unembedding,
+            rows["targets"],
+            mesh=mesh,
+            vocab_axis="tensor",
+            token_axes=("data", "fsdp"),
+            **kw,
+        )
+    if not entropy:
+        return out
+    logps, extras = out
+    return logps, extras["entropy"], hidden
+
+
+def policy_objective(
+    model_config,
+    rl,
+    *,
+    kl_in_loss: bool,
+    value_head: bool,
+    mesh=None,
+    rules=None,
+    impl=None,
+):
+    """The clipped policy-gradient objective of `rl` (the config's `rl` section: ratio, clips,
+    aggregation, kl_coef, entropy_coef, tis_cap, value_coef, value_clip). `kl_in_loss`: KL to the
+    reference as a k3 loss term (grpo; the other families shape k1 into the reward instead);
+    `value_head`: PPO's value loss on `params["value_head"]`. Metrics (token means):
+    clip_ratio/low, clip_ratio/high, approx_kl (old -> new), kl (policy -> reference, k3),
+    entropy, ratio, loss/policy, loss/value, values."""
+    kl_loss = kl_in_loss and rl.kl_coef > 0
+    norm_length = rl.max_new_tokens if rl.aggregation == "seq-mean-token-sum-norm" else None
+
+    def fn(params, ref_params, micro, loss_state=None):
+        del ref_params, loss_state  # the reference's log-probs come with the batch
+        mask = micro["loss_mask"] * micro["example_mask"][:, None]
+        logps, entropy, hidden = rollout_logps(
+            model_config,
+            params,
+            micro,
+            temperature=rl.temperature,
+            mesh=mesh,
+            rules=rules,
+            impl=impl,
+            entropy=True,
+        )
+        old, adv = micro["old_logps"], micro["advantages"]
+        if rl.ratio == "sequence":
+            pg, metrics = policy.gspo_policy_loss(
+                logps, old, adv, mask, clip_low=rl.clip_low, clip_high=rl.clip_high
+            )
+        else:
+            pg, metrics = policy.clipped_policy_loss(
+                logps,
+                old,
+                adv,
+                mask,
+                clip_low=rl.clip_low,
+                clip_high=rl.clip_high,
+                dual_clip=rl.dual_clip or None,
+            )
+        if rl.tis_cap:
+            pg = pg * policy.truncated_importance_weights(
+                old, micro["sampler_logps"], mask, cap=rl.tis_cap
+            )
+        token_loss = pg - rl.entropy_coef * entropy
+        metrics = dict(metrics) | {"entropy": entropy, "loss/policy": pg}
+        if kl_loss:
+            kl = policy.kl_k3(logps, micro["ref_logps"])
+            token_loss = token_loss + rl.kl_coef * kl
+            metrics["kl"] = kl
+        if value_head:
+            values = heads.apply_scalar_head(params[heads.VALUE_HEAD], hidden)
+            vloss = policy.value_loss(
+                values, micro["old_values"], micro["returns"], mask, clip=rl.value_clip or None
+            )
+            token_loss = token_loss + rl.value_coef * vloss
+            metrics |= {"loss/value": vloss, "values": values}
+        loss_sum, weight = policy.aggregate(
+            token_loss, mask, rl.aggregation, norm_length=norm_length
+        )
+        # Token means of this micro-batch, weighted like its loss (the step divides every metric
+        # sum by the total weight): exact for one micro-batch, a weighted mean of means else.
+        tokens = jnp.maximum(mask.sum(), 1.0)
+        sums = {k: jnp.where(mask > 0, v, 0.0).sum() / tokens * weight for k, v in metrics.items()}
+        return loss_sum, weight, sums
+
+    fields = ["old_logps", "advantages", "sampler_logps"]
+    fields += ["ref_logps"] if kl_loss else []
+    fields += ["old_values", "returns"] if value_head else []
+    batch = BatchSpec("rollout", token_fields=tuple(fields))
+    return Objective(fn, batch, needs_ref=rl.kl_coef > 0)
+
+
+def value_estimates(model_config, params, rows, *, mesh=None, rules=None):
+    """The value head on every position of the rollout rows: [R, T] float32 (position c values
+    the state whose next token is target c)."""
+    hidden = models.forward(
+        model_config,
+        heads.decoder_params(params),
+        rows["tokens"],
+        rows["positions"],
+        rows["segment_ids"],
+        mesh=mesh,
+        rules=rules,
+    )
+    return jax.lax.stop_gradient(heads.apply_scalar_head(params[heads.VALUE_HEAD], hidden))

@@ -1,0 +1,225 @@
+"""From a scored rollout to the batch an online family's update trains on.
+
+Each builder makes `to_batch(state, ref_params, rows) -> (batch, metrics, rl_state)`: `rows` the
+host's rollout rows (`jaxalign.rl.rollout.rollout_rows`, plus "rewards" [R], the transformed
+rewards), `batch` the global update batch (rows sharded, no micro-batch axis), `metrics` scalars
+about the rollout, `rl_state` the loop state after this step (KL controller, reward statistics).
+
+- `policy_batch` (ppo, grpo, rloo, reinforce_pp): on device, once per rollout before any update,
+  with the params that sampled it: the old log-probs (the ratio's denominator, so the first
+  minibatch's ratio is exactly 1), the reference's log-probs, PPO's values, then the family's
+  advantages.
+- `pair_batch` (online_dpo): per prompt, the completion with the higher reward is chosen and the
+  other rejected (pairs of equal reward carry no preference and are masked out), laid out as pair
+  batches for any paired loss; returned as the list of the update's minibatches (in order).
+- `best_batch` (rft): per prompt, the completion with the highest reward, kept when it reaches
+  `rl.rft_min_reward`, laid out as SFT batches; returned as a list of minibatches likewise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign.errors import ConfigError
+from jaxalign.rl import advantages as adv
+from jaxalign.rl import kl_control
+from jaxalign.rl import rewards as rl_rewards
+from jaxalign.train import policy
+
+ROLLOUT_ROW_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids", "seq_index")
+
+
+def grpo_advantages(rl, rewards, mask, kl, kl_coef):
+    """GRPO / Dr.GRPO: group-normalised sequence rewards (`rl.scale_rewards`) on every token; the
+    KL is a loss term, not in the reward."""
+    del kl, kl_coef
+    return adv.token_level(
+        adv.group_advantages(rewards, rl.group_size, scale=rl.scale_rewards), mask
+    )
+
+
+def rloo_advantages(rl, rewards, mask, kl, kl_coef):
+    """RLOO: the sequence reward minus kl_coef * the sequence's summed k1 KL, minus the mean of the
+    other completions of its prompt."""
+    shaped = rewards - kl_coef * (kl * mask).sum(axis=1)
+    return adv.token_level(adv.rloo_advantages(shaped, rl.group_size), mask)
+
+
+def reinforce_pp_advantages(rl, rewards, mask, kl, kl_coef):
+    """REINFORCE++: discounted returns of the k1-shaped token rewards, whitened over the batch."""
+    return adv.reinforce_pp_advantages(rewards, kl, mask, kl_coef=kl_coef, gamma=rl.gamma)
+
+
+def policy_batch(run, estimator: Callable | None, *, kl_in_loss: bool):
+    """`to_batch` for the policy-gradient families; `estimator(rl, rewards [R], mask, kl [R, T],
+    kl_coef) -> advantages [R, T]` is the family's; None: PPO's GAE on the value head.
+
+    Rewards are transformed first: DAPO's overlong penalty (`rl.overlong_buffer`), then PPO-max's
+    division by the running std (`rl.reward_scale`, statistics in the loop state) and clipping
+    (`rl.reward_clip`)."""
+    value_head = estimator is None
+    rl = run.config.rl
+    mc, mesh, rules = run.model_config, run.mesh, run.rules
+    impl = None if run.config.logprob_impl == "auto" else run.config.logprob_impl
+    controller, _ = kl_control.init_kl_controller(**kl_settings(rl))
+
+    def logps(params, rows):
+        return jax.lax.stop_gradient(
+            policy.rollout_logps(
+                mc, params, rows, temperature=rl.temperature, mesh=mesh, rules=rules, impl=impl
+            )
+        )
+
+    def prepare(params, ref_params, rows, rl_state):
+        mask = rows["loss_mask"] * rows["example_mask"][:, None]
+        new_state = dict(rl_state)
+        rewards = rows["rewards"]
+        if rl.overlong_buffer:
+            lengths = rows["loss_mask"].sum(axis=1)
+            rewards = rewards + rl_rewards.overlong_penalty(
+                lengths, max_len=rl.max_new_tokens, buffer=rl.overlong_buffer
+            )
+        if rl.reward_scale:
+            new_state["reward_stats"] = rl_rewards.update_reward_stats(
+                rl_state["reward_stats"], rewards
+            )
+            rewards = rl_rewards.scale_rewards(
+                rewards, new_state["reward_stats"], clip=rl.reward_clip or None
+            )
+        elif rl.reward_clip:
+            rewards = jnp.clip(rewards, -rl.reward_clip, rl.reward_clip)
+        old = logps(params, rows)
+        batch = {k: rows[k] for k in (*ROLLOUT_ROW_KEYS, "example_mask", "sampler_logps")}
+        batch |= {"old_logps": old}
+        kl_coef = kl_control.kl_coef(rl_state["kl"])
+        kl = jnp.zeros_like(old)
+        if rl.kl_coef > 0:
+            ref = logps(ref_params, rows)
+            kl = jnp.where(mask > 0, old - ref, 0.0)  # k1 per token (policy -> reference)
+            if kl_in_loss:
+                batch["ref_logps"] = ref
+        if value_head:
+            values = policy.value_estimates(mc, params, rows, mesh=mesh, rules=rules) * mask
+            token_rewards = adv.kl_shaped_rewards(rewards, kl, mask, kl_coef=kl_coef)
+            advantages, returns = adv.gae(token_rewards, values, mask, gamma=rl.gamma, lam=rl.lam)
+            if rl.whiten_advantages:
+                advantages = adv.whiten(advantages, mask)
+            batch |= {"old_values": values, "returns": returns}
+        else:
+            advantages = estimator(rl, rewards, mask, kl, kl_coef)
+        batch["advantages"] = advantages * mask
+        tokens = jnp.maximum(mask.sum(), 1.0)
+        # KL per completion (summed over its tokens), the unit of the adaptive controller.
+        sequence_kl = (kl * mask).sum() / jnp.maximum(rows["example_mask"].sum(), 1.0)
+        new_state["kl"] = kl_control.update_kl_controller(
+            controller, rl_state["kl"], sequence_kl, rows["example_mask"].shape[0]
+        )
+        metrics = {
+            "kl": (kl * mask).sum() / tokens,
+            "kl_coef": kl_coef,
+            "sampler_logprob_diff": (jnp.abs(old - rows["sampler_logps"]) * mask).sum() / tokens,
+            "advantages/mean": batch["advantages"].sum() / tokens,
+            "reward/transformed": rewards.mean(),
+        }
+        if value_head:
+            explained = 1.0 - _masked_var(returns - values, mask) / _masked_var(returns, mask)
+            metrics["value/explained_variance"] = explained
+        return batch, metrics, new_state
+
+    shardings = run.state_shardings.get("rl")
+    jitted = jax.jit(prepare, out_shardings=(None, run.replicated, shardings))
+
+    def to_batch(state, ref_params, rows):
+        host = {k: v for k, v in rows.items() if k != "rewards"} | {"rewards": rows["rewards"]}
+        global_rows = jax.tree.map(lambda x: x[0], run.global_batch([host]))
+        return jitted(state["params"], ref_params, global_rows, state["rl"])
+
+    return to_batch
+
+
+def _masked_var(x, mask):
+    n = jnp.maximum(mask.sum(), 1.0)
+    mean = (x * mask).sum() / n
+    return jnp.maximum((jnp.square(x - mean) * mask).sum() / n, 1e-8)
+
+
+def kl_settings(rl) -> dict:
+    """The KL controller of the config: adaptive (Ziegler et al.) when `rl.kl_target` > 0."""
+    if rl.kl_target > 0:
+        return dict(kind="adaptive", coef=rl.kl_coef, target=rl.kl_target, horizon=rl.kl_horizon)
+    return dict(kind="fixed", coef=rl.kl_coef)
+
+
+def initial_rl_state(config) -> dict:
+    """The loop state an online run carries in its checkpoints."""
+    _, kl = kl_control.init_kl_controller(**kl_settings(config.rl))
+    return {"kl": kl, "reward_stats": rl_rewards.init_reward_stats()}
+
+
+def _groups(rows, G):
+    """(best, worst, rewards) row indices per prompt group of one host's rows."""
+    rewards = np.asarray(rows["rewards"]).reshape(-1, G)
+    base = np.arange(rewards.shape[0]) * G
+    # The first of equal rewards wins, so choices are deterministic.
+    return base + rewards.argmax(axis=1), base + rewards.argmin(axis=1), rewards
+
+
+def _stacked(run, rows, sides: list[np.ndarray], example_mask: np.ndarray) -> list[dict]:
+    """The update minibatches (`rl.minibatches` of them, in order, each stacked into
+    `optimizer.grad_accum` micro-batches) of examples whose sequences are the rows `sides[k][e]`
+    (pairs: [chosen, rejected]; SFT: [best]): within a micro-batch, side k's sequences come k-th,
+    as the pair and SFT layouts want."""
+    rl, accum = run.config.rl, run.config.optimizer.grad_accum
+    E = len(example_mask)
+    if E % (rl.minibatches * accum):
+        raise ConfigError(
+            f"{E} examples per host do not split into rl.minibatches={rl.minibatches} x "
+            f"optimizer.grad_accum={accum}"
+        )
+    size = E // (rl.minibatches * accum)
+    micro = []
+    for start in range(0, E, size):
+        chosen = slice(start, start + size)
+        order = np.concatenate([side[chosen] for side in sides])
+        batch = {k: np.asarray(rows[k])[order] for k in ROLLOUT_ROW_KEYS}
+        index = np.arange(len(order))[:, None]
+        batch["seq_index"] = np.where(batch["seq_index"] >= 0, index, -1).astype(np.int32)
+        batch["example_mask"] = example_mask[chosen].astype(np.float32)
+        micro.append(batch)
+    return [run.global_batch(micro[i : i + accum]) for i in range(0, len(micro), accum)]
+
+
+def pair_batch(run):
+    """`to_batch` for online DPO: chosen = the group's best completion, rejected = its worst
+    (group size 2: the two completions); a group whose rewards are all equal carries no
+    preference and is masked out. Returns the update's minibatches (in order)."""
+    G = run.config.rl.group_size
+
+    def to_batch(state, ref_params, rows):
+        best, worst, rewards = _groups(rows, G)
+        informative = rewards.max(axis=1) > rewards.min(axis=1)
+        real = np.asarray(rows["example_mask"])[best] > 0
+        minibatches = _stacked(run, rows, [best, worst], informative & real)
+        return minibatches, {"pairs/informative": float(informative.mean())}, state["rl"]
+
+    return to_batch
+
+
+def best_batch(run):
+    """`to_batch` for rejection-sampling fine-tuning: the group's best completion as an SFT
+    example, kept when its reward reaches `rl.rft_min_reward`. Returns the update's minibatches
+    (in order)."""
+    rl = run.config.rl
+
+    def to_batch(state, ref_params, rows):
+        best, _, rewards = _groups(rows, rl.group_size)
+        real = np.asarray(rows["example_mask"])[best] > 0
+        kept = (rewards.max(axis=1) >= rl.rft_min_reward) & real
+        minibatches = _stacked(run, rows, [best], kept)
+        return minibatches, {"rft/kept": float(kept.mean())}, state["rl"]
+
+    return to_batch
