@@ -4,6 +4,7 @@
     jaxalign eval --workdir runs/dpo-tiny [--config.data.eval=FILE]   # the run's own config
     jaxalign cache-ref --config configs/dpo/tiny.py --workdir runs/dpo-tiny [--out FILE]
     jaxalign generate --model checkpoint:runs/sft-tiny --prompts FILE.jsonl --out FILE.jsonl
+    jaxalign generate --config configs/generate/eft.py --prompts FILE.jsonl --out FILE.jsonl
     jaxalign convert from-hf --hf DIR --out CKPT
     jaxalign convert to-hf --checkpoint CKPT --out DIR [--tokenizer FILE] [--dtype bfloat16]
         [--overwrite]
@@ -118,9 +119,9 @@ def _cmd_cache_ref(args, overrides):
 def _cmd_generate(args, overrides):
     from jaxalign.sampling.cli_generate import run
 
-    if overrides:
-        raise SystemExit("jaxalign: generate takes no --config overrides")
-    n = run(args)
+    if overrides and not args.config:
+        _usage("--config.KEY overrides go with --config (a guided-decoding config)")
+    n = run(args, overrides)
     print(f"wrote {n} completions to {args.out}")
 
 
@@ -197,21 +198,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser(
         "generate", help="sample completions for a JSONL file of prompts (jaxalign.sampling)"
     )
-    gen.add_argument("--model", required=True, help="hf:DIR or checkpoint:RUN_DIR")
+    gen.add_argument("--model", help="hf:DIR or checkpoint:RUN_DIR")
+    gen.add_argument(
+        "--config", help="guided decoding: configs/generate/{eft,nudging,genarm}.py[:arg]"
+    )
     gen.add_argument("--prompts", required=True, help='JSONL of {"prompt": ...} records')
     gen.add_argument("--out", required=True, help="output JSONL (written atomically)")
     gen.add_argument("--tokenizer", help="default: the run's recorded / the HF dir's tokenizer")
     gen.add_argument("--template", help="plain | chatml | llama3 (default: the run's, or plain)")
-    gen.add_argument("--max_new_tokens", type=int, default=128)
-    gen.add_argument("--n", type=int, default=1, help="samples per prompt")
-    gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    gen.add_argument("--top_k", type=int, default=0, help="0 = off")
-    gen.add_argument("--top_p", type=float, default=1.0, help="1 = off")
-    gen.add_argument("--min_p", type=float, default=0.0, help="0 = off")
-    gen.add_argument("--repetition_penalty", type=float, default=1.0, help="1 = off")
-    gen.add_argument("--presence_penalty", type=float, default=0.0, help="0 = off")
+    # Sampling flags default to None: unset ones take the config's sampling value, else
+    # SamplingOptions' default (shown).
+    gen.add_argument("--max_new_tokens", type=int, help="default 128")
+    gen.add_argument("--n", type=int, help="samples per prompt (default 1)")
+    gen.add_argument("--temperature", type=float, help="default 1.0; 0 = greedy")
+    gen.add_argument("--top_k", type=int, help="default 0 = off")
+    gen.add_argument("--top_p", type=float, help="default 1 = off")
+    gen.add_argument("--min_p", type=float, help="default 0 = off")
+    gen.add_argument("--repetition_penalty", type=float, help="default 1 = off")
+    gen.add_argument("--presence_penalty", type=float, help="default 0 = off")
     gen.add_argument("--stop", nargs="+", action="extend", help="stop strings")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, help="default 0")
     gen.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
     gen.add_argument("--best_of", type=int, default=0, help="sample N, keep the best by --reward")
     gen.add_argument("--worst", action="store_true", help="with --best_of: keep the worst")

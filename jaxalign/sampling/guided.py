@@ -110,6 +110,32 @@ def _finite(name: str, value: float) -> np.float32:
     return np.float32(value)
 
 
+def eft_state(alpha: float) -> dict:
+    """EFT's traced weights (`ConfigError` for a non-finite alpha)."""
+    return {"alpha": _finite("alpha", alpha)}
+
+
+def nudging_state(gamma: float) -> dict:
+    """Nudging's traced threshold (`ConfigError` unless gamma is a number >= 0)."""
+    if _finite("gamma", gamma) < 0:
+        raise ConfigError(f"gamma={gamma!r}: expected a probability threshold >= 0")
+    return {"gamma": np.float32(gamma)}
+
+
+def genarm_state(beta: float, weights: Sequence[float] | None, n_arms: int) -> dict:
+    """GenARM's traced coefficients c_i = w_i / beta (w_i default 1); `ConfigError` for no arm,
+    a weight count other than the arms', a non-finite weight or beta <= 0."""
+    if n_arms < 1:
+        raise ConfigError("genarm needs at least one autoregressive reward model (arms)")
+    weights = [1.0] * n_arms if weights is None else list(weights)
+    if len(weights) != n_arms:
+        raise ConfigError(f"genarm: {len(weights)} weights for {n_arms} arms (one per arm)")
+    if _finite("beta", beta) <= 0:
+        raise ConfigError(f"beta={beta!r}: expected > 0")
+    coefs = np.array([_finite(f"weights[{i}]", w) for i, w in enumerate(weights)]) / beta
+    return {"coefs": coefs.astype(np.float32)}
+
+
 def eft(
     large_base: Model,
     small_tuned: Model,
@@ -128,7 +154,7 @@ def eft(
     the small models' fine-tuning delta, alpha > 1 extrapolates it, alpha = 0 is the large base."""
     models = {"large_base": large_base, "small_tuned": small_tuned, "small_base": small_base}
     check_vocabularies(models)
-    state = {"alpha": _finite("alpha", alpha)}
+    state = eft_state(alpha)
     return decode(
         tuple(models.values()),
         _eft,
@@ -159,15 +185,14 @@ def nudging(
     base model alone, gamma > 1 the aligned model alone."""
     models = {"base": base, "aligned": aligned}
     check_vocabularies(models)
-    if _finite("gamma", gamma) < 0:
-        raise ConfigError(f"gamma={gamma!r}: expected a probability threshold >= 0")
+    state = nudging_state(gamma)
     return decode(
         tuple(models.values()),
         _nudging,
         prompts,
         rng=rng,
         options=options,
-        combine_state={"gamma": np.float32(gamma)},
+        combine_state=state,
         tokenizer=tokenizer,
         mesh=mesh,
         rules=rules,
@@ -190,14 +215,7 @@ def genarm(
     """GenARM: tokens from log_softmax(l_base + (1 / beta) sum_i w_i l_arm_i) (module
     docstring). ``arms``: one or more autoregressive reward models (causal LMs) ``(config,
     params)``; ``weights`` w_i default to 1 each (multi-objective: one weight per ARM)."""
-    if not arms:
-        raise ConfigError("genarm needs at least one autoregressive reward model (arms)")
-    weights = [1.0] * len(arms) if weights is None else list(weights)
-    if len(weights) != len(arms):
-        raise ConfigError(f"genarm: {len(weights)} weights for {len(arms)} arms (one per arm)")
-    if _finite("beta", beta) <= 0:
-        raise ConfigError(f"beta={beta!r}: expected > 0")
-    coefs = np.array([_finite(f"weights[{i}]", w) for i, w in enumerate(weights)]) / beta
+    state = genarm_state(beta, weights, len(arms))
     models = {"base": base} | {f"arms[{i}]": arm for i, arm in enumerate(arms)}
     check_vocabularies(models)
     return decode(
@@ -206,7 +224,7 @@ def genarm(
         prompts,
         rng=rng,
         options=options,
-        combine_state={"coefs": coefs.astype(np.float32)},
+        combine_state=state,
         tokenizer=tokenizer,
         mesh=mesh,
         rules=rules,
