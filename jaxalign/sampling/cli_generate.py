@@ -141,11 +141,12 @@ def options_from_args(
 ) -> SamplingOptions:
     """The sampling options: the config's ``sampling`` (guided configs) under the flags given on
     the command line; EOS and padding from the tokenizer."""
-    if args.best_of and args.n not in (None, 1):
+    best_of = getattr(args, "best_of", 0)  # `jaxalign diagnose` has no --best_of
+    if best_of and args.n not in (None, 1):
         raise ConfigError("--best_of N samples N per prompt itself; leave --n at 1")
     flags = {name: getattr(args, name) for name in _OPTION_FLAGS}
     flags["stop_strings"] = tuple(args.stop) if args.stop else None
-    flags["n"] = args.best_of or args.n
+    flags["n"] = best_of or args.n
     values = {k: v for k, v in (config_sampling or {}).items() if v is not None}
     values |= {k: v for k, v in flags.items() if v is not None}
     return options_from_dict(values | {"eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id})
