@@ -5,6 +5,8 @@
     jaxalign generate --model hf:DIR --prompts FILE --out FILE --template chatml --n 4 --top_p 0.9
     jaxalign generate --model checkpoint:RUN --prompts FILE --out FILE --best_of 8 \\
         --reward demo_judge
+    jaxalign generate --config configs/generate/eft.py[:alpha=2.0] --prompts FILE --out FILE \\
+        [--config.models.large_base=hf:DIR] [--temperature 0.7]
 
 - ``--model checkpoint:RUN_DIR`` loads the latest params of a run (or converted checkpoint) and
   its architecture; the tokenizer and template default to the ones the run recorded in its
@@ -19,6 +21,10 @@
   directory and renamed at the end: a failure or Ctrl-C leaves nothing behind.
 - ``--best_of N [--worst] --reward NAME`` samples N per prompt, keeps the best (worst) under a
   reward of `REWARD_FUNCTIONS`.
+- ``--config CFG`` (instead of ``--model``): guided decoding (`jaxalign.sampling.guided`) by a
+  config built on `guided_config`: the method, its models by role (each distinct spec loaded
+  once), its weights, a ``sampling`` section; ``--config.KEY=VALUE`` overrides any key and the
+  sampling flags override ``sampling``. Records gain ``"method"``.
 - Generation runs on one device; batch b uses the key ``fold_in(key(seed), b)``.
 """
 
