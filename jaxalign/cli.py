@@ -1,13 +1,15 @@
-"""`jaxalign` command line: train, eval, generate, convert, bench, data inspect, plot.
+"""`jaxalign` command line: train, eval, generate, diagnose, convert, bench, data inspect, plot.
 
     jaxalign train --config configs/dpo/tiny.py --workdir runs/dpo-tiny --config.loss.beta=0.2
     jaxalign eval --workdir runs/dpo-tiny [--config.data.eval=FILE]   # the run's own config
     jaxalign cache-ref --config configs/dpo/tiny.py --workdir runs/dpo-tiny [--out FILE]
     jaxalign generate --model checkpoint:runs/sft-tiny --prompts FILE.jsonl --out FILE.jsonl
+    jaxalign generate --config configs/generate/eft.py --prompts FILE.jsonl --out FILE.jsonl
+    jaxalign diagnose branching|shift|sweep --model SPEC --prompts FILE.jsonl --out DIR
     jaxalign convert from-hf --hf DIR --out CKPT
     jaxalign convert to-hf --checkpoint CKPT --out DIR [--tokenizer FILE] [--dtype bfloat16]
         [--overwrite] [--adapter]    # --adapter: a LoRA run's adapters as a PEFT directory
-    jaxalign bench logprobs [-- benchmark flags]
+    jaxalign bench logprobs|generate [-- benchmark flags]
     jaxalign data inspect FILE --config CFG [--config.key=value] [--show 3] [--out lengths.png]
     jaxalign plot RUN [RUN ...] --out curves.png
 
@@ -120,10 +122,19 @@ def _cmd_cache_ref(args, overrides):
 def _cmd_generate(args, overrides):
     from jaxalign.sampling.cli_generate import run
 
-    if overrides:
-        raise SystemExit("jaxalign: generate takes no --config overrides")
-    n = run(args)
+    if overrides and not args.config:
+        _usage("--config.KEY overrides go with --config (a guided-decoding config)")
+    n = run(args, overrides)
     print(f"wrote {n} completions to {args.out}")
+
+
+def _cmd_diagnose(args, overrides):
+    from jaxalign.sampling.cli_diagnose import run
+
+    if overrides:
+        _usage("diagnose takes no --config overrides")
+    for path in run(args):
+        print(f"wrote {path}")
 
 
 def _cmd_convert(args, overrides):
@@ -155,7 +166,7 @@ def _cmd_convert(args, overrides):
 
 
 def _cmd_bench(args, overrides):
-    scripts = {"logprobs": "benchmarks/logprobs.py"}
+    scripts = {"logprobs": "benchmarks/logprobs.py", "generate": "benchmarks/generate.py"}
     script = scripts[args.name]
     if not os.path.isfile(script):
         _usage(f"{script} not found (run from the repository root)")
@@ -183,6 +194,21 @@ def _cmd_plot(args, overrides):
         _usage("plot takes no --config overrides")
     names = plot_runs(args.runs, args.out)
     print(f"wrote {args.out} ({', '.join(names)})")
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """The `SamplingOptions` flags of generate and diagnose. They default to None: an unset one
+    takes the guided config's sampling value, else SamplingOptions' default (shown)."""
+    parser.add_argument("--max_new_tokens", type=int, help="default 128")
+    parser.add_argument("--n", type=int, help="samples per prompt (default 1)")
+    parser.add_argument("--temperature", type=float, help="default 1.0; 0 = greedy")
+    parser.add_argument("--top_k", type=int, help="default 0 = off")
+    parser.add_argument("--top_p", type=float, help="default 1 = off")
+    parser.add_argument("--min_p", type=float, help="default 0 = off")
+    parser.add_argument("--repetition_penalty", type=float, help="default 1 = off")
+    parser.add_argument("--presence_penalty", type=float, help="default 0 = off")
+    parser.add_argument("--stop", nargs="+", action="extend", help="stop strings")
+    parser.add_argument("--seed", type=int, help="default 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,26 +250,40 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser(
         "generate", help="sample completions for a JSONL file of prompts (jaxalign.sampling)"
     )
-    gen.add_argument("--model", required=True, help="hf:DIR or checkpoint:RUN_DIR")
+    gen.add_argument("--model", help="hf:DIR or checkpoint:RUN_DIR")
+    gen.add_argument(
+        "--config", help="guided decoding: configs/generate/{eft,nudging,genarm}.py[:arg]"
+    )
     gen.add_argument("--prompts", required=True, help='JSONL of {"prompt": ...} records')
     gen.add_argument("--out", required=True, help="output JSONL (written atomically)")
     gen.add_argument("--tokenizer", help="default: the run's recorded / the HF dir's tokenizer")
     gen.add_argument("--template", help="plain | chatml | llama3 (default: the run's, or plain)")
-    gen.add_argument("--max_new_tokens", type=int, default=128)
-    gen.add_argument("--n", type=int, default=1, help="samples per prompt")
-    gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    gen.add_argument("--top_k", type=int, default=0, help="0 = off")
-    gen.add_argument("--top_p", type=float, default=1.0, help="1 = off")
-    gen.add_argument("--min_p", type=float, default=0.0, help="0 = off")
-    gen.add_argument("--repetition_penalty", type=float, default=1.0, help="1 = off")
-    gen.add_argument("--presence_penalty", type=float, default=0.0, help="0 = off")
-    gen.add_argument("--stop", nargs="+", action="extend", help="stop strings")
-    gen.add_argument("--seed", type=int, default=0)
+    _add_sampling_flags(gen)
     gen.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
     gen.add_argument("--best_of", type=int, default=0, help="sample N, keep the best by --reward")
     gen.add_argument("--worst", action="store_true", help="with --best_of: keep the worst")
     gen.add_argument("--reward", help="with --best_of: a reward name (demo_judge)")
     gen.set_defaults(run=_cmd_generate)
+
+    diag = sub.add_parser(
+        "diagnose",
+        help="decoding diagnostics: branching factor, token shift, decoding sweep (JSON + PNG)",
+    )
+    diag.add_argument("kind", choices=["branching", "shift", "sweep"])
+    diag.add_argument("--model", action="append", help="hf:DIR|checkpoint:RUN (branching: repeat)")
+    diag.add_argument("--base", help="shift: the base model ranking the tokens")
+    diag.add_argument("--aligned", help="shift: the aligned model that decodes")
+    diag.add_argument("--prompts", required=True, help='JSONL of {"prompt": ...} records')
+    diag.add_argument("--out", required=True, help="directory for <kind>.json and <kind>.png")
+    diag.add_argument("--tokenizer", help="default: the first model's recorded tokenizer")
+    diag.add_argument("--template", help="plain | chatml | llama3 (default: the run's, or plain)")
+    diag.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
+    diag.add_argument("--reward", help="sweep: a reward name (demo_judge)")
+    diag.add_argument("--temperatures", type=float, nargs="+", default=[0.1, 0.5, 1.0])
+    diag.add_argument("--top_ps", type=float, nargs="+", default=[0.5, 0.9, 1.0])
+    diag.add_argument("--top_ks", type=int, nargs="+", default=[0, 5, 50], help="0 = off")
+    _add_sampling_flags(diag)
+    diag.set_defaults(run=_cmd_diagnose)
 
     conv = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face format")
     conv.add_argument("direction", choices=["from-hf", "to-hf"])
@@ -265,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(run=_cmd_convert)
 
     bench = sub.add_parser("bench", help="run a benchmark script from benchmarks/")
-    bench.add_argument("name", choices=["logprobs"])
+    bench.add_argument("name", choices=["logprobs", "generate"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(run=_cmd_bench)
 

@@ -1,5 +1,7 @@
 """Batched generation on the training mesh (`jaxalign.sampling.generate`), the decode core that
-guided decoding plugs into (`decode`), best-of-N, and the `jaxalign generate` command's logic.
+guided decoding plugs into (`decode`), guided decoding (`eft`, `nudging`, `genarm`; module
+`guided`), best-of-N, decoding diagnostics (module `diagnostics`), and the `jaxalign generate` /
+`jaxalign diagnose` commands' logic.
 
     from jaxalign.sampling import SamplingOptions, generate, prompts_from_ids
     prompts = prompts_from_ids([[1, 7, 9], [1, 4]], pad_id=3)
@@ -16,6 +18,7 @@ from jaxalign.sampling.engine import (
     lower_generate,
     prompts_from_ids,
 )
+from jaxalign.sampling.guided import eft, genarm, nudging
 from jaxalign.sampling.options import OPTION_NAMES, SamplingOptions, options_from_dict
 from jaxalign.sampling.result import GenerateResult, detokenize, gather_to_host0
 
@@ -27,8 +30,11 @@ __all__ = [
     "check_prompt_lengths",
     "decode",
     "detokenize",
+    "eft",
     "gather_to_host0",
     "generate",
+    "genarm",
+    "nudging",
     "lower_generate",
     "options_from_dict",
     "prompts_from_ids",

@@ -5,6 +5,8 @@
     jaxalign generate --model hf:DIR --prompts FILE --out FILE --template chatml --n 4 --top_p 0.9
     jaxalign generate --model checkpoint:RUN --prompts FILE --out FILE --best_of 8 \\
         --reward demo_judge
+    jaxalign generate --config configs/generate/eft.py[:alpha=2.0] --prompts FILE --out FILE \\
+        [--config.models.large_base=hf:DIR] [--temperature 0.7]
 
 - ``--model checkpoint:RUN_DIR`` loads the latest params of a run (or converted checkpoint) and
   its architecture; the tokenizer and template default to the ones the run recorded in its
@@ -19,12 +21,17 @@
   directory and renamed at the end: a failure or Ctrl-C leaves nothing behind.
 - ``--best_of N [--worst] --reward NAME`` samples N per prompt, keeps the best (worst) under a
   reward of `REWARD_FUNCTIONS`.
+- ``--config CFG`` (instead of ``--model``): guided decoding (`jaxalign.sampling.guided`) by a
+  config built on `guided_config`: the method, its models by role (each distinct spec loaded
+  once), its weights, a ``sampling`` section; ``--config.KEY=VALUE`` overrides any key and the
+  sampling flags override ``sampling``. Records gain ``"method"``.
 - Generation runs on one device; batch b uses the key ``fold_in(key(seed), b)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import pathlib
@@ -32,16 +39,19 @@ import tempfile
 
 import jax
 import numpy as np
+from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from jaxalign import models as M
 from jaxalign.checkpoint import load_hf
 from jaxalign.checkpoint.convert import load_model_params, read_record
+from jaxalign.config import apply_overrides, load_config
 from jaxalign.data import load_tokenizer, make_prompt_pipeline
 from jaxalign.errors import ConfigError
+from jaxalign.sampling import guided
 from jaxalign.sampling.best_of_n import best_of_n, get_reward
 from jaxalign.sampling.engine import check_prompt_lengths, generate
-from jaxalign.sampling.options import SamplingOptions
+from jaxalign.sampling.options import OPTION_NAMES, SamplingOptions, options_from_dict
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -77,28 +87,143 @@ def _tokenizer(path: str | None, config: M.ModelConfig):
     return tokenizer
 
 
-def options_from_args(args: argparse.Namespace, tokenizer) -> SamplingOptions:
-    """The sampling options of the command line (EOS and padding from the tokenizer)."""
-    if args.best_of and args.n != 1:
+def guided_config() -> ConfigDict:
+    """Every key a guided-decoding config (``configs/generate/*.py``) may set, with its default;
+    a config starts from this and sets ``method`` and ``models``."""
+    c = ConfigDict()
+    c.method = ""  # eft | nudging | genarm (jaxalign.sampling.guided)
+    # role -> "checkpoint:RUN_DIR" | "hf:DIR": eft large_base, small_tuned, small_base;
+    # nudging base, aligned; genarm base, arms (a tuple of specs).
+    c.models = ConfigDict()
+    c.alpha = 1.0  # eft: l_large_base + alpha (l_small_tuned - l_small_base)
+    c.gamma = 0.4  # nudging: the aligned model emits a token where base top-1 p < gamma
+    c.beta = 1.0  # genarm: l_base + (1 / beta) sum_i w_i l_arm_i
+    c.weights = ()  # genarm: w_i, one per arm (empty: 1 each)
+    c.tokenizer = ""  # default: the one recorded with the first model
+    c.template = ""  # default: the first model's recorded template, else plain
+    # SamplingOptions fields (None: its default; EOS and padding come from the tokenizer); the
+    # command-line flags override them.
+    c.sampling = ConfigDict({k: None for k in OPTION_NAMES if k not in ("eos_id", "pad_id")})
+    return c
+
+
+def _check_guided_config(config: ConfigDict, source: str) -> None:
+    """Unknown keys, an unknown method and missing or unknown model roles, named."""
+    known = guided_config()
+    for key in config.keys():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known.keys()), n=1)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            raise ConfigError(f'{source}: unknown key "{key}"{hint}')
+    if config.method not in guided.ROLES:
+        raise ConfigError(
+            f"{source}: unknown guided method {config.method!r} (known: "
+            f"{', '.join(sorted(guided.ROLES))})"
+        )
+    roles = guided.ROLES[config.method]
+    for role in config.models.keys():
+        if role not in roles:
+            raise ConfigError(
+                f"{source}: method {config.method} has no model role {role!r} (its roles: "
+                f"{', '.join(roles)})"
+            )
+    for role in roles:
+        if not config.models.get(role):
+            raise ConfigError(
+                f"{source}: method {config.method} needs models.{role} (checkpoint:RUN_DIR or "
+                f"hf:DIR; e.g. --config.models.{role}=checkpoint:runs/demo/sft)"
+            )
+
+
+def options_from_args(
+    args: argparse.Namespace, tokenizer, config_sampling: dict | None = None
+) -> SamplingOptions:
+    """The sampling options: the config's ``sampling`` (guided configs) under the flags given on
+    the command line; EOS and padding from the tokenizer."""
+    best_of = getattr(args, "best_of", 0)  # `jaxalign diagnose` has no --best_of
+    if best_of and args.n not in (None, 1):
         raise ConfigError("--best_of N samples N per prompt itself; leave --n at 1")
-    return SamplingOptions(
-        max_new_tokens=args.max_new_tokens,
-        n=args.best_of or args.n,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        stop_strings=tuple(args.stop or ()),
-        eos_id=tokenizer.eos_id,
-        pad_id=tokenizer.pad_id,
-        seed=args.seed,
+    flags = {name: getattr(args, name) for name in _OPTION_FLAGS}
+    flags["stop_strings"] = tuple(args.stop) if args.stop else None
+    flags["n"] = best_of or args.n
+    values = {k: v for k, v in (config_sampling or {}).items() if v is not None}
+    values |= {k: v for k, v in flags.items() if v is not None}
+    return options_from_dict(values | {"eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id})
+
+
+_OPTION_FLAGS = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "seed",
+)
+
+
+def _guided_sampler(args, overrides):
+    """Models, tokenizer, template, options and the per-batch sampling function of a guided
+    config (`guided_config`)."""
+    source = args.config.partition(":")[0]
+    config = apply_overrides(load_config(args.config), overrides, source=source)
+    _check_guided_config(config, source)
+    if args.model or args.best_of or args.reward or args.worst:
+        raise ConfigError(
+            f"{source} names its models (override one with --config.models.ROLE=SPEC); "
+            "--model, --best_of, --reward and --worst go without --config"
+        )
+    if config.method == "eft":
+        guided.eft_state(config.alpha)
+    elif config.method == "nudging":
+        guided.nudging_state(config.gamma)
+    roles = guided.ROLES[config.method]
+    # role -> its specs (a list: genarm's arms are several) -> loaded once per distinct spec
+    specs = {
+        role: list(spec) if isinstance(spec, tuple | list) else [spec]
+        for role, spec in ((r, config.models[r]) for r in roles)
+    }
+    cache = {spec: None for role in roles for spec in specs[role]}
+    for spec in cache:
+        cache[spec] = load_model(spec)
+    if config.method == "genarm":
+        guided.genarm_state(config.beta, tuple(config.weights) or None, len(specs["arms"]))
+    guided.check_vocabularies(
+        {f"{role} ({spec})": cache[spec][:2] for role in roles for spec in specs[role]}
     )
+    models = {role: [cache[spec][:2] for spec in specs[role]] for role in roles}
+    first = cache[specs[roles[0]][0]]
+    tokenizer = _tokenizer(args.tokenizer or config.tokenizer or first[2], first[0])
+    template = args.template or config.template or first[3] or "plain"
+    options = options_from_args(args, tokenizer, config.sampling.to_dict())
+    max_seq_len = min(m[0].max_seq_len for m in cache.values())
+
+    def sample(batch, rng, names):
+        kw = dict(rng=rng, options=options, tokenizer=tokenizer)
+        if config.method == "eft":
+            large_base, small_tuned, small_base = (models[r][0] for r in roles)
+            result = guided.eft(
+                large_base, small_tuned, small_base, batch, alpha=config.alpha, **kw
+            )
+        elif config.method == "nudging":
+            base, aligned = (models[r][0] for r in roles)
+            result = guided.nudging(base, aligned, batch, gamma=config.gamma, **kw)
+        else:
+            weights = tuple(config.weights) or None
+            result = guided.genarm(
+                models["base"][0], models["arms"], batch, beta=config.beta, weights=weights, **kw
+            )
+        return result, np.arange(result.tokens.shape[0]) % options.n, None
+
+    return tokenizer, template, options, max_seq_len, sample, {"method": config.method}
 
 
-def run(args: argparse.Namespace) -> int:
-    """The `jaxalign generate` command; returns the number of records written."""
+def _single_sampler(args):
+    """Model, tokenizer, template, options and the per-batch sampling function of ``--model``
+    (with ``--best_of``: best-of-N)."""
+    if not args.model:
+        raise ConfigError("generate needs --model hf:DIR|checkpoint:RUN_DIR or --config CFG")
     config, params, recorded_tokenizer, recorded_template = load_model(args.model)
     tokenizer = _tokenizer(args.tokenizer or recorded_tokenizer, config)
     template = args.template or recorded_template or "plain"
@@ -110,13 +235,33 @@ def run(args: argparse.Namespace) -> int:
         reward = get_reward(args.reward)
     elif args.worst or args.reward:
         raise ConfigError("--worst and --reward go with --best_of N")
+
+    def sample(batch, rng, names):
+        kw = dict(rng=rng, options=options, tokenizer=tokenizer)
+        if reward is None:
+            result = generate(config, params, batch, **kw)
+            return result, np.arange(result.tokens.shape[0]) % options.n, None
+        kept = best_of_n(config, params, batch, reward=reward, worst=args.worst, names=names, **kw)
+        return kept.result, kept.sample, kept.score
+
+    return tokenizer, template, options, config.max_seq_len, sample, {}
+
+
+def run(args: argparse.Namespace, overrides: list[str] = ()) -> int:
+    """The `jaxalign generate` command; returns the number of records written."""
+    if args.config:
+        tokenizer, template, options, max_seq_len, sample, extra = _guided_sampler(
+            args, list(overrides)
+        )
+    else:
+        tokenizer, template, options, max_seq_len, sample, extra = _single_sampler(args)
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size {args.batch_size}: expected >= 1")
     pipeline = make_prompt_pipeline(
         args.prompts,
         tokenizer,
         batch_size=args.batch_size,
-        max_prompt_len=config.max_seq_len,
+        max_prompt_len=max_seq_len,
         shuffle=False,
         num_epochs=1,
         template=template,
@@ -132,18 +277,9 @@ def run(args: argparse.Namespace) -> int:
                 start = b * args.batch_size
                 names = [f"{args.prompts} record {start + i + 1}" for i in range(args.batch_size)]
                 check_prompt_lengths(
-                    batch["prompt_lengths"], options.max_new_tokens, config.max_seq_len, names
+                    batch["prompt_lengths"], options.max_new_tokens, max_seq_len, names
                 )
-                rng = jax.random.fold_in(key, b)
-                kwargs = dict(rng=rng, options=options, tokenizer=tokenizer)
-                if reward is None:
-                    result = generate(config, params, batch, **kwargs)
-                    sample = np.arange(result.tokens.shape[0]) % options.n
-                    score = None
-                else:
-                    kwargs |= dict(reward=reward, worst=args.worst, names=names)
-                    kept = best_of_n(config, params, batch, **kwargs)
-                    result, sample, score = kept.result, kept.sample, kept.score
+                result, sample_index, score = sample(batch, jax.random.fold_in(key, b), names)
                 for r, i in enumerate(result.prompt_index.tolist()):
                     record = batch["records"][i]
                     if record is None:
@@ -155,9 +291,9 @@ def run(args: argparse.Namespace) -> int:
                         "finish_reason": result.finish_reason[r],
                         "num_tokens": n_tokens,
                         "logprob": float(result.logprobs[r, :n_tokens].sum()),
-                        "sample": int(sample[r]),
+                        "sample": int(sample_index[r]),
                         "index": start + i,
-                    }
+                    } | extra
                     if score is not None:
                         line["score"] = float(score[r])
                     f.write(json.dumps(line) + "\n")

@@ -32,8 +32,8 @@ Log-probs (per generated token, float32):
 - ``logprobs`` = log_softmax(c / T)[y] for the combined logits c (c = z_0 with one model) at
   T > 0, over the full vocabulary: before top-k / top-p / min-p truncation and without
   penalties. This is what RL's importance ratio needs and what the training kernels reproduce
-  with ``token_logprobs(hidden / T, unembedding, targets)``. At T = 0 it equals
-  ``policy_logprobs``.
+  with ``token_logprobs(hidden / T, unembedding, targets)``. At T = 0 it is log_softmax(c)[y]:
+  ``policy_logprobs`` with one model.
 
 Mesh: params stay in the shardings they come in (e.g. their training shardings; never gathered
 or copied by this module); prompt rows, the caches' rows and every per-row array are sharded over
@@ -145,8 +145,9 @@ def _next_logits(config, params, hidden: Float[Array, "R D"]) -> Float[Array, "R
     return M.logits(config, params, hidden[:, None])[:, 0]
 
 
-def _take(x: Float[Array, "R V"], tokens: Array) -> Float[Array, " R"]:
-    return jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0]
+def _log_prob(z: Float[Array, "R V"], tokens: Array) -> Float[Array, " R"]:
+    """log_softmax(z)[token] per row."""
+    return jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(z, axis=-1)
 
 
 @functools.partial(
@@ -207,14 +208,11 @@ def _decode_loop(
         token = choose_tokens(
             jax.random.fold_in(rng, t), combined, prompt_seen, state["seen"], knobs
         )
-        policy = _take(logits[0], token) - jax.nn.logsumexp(logits[0], axis=-1)
+        policy = _log_prob(logits[0], token)
         sampling = lax.cond(
             temperature > 0,
-            lambda: (
-                _take(combined, token) / temperature
-                - jax.nn.logsumexp(combined / temperature, axis=-1)
-            ),
-            lambda: policy,
+            lambda: _log_prob(combined / temperature, token),
+            lambda: policy if combine is None else _log_prob(combined, token),
         )
         active = ~state["done"]
         stop = active & jnp.any(token[:, None] == knobs["stop_ids"][None, :], axis=-1)

@@ -23,8 +23,8 @@ class GenerateResult:
     logprobs         float32 [R, M]  log-prob of each generated token under the sampling
                                      distribution before truncation and penalties:
                                      log_softmax(z / T) over the full vocabulary (T > 0) with z the
-                                     (combined) logits; at T = 0 equal to ``policy_logprobs``;
-                                     0 after the end
+                                     (combined) logits; at T = 0 log_softmax(z), equal to
+                                     ``policy_logprobs`` with one model; 0 after the end
     policy_logprobs  float32 [R, M]  log_softmax(z_0) at temperature 1 under model 0 (the policy);
                                      0 after the end
     prompt_index     int32   [R]     the row's prompt in the batch (``i // n``)

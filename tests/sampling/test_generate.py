@@ -285,8 +285,9 @@ def _model1_combine(logps, state):
 
 
 def test_decode_combines_several_models_each_with_its_own_cache(model):
-    """Choosing by model 1's log-probs gives model 1's greedy tokens; policy_logprobs stay model
-    0's (the training path's log-probs of model 0 on those tokens)."""
+    """Choosing by model 1's log-probs gives model 1's greedy tokens and (T = 0) model 1's
+    log-probs as `logprobs`; policy_logprobs stay model 0's (the training path's log-probs of
+    model 0 on those tokens)."""
     config, params = model
     other = M.init_params(config, jax.random.key(7))
     other["unembed"]["kernel"] = other["unembed"]["kernel"] * 20.0
@@ -300,4 +301,5 @@ def test_decode_combines_several_models_each_with_its_own_cache(model):
     np.testing.assert_array_equal(both.tokens, alone.tokens)
     _, policy = _training_logprobs(model, both, 0.0)
     np.testing.assert_allclose(both.policy_logprobs, policy, atol=TOL, rtol=0)
-    np.testing.assert_allclose(both.logprobs, both.policy_logprobs)
+    np.testing.assert_allclose(both.logprobs, alone.logprobs, atol=TOL, rtol=0)
+    assert not np.allclose(both.logprobs, both.policy_logprobs, atol=1e-2)
