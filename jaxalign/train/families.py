@@ -242,6 +242,12 @@ def _policy(*, kl_in_loss: bool, value_head: bool, family: str, compares: bool =
             _group_of_two(config, family)
         rows = config.data.batch_size * config.rl.group_size
         _splits(config, rows, "data.batch_size x rl.group_size rollout rows")
+        if kl_in_loss and config.rl.kl_target > 0:
+            raise ConfigError(
+                f"rl.kl_target={config.rl.kl_target}: the adaptive KL coefficient shapes the KL "
+                f"in the reward (ppo, rloo, reinforce_pp); {family}'s k3 loss term takes the "
+                "fixed rl.kl_coef"
+            )
         if config.rl.aggregation not in policy_losses.AGGREGATIONS:
             raise ConfigError(
                 f'rl.aggregation "{config.rl.aggregation}" is unknown (known: '

@@ -114,6 +114,7 @@ def test_a_reward_that_returns_nan_is_refused_naming_the_prompt(capsys, tmp_path
             "rl.minibatches=3",
         ),
         (["--config.rl.group_size=1"], "rl.group_size=1: grpo compares the completions"),
+        (["--config.rl.kl_target=0.1"], "grpo's k3 loss term takes the fixed rl.kl_coef"),
         (
             ["--config.rl.group_size=3"],
             "this process has 12 rows (shape (1, 12, 23)), not divisible by its 8 row shards",
