@@ -6,7 +6,8 @@ PPO-max's running reward statistics, `rl.reward_scale`), and the prompt iterator
 rollout key of step t is fold_in(key(seed), t), so nothing else is needed. PPO (two epochs of two
 minibatches, whose shuffles are keyed by the step too) runs with both controllers on, GRPO with
 reward scaling (its KL is a loss term at the fixed rl.kl_coef), from the tiny random init; the
-reward is a tent around a completion length in characters, so it varies within groups and every update moves the params.
+reward is a tent around a completion length in characters, so it varies within groups and every
+update moves the params.
 
 Bit-identical: the resumed run is the same program on the same devices and inputs, so its
 params and every logged number equal the uninterrupted run's exactly (assert_array_equal, ==),
