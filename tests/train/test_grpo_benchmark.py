@@ -14,6 +14,7 @@ HAS_TRL = importlib.util.find_spec("trl") is not None
 
 
 @pytest.mark.hf
+@pytest.mark.slow  # a benchmark; jaxalign's half runs in tests/train/test_online*.py
 def test_quick_grpo_benchmark_runs_both_sides():
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it

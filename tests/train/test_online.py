@@ -67,9 +67,10 @@ def _train_records(workdir):
     "family, overrides",
     [
         ("grpo", ()),
-        ("ppo", ("rl.minibatches=2",)),
+        # PPO's fast tests: test_online_mesh.py, test_online_resume.py
+        pytest.param("ppo", ("rl.minibatches=2",), marks=pytest.mark.slow),
         ("rloo", ()),
-        ("reinforce_pp", ()),
+        pytest.param("reinforce_pp", (), marks=pytest.mark.slow),  # fast: test_online_errors
         ("online_dpo", ("rl.group_size=2",)),
         ("rft", ("rl.rft_min_reward=1.0",)),
     ],

@@ -200,6 +200,7 @@ def _final_params(workdir, model_config):
     return jax.device_get(ckpt.load_params(workdir, abstract))
 
 
+@pytest.mark.slow  # about a minute; the fast sibling: test_online_mesh.py (one process, 8 devices)
 def test_two_processes_run_grpo_like_one_process(two_process_run, one_process_run):
     one_dir, config = one_process_run
     two, one = _records(two_process_run), _records(one_dir)

@@ -177,7 +177,14 @@ def _tensorboard_steps(workdir) -> dict[str, list[int]]:
     return seen
 
 
-@pytest.mark.parametrize("how", ["sigkill", "sigterm", "sigint"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "sigkill",
+        pytest.param("sigterm", marks=pytest.mark.slow),  # fast: test_workdir, test_online_errors
+        pytest.param("sigint", marks=pytest.mark.slow),
+    ],
+)
 def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path, how):
     proc = _run_cli(tmp_path, *RESUME_STEPS, wait=False)
     _wait_for_checkpoint(proc, tmp_path, 2)

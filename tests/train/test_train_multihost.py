@@ -164,6 +164,10 @@ class _TwoHostBatches:
     def num_bad_records(self) -> int:
         return sum(h.num_bad_records for h in self.hosts)
 
+    @property
+    def num_truncated(self) -> int:
+        return sum(h.num_truncated for h in self.hosts)
+
     def get_state(self):
         return {"hosts": [h.get_state() for h in self.hosts]}
 
