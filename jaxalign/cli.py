@@ -1,4 +1,5 @@
-"""`jaxalign` command line: train, eval, generate, diagnose, convert, bench, data inspect, plot.
+"""`jaxalign` command line: train, eval, generate, diagnose, convert, merge, bench, data inspect,
+plot.
 
     jaxalign train --config configs/dpo/tiny.py --workdir runs/dpo-tiny --config.loss.beta=0.2
     jaxalign eval --workdir runs/dpo-tiny [--config.data.eval=FILE]   # the run's own config
@@ -9,6 +10,7 @@
     jaxalign convert from-hf --hf DIR --out CKPT
     jaxalign convert to-hf --checkpoint CKPT --out DIR [--tokenizer FILE] [--dtype bfloat16]
         [--overwrite] [--adapter]    # --adapter: a LoRA run's adapters as a PEFT directory
+    jaxalign merge --config configs/merge/ties.py --out DIR [--config.lam=0.8]
     jaxalign bench logprobs|generate [-- benchmark flags]
     jaxalign data inspect FILE --config CFG [--config.key=value] [--show 3] [--out lengths.png]
     jaxalign plot RUN [RUN ...] --out curves.png
@@ -165,6 +167,20 @@ def _cmd_convert(args, overrides):
         print(f"tokenizer: none shipped ({why}); pass --tokenizer FILE|DIR")
 
 
+def _cmd_merge(args, overrides):
+    from jaxalign.merge.driver import merge
+
+    report = merge(_load(args, overrides), args.out, source=args.config.partition(":")[0])
+    mb = 1 / 2**20
+    print(f"wrote {args.out} ({report.n_tensors} tensors, {report.model_bytes * mb:.1f} MiB)")
+    print(
+        f"memory: peak tensors held {report.peak_tensor_bytes * mb:.1f} MiB "
+        f"({report.peak_tensor_bytes / report.model_bytes:.1%} of one model); "
+        f"process peak RSS {report.peak_rss_bytes * mb:.0f} MiB"
+    )
+    print(f"tokenizer: {report.tokenizer or 'none shipped (set tokenizer in the config)'}")
+
+
 def _cmd_bench(args, overrides):
     scripts = {"logprobs": "benchmarks/logprobs.py", "generate": "benchmarks/generate.py"}
     script = scripts[args.name]
@@ -303,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
         "adapters merged into the base, a full model)",
     )
     conv.set_defaults(run=_cmd_convert)
+
+    merge = sub.add_parser(
+        "merge", help="merge models in weight space (soup, task arithmetic, TIES, DARE, SLERP)"
+    )
+    merge.add_argument("--config", required=True, help="configs/merge/<name>.py[:arg]")
+    merge.add_argument("--out", required=True, help="the Hugging Face directory to write")
+    merge.set_defaults(run=_cmd_merge)
 
     bench = sub.add_parser("bench", help="run a benchmark script from benchmarks/")
     bench.add_argument("name", choices=["logprobs", "generate"])

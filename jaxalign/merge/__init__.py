@@ -1,0 +1,34 @@
+"""Weight-space merging: pure methods on tensors and params trees (`methods`), and the streaming
+`jaxalign merge` driver over Hugging Face directories and jaxalign checkpoints (`driver`)."""
+
+from jaxalign.merge.methods import (
+    METHODS,
+    MergeOptions,
+    dare,
+    dare_key,
+    disjoint_mean,
+    drop,
+    linear,
+    merge_tensor,
+    merge_tree,
+    slerp,
+    task_arithmetic,
+    ties,
+    trim,
+)
+
+__all__ = [
+    "METHODS",
+    "MergeOptions",
+    "dare",
+    "dare_key",
+    "disjoint_mean",
+    "drop",
+    "linear",
+    "merge_tensor",
+    "merge_tree",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+    "trim",
+]

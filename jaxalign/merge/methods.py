@@ -1,0 +1,195 @@
+"""Weight-space merges: pure functions on single tensors, and `merge_tree` over params trees.
+
+Every method maps a base tensor ``b`` and model tensors ``x_i`` (same shape) to one tensor,
+computed in float32. Task vectors are ``tau_i = x_i - b``.
+
+- ``linear`` (model soup; Wortsman et al. 2022, "Model soups"): ``sum_i w_i x_i / sum_i w_i``
+  (``normalize``), or ``sum_i w_i x_i``. The base takes no part.
+- ``task_arithmetic`` (Ilharco et al. 2023, "Editing models with task arithmetic"):
+  ``b + lam * sum_i w_i tau_i``.
+- ``ties`` (Yadav et al. 2023, "TIES-Merging"): trim each ``tau_i`` to its ``round(density_i *
+  n)`` largest entries by magnitude (``hat tau_i``, n = tensor size), elect the sign ``s =
+  sign(sum_i w_i hat tau_i)``, take the disjoint weighted mean of the entries that agree,
+  ``m = sum_i [sign(hat tau_i) = s] w_i hat tau_i / sum_i [sign(hat tau_i) = s] w_i`` (0 where none
+  agrees), and return ``b + lam * m``. Equal weights give the paper's disjoint mean; with density
+  1 and signs that agree, ``m = sum_i w_i tau_i / sum_i w_i`` (task arithmetic with normalised
+  weights).
+- ``dare`` (Yu et al. 2024, "Language models are super Mario"): drop each entry of ``tau_i``
+  with probability ``1 - density_i`` and rescale the survivors by ``1 / density_i``, ``tilde tau_i
+  = m_i * tau_i / density_i`` with ``m_i ~ Bernoulli(density_i)``, so ``E[tilde tau_i] = tau_i``;
+  then ``b + lam * sum_i w_i tilde tau_i``. (mergekit instead rescales so the L1 norm of the
+  kept entries matches the original's; here the paper's ``1 / density``.) The mask of model i
+  on a tensor is ``jax.random.bernoulli(dare_key(seed, name, i), density_i, shape)``: the same
+  seed and tensor name give the same merge.
+- ``dare_ties``: DARE's drop and rescale in place of TIES' trim, then TIES' sign election and
+  disjoint mean.
+- ``slerp`` (Shoemake 1985; as in mergekit): one model against the base, each tensor flattened
+  to a vector: with ``cos O = <b, x> / (|b| |x|)``, ``sin(O (1 - t)) / sin O * b + sin(O t) /
+  sin O * x``; linear ``(1 - t) b + t x`` where ``|cos O| > 0.9995`` ((anti)parallel vectors,
+  where the formula is 0 / 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+METHODS = ("linear", "task_arithmetic", "ties", "dare", "dare_ties", "slerp")
+SLERP_DOT_THRESHOLD = 0.9995
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeOptions:
+    """Per-model ``weights`` and ``densities`` (one per model), global ``lam``, SLERP's ``t``,
+    ``normalize`` (linear: divide by the sum of weights), ``seed`` (DARE's masks)."""
+
+    weights: tuple[float, ...]
+    densities: tuple[float, ...]
+    lam: float = 1.0
+    t: float = 0.5
+    normalize: bool = True
+    seed: int = 0
+
+
+def linear(
+    xs: Sequence[Float[Array, "..."]], weights: Sequence[float], normalize: bool = True
+) -> Float[Array, "..."]:
+    """Weighted average ``sum_i w_i x_i / sum_i w_i`` (``normalize``) or weighted sum."""
+    total = sum(w * x.astype(jnp.float32) for w, x in zip(weights, xs, strict=True))
+    return total / sum(weights) if normalize else total
+
+
+def task_arithmetic(
+    base: Float[Array, "..."],
+    xs: Sequence[Float[Array, "..."]],
+    weights: Sequence[float],
+    lam: float = 1.0,
+) -> Float[Array, "..."]:
+    """``b + lam * sum_i w_i (x_i - b)``."""
+    b = base.astype(jnp.float32)
+    return b + lam * sum(w * (x.astype(jnp.float32) - b) for w, x in zip(weights, xs, strict=True))
+
+
+def trim(tau: Float[Array, "..."], density: float) -> Float[Array, "..."]:
+    """``tau`` with all but its ``round(density * n)`` largest-magnitude entries set to 0."""
+    k = round(density * tau.size)
+    flat = tau.reshape(-1)
+    keep = jnp.zeros(flat.shape, bool).at[jnp.argsort(-jnp.abs(flat))[:k]].set(True)
+    return jnp.where(keep, flat, 0.0).reshape(tau.shape)
+
+
+def dare_key(seed: int, name: str, i: int) -> jax.Array:
+    """The PRNG key of model ``i``'s DARE mask on tensor ``name`` (crc32 of the name)."""
+    return jax.random.fold_in(
+        jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode())), i
+    )
+
+
+def drop(tau: Float[Array, "..."], density: float, key: jax.Array) -> Float[Array, "..."]:
+    """DARE: ``m * tau / density``, ``m ~ Bernoulli(density)`` per entry."""
+    keep = jax.random.bernoulli(key, density, tau.shape)
+    return jnp.where(keep, tau / density, 0.0)
+
+
+def disjoint_mean(
+    taus: Sequence[Float[Array, "..."]], weights: Sequence[float]
+) -> Float[Array, "..."]:
+    """TIES' elect + disjoint merge: ``s = sign(sum_i w_i tau_i)``, then the weighted mean of
+    the entries whose sign is ``s`` (0 where none is)."""
+    sign = jnp.sign(sum(w * t for w, t in zip(weights, taus, strict=True)))
+    agree = [(jnp.sign(t) == sign) & (t != 0) for t in taus]
+    num = sum(jnp.where(a, w * t, 0.0) for a, w, t in zip(agree, weights, taus, strict=True))
+    den = sum(jnp.where(a, w, 0.0) for a, w in zip(agree, weights, strict=True))
+    return jnp.where(den != 0, num / jnp.where(den != 0, den, 1.0), 0.0)
+
+
+def ties(
+    base: Float[Array, "..."],
+    xs: Sequence[Float[Array, "..."]],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    lam: float = 1.0,
+) -> Float[Array, "..."]:
+    """TIES: trim each task vector to its top ``density`` fraction, elect, disjoint mean, lam."""
+    b = base.astype(jnp.float32)
+    taus = [trim(x.astype(jnp.float32) - b, d) for x, d in zip(xs, densities, strict=True)]
+    return b + lam * disjoint_mean(taus, weights)
+
+
+def dare(
+    base: Float[Array, "..."],
+    xs: Sequence[Float[Array, "..."]],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    keys: Sequence[jax.Array],
+    lam: float = 1.0,
+    elect: bool = False,
+) -> Float[Array, "..."]:
+    """DARE: drop and rescale each task vector (``keys[i]`` its mask), then a weighted sum
+    (``b + lam * sum_i w_i tilde tau_i``), or with ``elect`` TIES' disjoint mean (DARE-TIES)."""
+    b = base.astype(jnp.float32)
+    taus = [
+        drop(x.astype(jnp.float32) - b, d, k) for x, d, k in zip(xs, densities, keys, strict=True)
+    ]
+    if elect:
+        return b + lam * disjoint_mean(taus, weights)
+    return b + lam * sum(w * t for w, t in zip(weights, taus, strict=True))
+
+
+def slerp(
+    a: Float[Array, "..."], b: Float[Array, "..."], t: float, eps: float = 1e-8
+) -> Float[Array, "..."]:
+    """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1) of the flattened tensors;
+    linear where they are (anti)parallel (``|cos O| > 0.9995``) or one is 0."""
+    a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
+    na, nb = jnp.linalg.norm(a32), jnp.linalg.norm(b32)
+    cos = jnp.sum(a32 * b32) / jnp.maximum(na * nb, eps)
+    lerp = (1 - t) * a32 + t * b32
+    omega = jnp.arccos(jnp.clip(cos, -1.0, 1.0))
+    sin = jnp.sin(omega)
+    safe = jnp.where(jnp.abs(cos) > SLERP_DOT_THRESHOLD, 1.0, sin)
+    spherical = (jnp.sin((1 - t) * omega) * a32 + jnp.sin(t * omega) * b32) / safe
+    return jnp.where(jnp.abs(cos) > SLERP_DOT_THRESHOLD, lerp, spherical)
+
+
+def merge_tensor(
+    method: str,
+    name: str,
+    base: Float[Array, "..."] | None,
+    xs: Sequence[Float[Array, "..."]],
+    options: MergeOptions,
+) -> Float[Array, "..."]:
+    """One tensor of ``method`` (a name in ``METHODS``); ``name`` keys DARE's masks."""
+    w, d = options.weights, options.densities
+    if method == "linear":
+        return linear(xs, w, options.normalize)
+    if method == "task_arithmetic":
+        return task_arithmetic(base, xs, w, options.lam)
+    if method == "ties":
+        return ties(base, xs, w, d, options.lam)
+    if method in ("dare", "dare_ties"):
+        keys = [dare_key(options.seed, name, i) for i in range(len(xs))]
+        return dare(base, xs, w, d, keys, options.lam, elect=method == "dare_ties")
+    if method == "slerp":
+        (x,) = xs
+        return slerp(base, x, options.t)
+    raise ValueError(f"unknown merge method {method!r}; known: {', '.join(METHODS)}")
+
+
+def merge_tree(method: str, base: dict | None, models: Sequence[dict], options: MergeOptions):
+    """``merge_tensor`` on every leaf of params trees of one structure; a leaf's name (DARE's
+    key) is its '/'-joined path. ``base`` may be None for ``linear``. Leaves come back float32."""
+    paths, _ = zip(*jax.tree_util.tree_flatten_with_path(models[0])[0], strict=True)
+    names = ["/".join(str(getattr(k, "key", k)) for k in path) for path in paths]
+    leaves = [jax.tree.leaves(m) for m in models]
+    base_leaves = jax.tree.leaves(base) if base is not None else [None] * len(names)
+    merged = [
+        merge_tensor(method, name, b, [ls[j] for ls in leaves], options)
+        for j, (name, b) in enumerate(zip(names, base_leaves, strict=True))
+    ]
+    return jax.tree.unflatten(jax.tree.structure(models[0]), merged)

@@ -1,0 +1,60 @@
+"""Float64 NumPy merges written from the formulas (jaxalign/merge/methods.py docstring)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def linear(xs, w, normalize=True):
+    total = sum(wi * np.float64(x) for wi, x in zip(w, xs, strict=True))
+    return total / sum(w) if normalize else total
+
+
+def task_arithmetic(b, xs, w, lam):
+    b = np.float64(b)
+    return b + lam * sum(wi * (np.float64(x) - b) for wi, x in zip(w, xs, strict=True))
+
+
+def trim(tau, density):
+    flat = tau.ravel()
+    k = int(round(density * flat.size))
+    order = sorted(range(flat.size), key=lambda j: -abs(flat[j]))[:k]
+    out = np.zeros_like(flat)
+    out[order] = flat[order]
+    return out.reshape(tau.shape)
+
+
+def disjoint_mean(taus, w):
+    s = np.sign(sum(wi * t for wi, t in zip(w, taus, strict=True)))
+    num = np.zeros_like(taus[0])
+    den = np.zeros_like(taus[0])
+    for wi, t in zip(w, taus, strict=True):
+        agree = (np.sign(t) == s) & (t != 0)
+        num += np.where(agree, wi * t, 0.0)
+        den += np.where(agree, wi, 0.0)
+    return np.divide(num, den, out=np.zeros_like(num), where=den != 0)
+
+
+def ties(b, xs, w, d, lam):
+    b = np.float64(b)
+    return b + lam * disjoint_mean(
+        [trim(np.float64(x) - b, di) for x, di in zip(xs, d, strict=True)], w
+    )
+
+
+def dare(b, xs, w, d, masks, lam, elect=False):
+    """``masks[i]``: model i's keep mask (the Bernoulli draw is part of the contract)."""
+    b = np.float64(b)
+    taus = [m * (np.float64(x) - b) / di for x, di, m in zip(xs, d, masks, strict=True)]
+    if elect:
+        return b + lam * disjoint_mean(taus, w)
+    return b + lam * sum(wi * t for wi, t in zip(w, taus, strict=True))
+
+
+def slerp(a, b, t):
+    a, b = np.float64(a), np.float64(b)
+    cos = np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b))
+    if abs(cos) > 0.9995:
+        return (1 - t) * a + t * b
+    omega = np.arccos(cos)
+    return (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
