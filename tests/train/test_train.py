@@ -181,8 +181,8 @@ def _tensorboard_steps(workdir) -> dict[str, list[int]]:
     "how",
     [
         "sigkill",
-        pytest.param("sigterm", marks=pytest.mark.slow),  # fast: test_workdir, test_online_errors
-        pytest.param("sigint", marks=pytest.mark.slow),
+        "sigterm",
+        pytest.param("sigint", marks=pytest.mark.slow),  # the same path as SIGTERM (Preemption)
     ],
 )
 def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path, how):
