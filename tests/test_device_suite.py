@@ -62,7 +62,15 @@ def test_script_dry_all_parts(tmp_path):
     assert parts == set(suite.PARTS)
 
 
-@pytest.mark.parametrize("part", ["kernels", "logprob", "dpo", "sampling"])
+@pytest.mark.parametrize(
+    "part",
+    [
+        pytest.param("kernels", marks=pytest.mark.slow),  # the kernels' own tests run them
+        "logprob",
+        "dpo",
+        pytest.param("sampling", marks=pytest.mark.slow),  # tests/sampling runs generate
+    ],
+)
 def test_part_runs_dry(part, tmp_path):
     """Each part's code path in this process (the script runs each in a child process)."""
     rec = suite.Recorder(part, str(tmp_path / "r.json"))

@@ -68,6 +68,7 @@ def test_dpo_improves_held_out_preference_accuracy_and_margin(sft_dir, tmp_path)
     assert after["loss"] < math.log(2) - 0.03
 
 
+@pytest.mark.slow  # fast sibling: test_families.py's SimPO margin test
 def test_simpo_improves_the_held_out_margin_without_a_reference(sft_dir, tmp_path):
     before, after = _preference_run(
         "dpo/tiny_simpo.py", sft_dir, tmp_path, "steps=300", "optimizer.lr=1e-4"

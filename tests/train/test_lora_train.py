@@ -164,10 +164,10 @@ def test_fsdp8_step_equals_one_device():
 @pytest.mark.parametrize(
     "name, overrides",
     [
-        ("sft/tiny", ()),
+        pytest.param("sft/tiny", (), marks=pytest.mark.slow),  # fast: the DPO run above
         ("kto/tiny", ()),
         ("grpo/tiny", ("lora.dropout=0.1",)),
-        ("ppo/tiny", ()),
+        pytest.param("ppo/tiny", (), marks=pytest.mark.slow),  # fast: grpo (online, sampler)
     ],
 )
 def test_families_train_with_lora(name, overrides, tmp_path):

@@ -69,7 +69,7 @@ def _train_records(workdir):
         ("grpo", ()),
         # PPO's fast tests: test_online_mesh.py, test_online_resume.py
         pytest.param("ppo", ("rl.minibatches=2",), marks=pytest.mark.slow),
-        ("rloo", ()),
+        pytest.param("rloo", (), marks=pytest.mark.slow),  # fast: tests/rl rloo_advantages
         pytest.param("reinforce_pp", (), marks=pytest.mark.slow),  # fast: test_online_errors
         ("online_dpo", ("rl.group_size=2",)),
         ("rft", ("rl.rft_min_reward=1.0",)),
@@ -86,6 +86,7 @@ def test_each_family_raises_its_reward(family, overrides, sft_dir, tmp_path):
     assert np.isfinite(summary["train"]["loss"])
 
 
+@pytest.mark.slow  # the control run (held-out evals before and after: ~40 s)
 def test_a_random_reward_does_not_raise_held_out_accuracy(sft_dir, tmp_path, monkeypatch):
     """The control run: GRPO rewarded by coin flips (a deterministic hash of prompt and
     completion) does not raise the judge's held-out accuracy of the SFT start, greedy or sampled,
