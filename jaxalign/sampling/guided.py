@@ -136,6 +136,12 @@ def genarm_state(beta: float, weights: Sequence[float] | None, n_arms: int) -> d
     return {"coefs": coefs.astype(np.float32)}
 
 
+def _guided(models: dict, combine, state, prompts: dict, **place) -> GenerateResult:
+    """Decode with `combine` over `models` (named for errors; same vocabulary) in one loop."""
+    check_vocabularies(models)
+    return decode(tuple(models.values()), combine, prompts, combine_state=state, **place)
+
+
 def eft(
     large_base: Model,
     small_tuned: Model,
@@ -153,19 +159,8 @@ def eft(
     l_small_base)) (module docstring). Each model is ``(config, params)``; alpha = 1 transfers
     the small models' fine-tuning delta, alpha > 1 extrapolates it, alpha = 0 is the large base."""
     models = {"large_base": large_base, "small_tuned": small_tuned, "small_base": small_base}
-    check_vocabularies(models)
-    state = eft_state(alpha)
-    return decode(
-        tuple(models.values()),
-        _eft,
-        prompts,
-        rng=rng,
-        options=options,
-        combine_state=state,
-        tokenizer=tokenizer,
-        mesh=mesh,
-        rules=rules,
-    )
+    place = dict(rng=rng, options=options, tokenizer=tokenizer, mesh=mesh, rules=rules)
+    return _guided(models, _eft, eft_state(alpha), prompts, **place)
 
 
 def nudging(
@@ -184,19 +179,8 @@ def nudging(
     drawn from the aligned model instead (module docstring; unit: one token). gamma = 0 is the
     base model alone, gamma > 1 the aligned model alone."""
     models = {"base": base, "aligned": aligned}
-    check_vocabularies(models)
-    state = nudging_state(gamma)
-    return decode(
-        tuple(models.values()),
-        _nudging,
-        prompts,
-        rng=rng,
-        options=options,
-        combine_state=state,
-        tokenizer=tokenizer,
-        mesh=mesh,
-        rules=rules,
-    )
+    place = dict(rng=rng, options=options, tokenizer=tokenizer, mesh=mesh, rules=rules)
+    return _guided(models, _nudging, nudging_state(gamma), prompts, **place)
 
 
 def genarm(
@@ -217,15 +201,5 @@ def genarm(
     params)``; ``weights`` w_i default to 1 each (multi-objective: one weight per ARM)."""
     state = genarm_state(beta, weights, len(arms))
     models = {"base": base} | {f"arms[{i}]": arm for i, arm in enumerate(arms)}
-    check_vocabularies(models)
-    return decode(
-        tuple(models.values()),
-        _genarm,
-        prompts,
-        rng=rng,
-        options=options,
-        combine_state=state,
-        tokenizer=tokenizer,
-        mesh=mesh,
-        rules=rules,
-    )
+    place = dict(rng=rng, options=options, tokenizer=tokenizer, mesh=mesh, rules=rules)
+    return _guided(models, _genarm, state, prompts, **place)

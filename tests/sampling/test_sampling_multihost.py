@@ -51,6 +51,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes; fast sibling: test_mesh.py (one process, 8 devices)
 def test_two_processes_gather_the_rows_of_one(tmp_path):
     out = tmp_path / "gathered.json"
     port = _free_port()

@@ -58,6 +58,7 @@ def _preference_run(name, sft_dir, workdir, *overrides):
     return _before_after(workdir, train(config, workdir))
 
 
+@pytest.mark.slow  # ~80 s; fast sibling: test_families.py::test_dpo_raises_the_margin_and_accuracy
 def test_dpo_improves_held_out_preference_accuracy_and_margin(sft_dir, tmp_path):
     before, after = _preference_run(
         "dpo/tiny.py", sft_dir, tmp_path, "steps=200", "optimizer.lr=5e-4"

@@ -166,7 +166,8 @@ def test_fsdp8_step_equals_one_device():
     [
         pytest.param("sft/tiny", (), marks=pytest.mark.slow),  # fast: the DPO run above
         ("kto/tiny", ()),
-        ("grpo/tiny", ("lora.dropout=0.1",)),
+        # online with LoRA (the sampler runs the adapted params): slow, ~25 s
+        pytest.param("grpo/tiny", ("lora.dropout=0.1",), marks=pytest.mark.slow),
         pytest.param("ppo/tiny", (), marks=pytest.mark.slow),  # fast: grpo (online, sampler)
     ],
 )
@@ -191,6 +192,7 @@ def _bytes_per_device(abstract, shardings) -> int:
     )
 
 
+@pytest.mark.slow  # a compile-only plan of both runs, ~25 s
 def test_plan_holds_the_base_once():
     """Compile-only DPO on this machine's 8 devices: full fine-tuning's arguments hold the policy,
     its two Adam moments and the reference; LoRA's the base once plus the adapters and their two

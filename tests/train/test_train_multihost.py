@@ -205,6 +205,7 @@ def _final_params(workdir, model_config):
     return jax.device_get(ckpt.load_params(workdir, abstract))
 
 
+@pytest.mark.slow  # two processes; fast sibling: test_mesh_equivalence.py (one process, 8 devices)
 def test_two_processes_train_like_one_process_on_the_same_global_batches(
     two_process_run, one_process_run
 ):

@@ -62,6 +62,7 @@ def test_a_finished_run_says_so_and_appends_nothing(sft_dir, capsys):
     assert (sft_dir / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow  # fast siblings: the refusal and finished-run tests of this file
 def test_longer_runs_resume_and_accepted_changes_are_recorded(sft_dir, tmp_path, capsys):
     workdir = tmp_path / "run"
     train(_config(SFT), workdir)
