@@ -9,6 +9,7 @@ are under runs/demo/ (recreated each time).
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import shutil
 import sys
@@ -30,6 +31,8 @@ ROWS = (
 
 
 def main() -> None:
+    # Orbax logs through absl; its routine warnings would repeat at every load (as in the CLI).
+    logging.getLogger("absl").setLevel(logging.ERROR)
     runs = ROOT / "runs" / "demo"
     shutil.rmtree(runs, ignore_errors=True)
     start = time.perf_counter()
