@@ -93,6 +93,17 @@ def base_config() -> ConfigDict:
     c.loss.beta = 0.1
     c.loss.label_smoothing = 0.0
 
+    # The reference policy of the offline families that use one (jaxalign.train.reference): by
+    # default the initial policy, fixed. `soup`: a tuple of "checkpoint:DIR" / "hf:DIR" models
+    # whose average is the reference instead (SALSA). `update`: TR-DPO, after every `every`-th
+    # step ref <- alpha * policy + (1 - alpha) * ref ("soft") or ref <- policy ("hard"); the
+    # reference is then checkpointed with the run. "" keeps it fixed.
+    c.reference = ConfigDict()
+    c.reference.soup = ()
+    c.reference.update = ""
+    c.reference.alpha = 0.6
+    c.reference.every = 512
+
     c.optimizer = ConfigDict()
     c.optimizer.lr = 1e-4  # peak learning rate
     c.optimizer.warmup_steps = 0  # linear warmup from 0

@@ -7,11 +7,12 @@
         --config.data.ref_logps=runs/dpo-tiny/ref_logps.jsonl
 
 The reference is what training would use: the initial weights (`model.init_from`, else the random
-init from `seed`). Both splits (`data.train` and `data.eval`) go into one file, keyed by record
-content (`jaxalign.data.ref_cache`), with chosen / rejected sums and their LD-DPO common-prefix
-sums. Training with `data.ref_logps` joins them back per record, so it works with shuffling,
-packing and streaming, runs no reference forward and holds no reference weights. Single-process:
-run it on one host (it reads every record).
+init from `seed`), or the soup of `reference.soup`; a TR-DPO reference (`reference.update`)
+changes during the run and cannot be cached. Both splits (`data.train` and `data.eval`) go into
+one file, keyed by record content (`jaxalign.data.ref_cache`), with chosen / rejected sums and
+their LD-DPO common-prefix sums. Training with `data.ref_logps` joins them back per record, so
+it works with shuffling, packing and streaming, runs no reference forward and holds no reference
+weights. Single-process: run it on one host (it reads every record).
 
 The cache walks each file exactly as a single-process run's first epoch does (the run's pipeline:
 same seed, batch size, packing and mesh), so for that epoch the cached numbers are bit-identical
@@ -32,8 +33,8 @@ from jaxalign.config import to_dict
 from jaxalign.data import JsonlSource, parse_pair, record_key
 from jaxalign.data.ref_cache import write_ref_cache
 from jaxalign.errors import ConfigError
-from jaxalign.train import families, objectives
-from jaxalign.train.run import base_params, setup
+from jaxalign.train import families, objectives, reference
+from jaxalign.train.run import reference_params, setup
 
 
 def _key(record: dict, extra_fields: tuple[str, ...]) -> str:
@@ -58,10 +59,15 @@ def cache_reference(config: ConfigDict, out: str) -> dict[str, int]:
         raise ConfigError("cache-ref runs on one process (it reads every record itself)")
     if not families.get(config.trainer).takes_ref_cache:
         raise ConfigError(f'cache-ref: trainer "{config.trainer}" takes no reference log-probs')
+    if reference.update_rule(config):
+        raise ConfigError(
+            f'cache-ref: reference.update="{reference.update_rule(config)}" changes the reference '
+            "during the run; its log-probs cannot be cached"
+        )
     plain = ConfigDict(to_dict(config))
     plain.data.ref_logps = ""
     run = setup(plain)
-    params = base_params(run)  # the reference: the initial decoder (a LoRA run's base)
+    params = reference_params(run)  # the soup, or the initial decoder (a LoRA run's base)
     impl = None if config.logprob_impl == "auto" else config.logprob_impl
     compute = jax.jit(
         functools.partial(reference_logps, run.model_config, mesh=run.mesh, implementation=impl)

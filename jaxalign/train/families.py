@@ -97,7 +97,11 @@ def ref_cache_settings(config: ConfigDict) -> dict:
         "max_len": config.data.max_len,
         "max_prompt_len": config.data.max_prompt_len,
         "train_on_prompt": config.data.train_on_prompt,
-        "reference": config.model.init_from or f"{config.model.preset} seed={config.seed}",
+        "reference": (
+            "soup " + " ".join(config.reference.soup)
+            if config.reference.soup
+            else config.model.init_from or f"{config.model.preset} seed={config.seed}"
+        ),
     }
 
 

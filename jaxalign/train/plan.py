@@ -49,7 +49,7 @@ from jaxalign.errors import ConfigError
 from jaxalign.models import heads
 from jaxalign.sampling.engine import PROMPT_KEYS
 from jaxalign.sharding.topology import topology_devices, topology_name
-from jaxalign.train.run import setup
+from jaxalign.train.run import LOOP_STATE, setup
 
 
 def abstract_batch(run) -> dict[str, jax.ShapeDtypeStruct]:
@@ -141,7 +141,7 @@ def _compile(run):
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )
     step = run.jit_train_step()
-    state = {k: v for k, v in run.abstract_target().items() if k != "rl"}  # the step's own state
+    state = {k: v for k, v in run.abstract_target().items() if k not in LOOP_STATE}
     return step.lower(state, ref, abstract_batch(run)).compile()
 
 

@@ -30,7 +30,7 @@ from jaxalign.config import check_known_keys, to_dict
 from jaxalign.data import Prefetch, load_tokenizer
 from jaxalign.errors import ConfigError, TrainingError
 from jaxalign.models import heads
-from jaxalign.train import families, steps, updates
+from jaxalign.train import families, reference, steps, updates
 from jaxalign.train import workdir as workdirs
 from jaxalign.train.metrics import MetricsWriter
 from jaxalign.train.objectives import Objective
@@ -40,6 +40,11 @@ from jaxalign.train.optimizer import learning_rate_schedule, make_optimizer
 # rollouts (fold_in(key(seed), step)): fold_in(key(seed), stream).
 ADAPTER_STREAM = 0x4C6F5241  # LoRA A matrices
 DROPOUT_STREAM = 0x4C6F5244  # LoRA dropout masks, then folded with the step and micro-batch
+
+# Checkpointed state the loops carry outside the train step: an online loop's "rl" (KL
+# coefficient, reward statistics) and a TR-DPO reference ("ref", passed as the step's frozen
+# weights).
+LOOP_STATE = ("rl", "ref")
 
 
 def model_config_from(config: ConfigDict) -> models.ModelConfig:
@@ -93,6 +98,8 @@ def state_shardings(mesh, param_shardings, abstract_state):
 
     opt = jax.tree_util.tree_map_with_path(pick, abstract_state["opt_state"])
     out = {"step": replicated, "params": param_shardings, "opt_state": opt}
+    if "ref" in abstract_state:  # a TR-DPO reference, sharded like the policy
+        out["ref"] = param_shardings
     # Loss state (BCO's running delta): a few scalars, replicated.
     return out | {
         k: jax.tree.map(lambda _: replicated, v) for k, v in abstract_state.items() if k not in out
@@ -150,9 +157,9 @@ class Run:
         )
 
     def jit_train_step(self):
-        """The jitted update; it takes and donates the state it updates: everything but an online
-        loop's own "rl" entry (KL coefficient, reward statistics), which the loop carries."""
-        shardings = {k: v for k, v in self.state_shardings.items() if k != "rl"}
+        """The jitted update; it takes and donates the state it updates: everything but what the
+        loop carries itself (`LOOP_STATE`)."""
+        shardings = {k: v for k, v in self.state_shardings.items() if k not in LOOP_STATE}
         dropout_key = None
         if self.lora and self.model_config.lora.dropout > 0:
             dropout_key = jax.random.fold_in(jax.random.key(self.config.seed), DROPOUT_STREAM)
@@ -241,6 +248,7 @@ def setup(config: ConfigDict, *, devices=None, read_files: bool = True, model_co
     )
     rules = sharding.ShardingRules.preset(config.sharding)
     objective = family.objective(config, model_config, mesh)
+    reference.check(config, loop=family.loop, needs_ref=objective.needs_ref)
 
     base_abstract = models.abstract_params(model_config)
     base_axes = models.param_logical_axes(model_config)
@@ -262,6 +270,8 @@ def setup(config: ConfigDict, *, devices=None, read_files: bool = True, model_co
     }
     if objective.initial_loss_state is not None:
         abstract_state["loss_state"] = jax.eval_shape(lambda: objective.initial_loss_state)
+    if reference.update_rule(config) and objective.needs_ref:  # TR-DPO: the reference changes
+        abstract_state["ref"] = abstract_params
     if family.loop == "online":  # the loop's own state: KL controller, reward statistics
         abstract_state["rl"] = jax.eval_shape(lambda: updates.initial_rl_state(config))
     return Run(
@@ -292,7 +302,7 @@ def init_params(run: Run):
         key = jax.random.fold_in(jax.random.key(config.seed), ADAPTER_STREAM)
         params = models.attach({}, init(run.model_config, key))
     else:
-        params = _decoder_params(config, run.model_config, shardings)
+        params = _decoder_params(config.model.init_from, config.seed, run.model_config, shardings)
     if run.family.head:
         init = jax.jit(heads.init_scalar_head, static_argnums=0, out_shardings=head_sharding)
         params[run.family.head] = init(run.model_config)
@@ -313,14 +323,28 @@ def init_params(run: Run):
 def base_params(run: Run):
     """The decoder's weights from `model.init_from` (or the random init of `seed`), in their
     shardings: a LoRA run's frozen base."""
-    return _decoder_params(run.config, run.model_config, run.base_shardings)
+    config, shardings = run.config, run.base_shardings
+    return _decoder_params(config.model.init_from, config.seed, run.model_config, shardings)
 
 
-def _decoder_params(config: ConfigDict, model_config, param_shardings):
-    source = config.model.init_from
+def reference_params(run: Run):
+    """The reference's weights as a run starts: the soup of `reference.soup`, else the initial
+    decoder (`model.init_from` or the random init of `seed`; a LoRA run's base)."""
+    soup = run.config.reference.soup
+    if not soup:
+        return base_params(run)
+
+    def load(spec):
+        return _decoder_params(spec, run.config.seed, run.model_config, run.base_shardings)
+
+    return reference.soup(soup, load, run.model_config, run.base_shardings)
+
+
+def _decoder_params(source: str, seed: int, model_config, param_shardings):
+    """The decoder's weights from `source` ("", "checkpoint:DIR", "hf:DIR") in `param_shardings`."""
     if not source:
         init = jax.jit(models.init_params, static_argnums=0, out_shardings=param_shardings)
-        return init(model_config, jax.random.key(config.seed))
+        return init(model_config, jax.random.key(seed))
     kind, _, where = source.partition(":")
     if kind == "checkpoint":  # a LoRA run's adapters come merged into its base
         from jaxalign.checkpoint.convert import load_model_params
@@ -335,27 +359,32 @@ def _decoder_params(config: ConfigDict, model_config, param_shardings):
 
 
 def frozen_params(run: Run, initial=None):
-    """The steps' frozen weights (`ref_params`), or None when the run holds none: a LoRA run's
-    base (its reference too); else the reference, the initial policy (`initial`, copied because
-    the train step donates the policy's buffers, or loaded again)."""
+    """The steps' frozen weights (`ref_params`) as a run starts, or None when the run holds none:
+    a LoRA run's base (its reference too); else the reference: a soup (`reference.soup`) or the
+    initial policy (`initial`, copied because the train step donates the policy's buffers, or
+    loaded again)."""
     if run.lora:
         return base_params(run)
     if not run.needs_ref:
         return None
+    if run.config.reference.soup:
+        return reference_params(run)
     return init_params(run) if initial is None else jax.tree.map(jnp.copy, initial)
 
 
 def start(run: Run, manager, pipeline) -> tuple[dict, object]:
     """(state, ref_params): the latest checkpoint restored into its shardings (and `pipeline` set
     to its saved position), or the initial state; and the frozen weights (`frozen_params`),
-    recomputed from the same source on resume."""
+    recomputed from the same source on resume, except a TR-DPO reference, which is restored
+    (`state["ref"]`, taken out of the returned state: the loop carries it)."""
     resuming = manager.latest_step() is not None
-    initial = None if resuming else init_params(run)
-    ref_params = frozen_params(run, initial)
     if resuming:
         state, data_state = ckpt.restore(manager, run.abstract_target())
         pipeline.set_state(data_state)
+        ref_params = state.pop("ref") if "ref" in state else frozen_params(run)
         return state, ref_params
+    initial = init_params(run)
+    ref_params = frozen_params(run, initial)
     opt_init = jax.jit(run.tx.init, out_shardings=run.state_shardings["opt_state"])
     state = {
         "step": jax.device_put(jnp.zeros((), jnp.int32), run.replicated),
