@@ -97,10 +97,29 @@ def task_arithmetic(
 
 
 def trim(tau: Float[Array, "..."], density: float) -> Float[Array, "..."]:
-    """``tau`` with all but its ``round(density * n)`` largest-magnitude entries set to 0."""
+    """``tau`` with all but its ``k = round(density * n)`` largest-magnitude entries set to 0
+    (equal magnitudes: the lower flat index first, as a stable sort would keep them).
+
+    No sort: the k-th largest magnitude ``T`` is found by bisection on the int32 bit patterns of
+    ``|tau|`` (monotone in the value for non-negative floats), 31 counting passes; then the
+    entries above ``T`` are kept, and of those equal to ``T`` the first ``k - #{|tau| > T}``."""
     k = round(density * tau.size)
     flat = tau.reshape(-1)
-    keep = jnp.zeros(flat.shape, bool).at[jnp.argsort(-jnp.abs(flat))[:k]].set(True)
+    if k == 0:
+        return jnp.zeros_like(tau)
+    bits = jax.lax.bitcast_convert_type(jnp.abs(flat).astype(jnp.float32), jnp.int32)
+
+    def halve(_, bounds):  # invariant: #{bits >= lo} >= k > #{bits >= hi}
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(bits >= mid) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    above_inf = jnp.int32(0x7F800001)
+    threshold, _ = jax.lax.fori_loop(0, 31, halve, (jnp.int32(0), above_inf))
+    at = bits == threshold
+    room = k - jnp.sum(bits > threshold)
+    keep = (bits > threshold) | (at & (jnp.cumsum(at) <= room))
     return jnp.where(keep, flat, 0.0).reshape(tau.shape)
 
 

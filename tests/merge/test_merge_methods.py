@@ -22,6 +22,7 @@ from jaxalign.merge import (
     restore,
     slerp,
     task_arithmetic,
+    trim,
 )
 
 RNG = np.random.default_rng(0)
@@ -102,6 +103,17 @@ def test_ties_density_one_agreeing_signs_is_task_arithmetic():
     total = sum(W)
     want = task_arithmetic(base, xs, [w / total for w in W], 0.8)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 0.5, 0.77, 1.0])
+def test_trim_keeps_the_largest_with_ties_in_index_order(density):
+    # Magnitudes from a handful of values (many ties, both signs, zeros) and random floats.
+    tied = RNG.integers(-3, 4, size=(13, 11)).astype(np.float32) * np.float32(0.25)
+    spread = RNG.normal(size=(9, 7)).astype(np.float32) * np.float32(1e-3)
+    for tau in (tied, spread, np.concatenate([tied.ravel(), spread.ravel()])):
+        got = np.asarray(trim(jnp.asarray(tau), density))
+        np.testing.assert_array_equal(got, ref.trim(tau, density))
+        assert np.count_nonzero(got) <= round(density * tau.size)
 
 
 def test_dare_is_seeded_and_unbiased():
