@@ -47,7 +47,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare", "dare_ties", "slerp")
 SLERP_DOT_THRESHOLD = 0.9995
@@ -98,18 +98,23 @@ def task_arithmetic(
 
 def trim(tau: Float[Array, "..."], density: float) -> Float[Array, "..."]:
     """``tau`` with all but its ``k = round(density * n)`` largest-magnitude entries set to 0
-    (equal magnitudes: the lower flat index first, as a stable sort would keep them).
-
-    No sort: the k-th largest magnitude ``T`` is found by bisection on the int32 bit patterns of
-    ``|tau|`` (monotone in the value for non-negative floats), 31 counting passes; then the
-    entries above ``T`` are kept, and of those equal to ``T`` the first ``k - #{|tau| > T}``."""
+    (equal magnitudes: the lower flat index first, as a stable sort would keep them)."""
     k = round(density * tau.size)
     flat = tau.reshape(-1)
-    if k == 0:
-        return jnp.zeros_like(tau)
-    bits = jax.lax.bitcast_convert_type(jnp.abs(flat).astype(jnp.float32), jnp.int32)
+    return jnp.where(_top_k_mask(jnp.abs(flat).astype(jnp.float32), k), flat, 0.0).reshape(
+        tau.shape
+    )
 
-    def halve(_, bounds):  # invariant: #{bits >= lo} >= k > #{bits >= hi}
+
+@jax.jit
+def _top_k_mask(magnitude: Float[Array, " n"], k: int) -> Bool[Array, " n"]:
+    """The k largest of non-negative ``magnitude`` (ties: lower index first), without a sort:
+    the k-th largest value ``T`` is found by bisection on the int32 bit patterns (monotone in
+    the value for non-negative floats), 31 counting passes; then the entries above ``T`` are
+    kept, and of those equal to ``T`` the first ``k - #{magnitude > T}``."""
+    bits = jax.lax.bitcast_convert_type(magnitude, jnp.int32)
+
+    def halve(_, bounds):  # invariant: #{bits >= lo} >= k > #{bits >= hi} (for k >= 1)
         lo, hi = bounds
         mid = lo + (hi - lo) // 2
         enough = jnp.sum(bits >= mid) >= k
@@ -120,7 +125,7 @@ def trim(tau: Float[Array, "..."], density: float) -> Float[Array, "..."]:
     at = bits == threshold
     room = k - jnp.sum(bits > threshold)
     keep = (bits > threshold) | (at & (jnp.cumsum(at) <= room))
-    return jnp.where(keep, flat, 0.0).reshape(tau.shape)
+    return keep & (k > 0)
 
 
 def dare_key(seed: int, name: str, i: int) -> jax.Array:
