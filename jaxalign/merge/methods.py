@@ -33,7 +33,7 @@ computed in float32. Task vectors are ``tau_i = x_i - b``.
   name) or by the relative change ``c = |x - b| / |b|`` (Frobenius norms; ``c = inf`` where
   ``|b| = 0`` and ``x != b``, 0 where both are 0): ``top_k`` restores the k tensors of largest
   ``c``, ``fraction`` the fewest tensors of largest ``c`` whose sizes (entries) add up to at
-  least ``fraction`` of all the model's entries. Ties in ``c`` go in name order.
+  least ``fraction`` of all the model's entries. Equal ``c`` keep the names' order.
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def restore_selection(
     if rule.pattern:
         regex = re.compile(rule.pattern)
         return [name for name in names if regex.search(name)]
-    order = sorted(range(len(names)), key=lambda j: -changes[j])  # stable: ties in name order
+    order = sorted(range(len(names)), key=lambda j: -changes[j])  # stable: keeps the order of ties
     if rule.top_k:
         chosen = order[: rule.top_k]
     else:
