@@ -179,6 +179,9 @@ def _cmd_merge(args, overrides):
         f"process peak RSS {report.peak_rss_bytes * mb:.0f} MiB"
     )
     print(f"tokenizer: {report.tokenizer or 'none shipped (set tokenizer in the config)'}")
+    if report.restored is not None:
+        shown = ", ".join(report.restored[:4]) + (", ..." if len(report.restored) > 4 else "")
+        print(f"restored {len(report.restored)} of {report.n_tensors} tensors: {shown or 'none'}")
 
 
 def _cmd_bench(args, overrides):

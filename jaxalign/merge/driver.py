@@ -12,6 +12,11 @@ holds about one tensor per input model plus the output tensor. A ``checkpoint:``
 loaded whole once (Orbax restores a whole params tree) and sliced per tensor: it costs one copy
 of that model for the whole merge. The directory is written under a temporary sibling name and
 renamed into place.
+
+Method ``restore`` (restore-alignment, `methods.restore`) takes the aligned model as the base and
+the fine-tuned model as the one model, and writes the fine-tuned model with the tensors its
+``restore`` rule chooses reset to the base's values. A ``top_k`` or ``fraction`` rule first reads
+the two models once more, tensor by tensor, for the relative changes ``|x - b| / |b|``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import resource
 import secrets
 import shutil
@@ -49,10 +55,13 @@ _ST_DTYPES = {
 def merge_config() -> ConfigDict:
     """Every key a merge config may set, with its default."""
     c = ConfigDict()
-    c.method = ""  # linear | task_arithmetic | ties | dare | dare_ties | slerp
-    c.base = ""  # "hf:DIR" | "checkpoint:RUN" (linear: optional; slerp: the t = 0 end)
+    c.method = ""  # linear | task_arithmetic | ties | dare | dare_ties | slerp | restore
+    # "hf:DIR" | "checkpoint:RUN" (linear: optional; slerp: the t = 0 end; restore: the aligned
+    # model whose values are restored)
+    c.base = ""
     # One entry per model: {"model": "hf:DIR" | "checkpoint:RUN", "weight": w_i (default 1),
-    # "density": d_i (ties, dare, dare_ties; default 1)}. slerp: exactly one (the t = 1 end).
+    # "density": d_i (ties, dare, dare_ties; default 1)}. slerp: exactly one (the t = 1 end);
+    # restore: exactly one (the fine-tuned model).
     c.models = ()
     c.lam = 1.0  # task_arithmetic, ties, dare, dare_ties: b + lam * (merged task vector)
     c.t = 0.5  # slerp
@@ -62,6 +71,11 @@ def merge_config() -> ConfigDict:
     # Tokenizer file or directory shipped with the output ("" = the base's: an hf: directory's
     # tokenizer files, a run's recorded tokenizer; none if it has none)
     c.tokenizer = ""
+    # restore: exactly one rule choosing the tensors reset to the base (methods.RestoreRule)
+    c.restore = ConfigDict()
+    c.restore.pattern = ""  # a regex searched in each Hugging Face tensor name
+    c.restore.top_k = 0  # the k tensors of largest relative change |x - b| / |b|
+    c.restore.fraction = 0.0  # in (0, 1]: the largest-change tensors holding this share of entries
     return c
 
 
@@ -75,6 +89,7 @@ class Plan:
     options: methods.MergeOptions
     dtype: str
     tokenizer: str
+    restore: methods.RestoreRule | None
 
 
 def check_config(config: ConfigDict, source: str = "merge config") -> Plan:
@@ -83,9 +98,10 @@ def check_config(config: ConfigDict, source: str = "merge config") -> Plan:
     for key in config.keys():
         if key not in known:
             raise ConfigError(f'{source}: unknown key "{key}" (known: {", ".join(known.keys())})')
-    if config.method not in methods.METHODS:
+    if config.method not in (*methods.METHODS, "restore"):
         raise ConfigError(
-            f"{source}: method {config.method!r} is unknown (known: {', '.join(methods.METHODS)})"
+            f"{source}: method {config.method!r} is unknown (known: "
+            f"{', '.join(methods.METHODS)}, restore)"
         )
     if not config.models:
         raise ConfigError(f"{source}: models is empty; list at least one model")
@@ -105,8 +121,9 @@ def check_config(config: ConfigDict, source: str = "merge config") -> Plan:
     needs_base = config.method != "linear"
     if needs_base and not config.base:
         raise ConfigError(f"{source}: method {config.method} needs a base model (key base)")
-    if config.method == "slerp" and len(specs) != 1:
-        raise ConfigError(f"{source}: slerp merges the base with exactly one model")
+    if config.method in ("slerp", "restore") and len(specs) != 1:
+        raise ConfigError(f"{source}: {config.method} merges the base with exactly one model")
+    restore = _restore_rule(config, source)
     if config.method == "linear" and config.normalize and sum(weights) == 0:
         raise ConfigError(f"{source}: the weights sum to 0; linear with normalize divides by it")
     if config.dtype and config.dtype not in ("float32", "bfloat16", "float16"):
@@ -120,7 +137,44 @@ def check_config(config: ConfigDict, source: str = "merge config") -> Plan:
         seed=int(config.seed),
     )
     base = _spec(config.base, f"{source}: base") if config.base else None
-    return Plan(config.method, base, tuple(specs), options, config.dtype, config.tokenizer)
+    return Plan(config.method, base, tuple(specs), options, config.dtype, config.tokenizer, restore)
+
+
+def _restore_rule(config: ConfigDict, source: str) -> methods.RestoreRule | None:
+    """The checked `methods.RestoreRule` of method restore (None for the other methods)."""
+    r = config.get("restore", ConfigDict())
+    unknown = sorted(set(r.keys()) - set(merge_config().restore.keys()))
+    if unknown:
+        raise ConfigError(
+            f'{source}: unknown key "restore.{unknown[0]}" (known: pattern, top_k, fraction)'
+        )
+    rule = methods.RestoreRule(
+        pattern=str(r.get("pattern", "")),
+        top_k=int(r.get("top_k", 0)),
+        fraction=float(r.get("fraction", 0.0)),
+    )
+    chosen = [k for k in ("pattern", "top_k", "fraction") if getattr(rule, k)]
+    if config.method != "restore":
+        if chosen:
+            raise ConfigError(f"{source}: restore.{chosen[0]} is a key of method restore only")
+        return None
+    if len(chosen) != 1:
+        raise ConfigError(
+            f"{source}: method restore needs exactly one of restore.pattern, restore.top_k, "
+            f"restore.fraction (set: {', '.join(chosen) or 'none'})"
+        )
+    if rule.pattern:
+        try:
+            re.compile(rule.pattern)
+        except re.error as e:
+            raise ConfigError(
+                f"{source}: restore.pattern {rule.pattern!r} is not a regex ({e})"
+            ) from None
+    if rule.top_k < 0:
+        raise ConfigError(f"{source}: restore.top_k {rule.top_k}; expected a count >= 1")
+    if not 0.0 <= rule.fraction <= 1.0:
+        raise ConfigError(f"{source}: restore.fraction {rule.fraction} not in (0, 1]")
+    return rule
 
 
 def _spec(spec: str, where: str) -> str:
@@ -246,6 +300,7 @@ class MergeReport:
     peak_tensor_bytes: int
     peak_rss_bytes: int
     tokenizer: str | None
+    restored: tuple[str, ...] | None  # method restore: the names reset to the base, in order
 
 
 def merge(
@@ -268,11 +323,13 @@ def merge(
         )
         tokenizer = _tokenizer(plan, first)
         layout = [(name, tuple(first.header(name)[0]), dtype) for name in names]
+        restored = _restored(plan, base, sources, layout) if plan.restore else None
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
-            peak = _write_merged(tmp / hf.SAFETENSORS_NAME, plan, base, sources, layout)
+            file = tmp / hf.SAFETENSORS_NAME
+            peak = _write_merged(file, plan, base, sources, layout, restored)
             peak += sum(s.resident_bytes for s in [*sources, *([base] if base else [])])
             _write_configs(tmp, first.config, first.family, dtype, tokenizer)
             os.replace(tmp, out)
@@ -281,26 +338,48 @@ def merge(
             raise
     model_bytes = sum(int(np.prod(s)) * d.itemsize for _, s, d in layout)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return MergeReport(len(layout), model_bytes, peak, rss, tokenizer)
+    restored = tuple(restored) if restored is not None else None
+    return MergeReport(len(layout), model_bytes, peak, rss, tokenizer, restored)
 
 
-def _merged(plan: Plan, base, sources, layout) -> Iterator[tuple[str, np.ndarray, int]]:
+def _restored(plan: Plan, base, sources, layout) -> list[str]:
+    """The names method restore resets; a top_k or fraction rule reads each tensor pair once."""
+    names = [name for name, _, _ in layout]
+    if plan.restore.pattern:
+        return methods.restore_selection(plan.restore, names)
+    (source,) = sources
+    changes = [
+        methods.relative_change(base.get(name), source.get(name))
+        for name in tqdm(names, desc="relative changes", unit="tensor", file=sys.stderr)
+    ]
+    sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape, _ in layout]
+    return methods.restore_selection(plan.restore, names, changes, sizes)
+
+
+def _merged(
+    plan: Plan, base, sources, layout, restored: list[str] | None
+) -> Iterator[tuple[str, np.ndarray, int]]:
     """(name, merged tensor in the output dtype, bytes of tensors held making it) in order."""
+    chosen = set(restored or ())
     for name, _, dtype in layout:
         b = base.get(name) if base is not None else None
         xs = [s.get(name) for s in sources]
-        merged = np.asarray(methods.merge_tensor(plan.method, name, b, xs, plan.options))
-        held = sum(x.nbytes for x in xs) + (0 if b is None else b.nbytes) + merged.nbytes
-        out = merged.astype(dtype)
+        held = sum(x.nbytes for x in xs) + (0 if b is None else b.nbytes)
+        if plan.method == "restore":  # one of the inputs, as it is
+            merged = b if name in chosen else xs[0]
+        else:
+            merged = np.asarray(methods.merge_tensor(plan.method, name, b, xs, plan.options))
+            held += merged.nbytes
+        out = merged.astype(dtype, copy=False)
         yield name, out, held + (out.nbytes if out is not merged else 0)
 
 
-def _write_merged(file: pathlib.Path, plan: Plan, base, sources, layout) -> int:
+def _write_merged(file: pathlib.Path, plan: Plan, base, sources, layout, restored) -> int:
     peak = 0
     with open(file, "wb") as f:
         _write_header(f, layout)
         bar = tqdm(total=len(layout), desc=f"merge ({plan.method})", unit="tensor", file=sys.stderr)
-        for name, tensor, held in _merged(plan, base, sources, layout):
+        for name, tensor, held in _merged(plan, base, sources, layout, restored):
             f.write(np.ascontiguousarray(tensor).tobytes())
             peak = max(peak, held)
             bar.set_postfix_str(name, refresh=False)

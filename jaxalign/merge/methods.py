@@ -27,17 +27,27 @@ computed in float32. Task vectors are ``tau_i = x_i - b``.
   to a vector: with ``cos O = <b, x> / (|b| |x|)``, ``sin(O (1 - t)) / sin O * b + sin(O t) /
   sin O * x``; linear ``(1 - t) b + t x`` where ``|cos O| > 0.9995`` ((anti)parallel vectors,
   where the formula is 0 / 0).
+- ``restore`` (restore-alignment): the one fine-tuned model ``x`` with a chosen set of tensors
+  reset to the aligned model's (the base's) values: ``b`` where chosen, ``x`` elsewhere. A
+  `RestoreRule` chooses either by ``pattern`` (a regex searched, ``re.search``, in the tensor's
+  name) or by the relative change ``c = |x - b| / |b|`` (Frobenius norms; ``c = inf`` where
+  ``|b| = 0`` and ``x != b``, 0 where both are 0): ``top_k`` restores the k tensors of largest
+  ``c``, ``fraction`` the fewest tensors of largest ``c`` whose sizes (entries) add up to at
+  least ``fraction`` of all the model's entries. Equal ``c`` keep the names' order.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import zlib
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+import numpy as np
+from jaxtyping import Array, Bool, Float
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare", "dare_ties", "slerp")
 SLERP_DOT_THRESHOLD = 0.9995
@@ -54,6 +64,17 @@ class MergeOptions:
     t: float = 0.5
     normalize: bool = True
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreRule:
+    """Which tensors ``restore`` resets to the base: exactly one of ``pattern`` (a regex searched
+    in the name), ``top_k`` (the k of largest relative change) or ``fraction`` (in (0, 1]: the
+    largest-change tensors holding that fraction of the entries); see the module doc."""
+
+    pattern: str = ""
+    top_k: int = 0
+    fraction: float = 0.0
 
 
 def linear(
@@ -76,11 +97,35 @@ def task_arithmetic(
 
 
 def trim(tau: Float[Array, "..."], density: float) -> Float[Array, "..."]:
-    """``tau`` with all but its ``round(density * n)`` largest-magnitude entries set to 0."""
+    """``tau`` with all but its ``k = round(density * n)`` largest-magnitude entries set to 0
+    (equal magnitudes: the lower flat index first, as a stable sort would keep them)."""
     k = round(density * tau.size)
     flat = tau.reshape(-1)
-    keep = jnp.zeros(flat.shape, bool).at[jnp.argsort(-jnp.abs(flat))[:k]].set(True)
-    return jnp.where(keep, flat, 0.0).reshape(tau.shape)
+    return jnp.where(_top_k_mask(jnp.abs(flat).astype(jnp.float32), k), flat, 0.0).reshape(
+        tau.shape
+    )
+
+
+@jax.jit
+def _top_k_mask(magnitude: Float[Array, " n"], k: int) -> Bool[Array, " n"]:
+    """The k largest of non-negative ``magnitude`` (ties: lower index first), without a sort:
+    the k-th largest value ``T`` is found by bisection on the int32 bit patterns (monotone in
+    the value for non-negative floats), 31 counting passes; then the entries above ``T`` are
+    kept, and of those equal to ``T`` the first ``k - #{magnitude > T}``."""
+    bits = jax.lax.bitcast_convert_type(magnitude, jnp.int32)
+
+    def halve(_, bounds):  # invariant: #{bits >= lo} >= k > #{bits >= hi} (for k >= 1)
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(bits >= mid) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    above_inf = jnp.int32(0x7F800001)
+    threshold, _ = jax.lax.fori_loop(0, 31, halve, (jnp.int32(0), above_inf))
+    at = bits == threshold
+    room = k - jnp.sum(bits > threshold)
+    keep = (bits > threshold) | (at & (jnp.cumsum(at) <= room))
+    return keep & (k > 0)
 
 
 def dare_key(seed: int, name: str, i: int) -> jax.Array:
@@ -157,6 +202,61 @@ def slerp(
     return jnp.where(jnp.abs(cos) > SLERP_DOT_THRESHOLD, lerp, spherical)
 
 
+def relative_change(base: Float[Array, "..."], x: Float[Array, "..."]) -> float:
+    """``|x - b| / |b|`` (Frobenius norms, float64); inf where ``|b| = 0 != |x - b|``, 0 where
+    both are 0."""
+    b, x = np.asarray(base, np.float64), np.asarray(x, np.float64)
+    num, den = np.linalg.norm(x - b), np.linalg.norm(b)
+    if den == 0:
+        return math.inf if num > 0 else 0.0
+    return float(num / den)
+
+
+def restore_selection(
+    rule: RestoreRule,
+    names: Sequence[str],
+    changes: Sequence[float] | None = None,
+    sizes: Sequence[int] | None = None,
+) -> list[str]:
+    """The names ``rule`` restores, in ``names`` order. ``changes`` (`relative_change` per name)
+    and ``sizes`` (entries per name) are needed by ``top_k`` and ``fraction`` only."""
+    if rule.pattern:
+        regex = re.compile(rule.pattern)
+        return [name for name in names if regex.search(name)]
+    order = sorted(range(len(names)), key=lambda j: -changes[j])  # stable: keeps the order of ties
+    if rule.top_k:
+        chosen = order[: rule.top_k]
+    else:
+        need, held, chosen = rule.fraction * sum(sizes), 0, []
+        for j in order:
+            if held >= need:
+                break
+            chosen.append(j)
+            held += sizes[j]
+    return [names[j] for j in sorted(chosen)]
+
+
+def restore(aligned: dict, finetuned: dict, rule: RestoreRule) -> tuple[dict, list[str]]:
+    """Restore-alignment on params trees of one structure: ``finetuned`` with the leaves
+    ``rule`` chooses (by '/'-joined path) set to ``aligned``'s. Returns the float32 tree and the
+    restored names."""
+    names = _leaf_names(finetuned)
+    bs, xs = jax.tree.leaves(aligned), jax.tree.leaves(finetuned)
+    changes = None if rule.pattern else [relative_change(b, x) for b, x in zip(bs, xs, strict=True)]
+    restored = restore_selection(rule, names, changes, [x.size for x in xs])
+    chosen = set(restored)
+    merged = [
+        jnp.asarray(b if name in chosen else x, jnp.float32)
+        for name, b, x in zip(names, bs, xs, strict=True)
+    ]
+    return jax.tree.unflatten(jax.tree.structure(finetuned), merged), restored
+
+
+def _leaf_names(tree) -> list[str]:
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return ["/".join(str(getattr(k, "key", k)) for k in path) for path in paths]
+
+
 def merge_tensor(
     method: str,
     name: str,
@@ -183,9 +283,9 @@ def merge_tensor(
 
 def merge_tree(method: str, base: dict | None, models: Sequence[dict], options: MergeOptions):
     """``merge_tensor`` on every leaf of params trees of one structure; a leaf's name (DARE's
-    key) is its '/'-joined path. ``base`` may be None for ``linear``. Leaves come back float32."""
-    paths, _ = zip(*jax.tree_util.tree_flatten_with_path(models[0])[0], strict=True)
-    names = ["/".join(str(getattr(k, "key", k)) for k in path) for path in paths]
+    key) is its '/'-joined path. ``base`` may be None for ``linear``. Leaves come back float32.
+    (``restore`` chooses tensors over the whole model: see `restore`.)"""
+    names = _leaf_names(models[0])
     leaves = [jax.tree.leaves(m) for m in models]
     base_leaves = jax.tree.leaves(base) if base is not None else [None] * len(names)
     merged = [

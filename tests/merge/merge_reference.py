@@ -58,3 +58,33 @@ def slerp(a, b, t):
         return (1 - t) * a + t * b
     omega = np.arccos(cos)
     return (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
+
+
+def restore(bs, xs, names, pattern=None, top_k=None, fraction=None):
+    """Restore-alignment on lists of tensors: the names chosen and the restored list. The
+    relative change is |x - b| / |b| in float64 (inf when |b| = 0 < |x - b|, 0 when both are)."""
+    import re
+
+    if pattern is not None:
+        chosen = {n for n in names if re.search(pattern, n)}
+    else:
+        changes = []
+        for b, x in zip(bs, xs, strict=True):
+            num = np.sqrt(np.sum((np.float64(x) - np.float64(b)) ** 2))
+            den = np.sqrt(np.sum(np.float64(b) ** 2))
+            changes.append(np.inf if den == 0 and num > 0 else 0.0 if den == 0 else num / den)
+        ranked = sorted(range(len(names)), key=lambda j: (-changes[j], j))
+        if top_k is not None:
+            chosen = {names[j] for j in ranked[:top_k]}
+        else:
+            total, chosen, held = sum(np.size(x) for x in xs), set(), 0
+            for j in ranked:
+                if held >= fraction * total:
+                    break
+                chosen.add(names[j])
+                held += np.size(xs[j])
+    out = [
+        np.float64(b) if n in chosen else np.float64(x)
+        for b, x, n in zip(bs, xs, names, strict=True)
+    ]
+    return [n for n in names if n in chosen], out

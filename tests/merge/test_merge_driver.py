@@ -118,6 +118,37 @@ def test_soup_of_hf_and_checkpoint_loads_in_transformers(dirs, tmp_path, capsys)
     assert not list(out.parent.glob(".soup.tmp-*"))
 
 
+def test_restore_through_the_cli_matches_numpy(dirs, tmp_path, capsys):
+    aligned, tuned = dirs[0], dirs[1]
+    tb, tx = _tensors(aligned), _tensors(tuned)
+    names = sorted(tb)
+    for key, value, want_kw in (
+        ("top_k", "3", dict(top_k=3)),
+        ("fraction", "0.3", dict(fraction=0.3)),
+        ("pattern", '"mlp|norm"', dict(pattern="mlp|norm")),
+        ("pattern", '"no-such-tensor"', dict(pattern="no-such-tensor")),
+    ):
+        cfg = _config(
+            tmp_path,
+            f'c.method = "restore"\nc.base = "hf:{aligned}"\n'
+            f'c.models = ({{"model": "hf:{tuned}"}},)\nc.restore.{key} = {value}',
+        )
+        out = tmp_path / f"restore-{key}-{len(list(tmp_path.iterdir()))}"
+        main(["merge", "--config", cfg, "--out", str(out)])
+        printed = capsys.readouterr().out
+        want_names, want = ref.restore(
+            [tb[n] for n in names], [tx[n] for n in names], names, **want_kw
+        )
+        assert f"restored {len(want_names)} of {len(names)} tensors" in printed, printed
+        shown = printed.split(" tensors: ")[-1].strip().removesuffix(", ...").split(", ")
+        assert shown == ["none"] if not want_names else set(shown) <= set(want_names)
+        got = _tensors(out)
+        for name, w in zip(names, want, strict=True):
+            np.testing.assert_array_equal(got[name], np.float32(w), err_msg=name)
+        if key == "pattern" and not want_names:  # nothing restored: the fine-tuned model
+            assert all(np.array_equal(got[n], tx[n]) for n in names)
+
+
 def _fails(capsys, argv) -> str:
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -153,6 +184,20 @@ def test_bad_configs(dirs, tmp_path, capsys):
         f'c.method = "ties"\nc.base = "hf:{dirs[0]}"\n'
         f'c.models = ({{"model": "hf:{dirs[1]}", "density": 0.0}},)': "density 0.0 not in",
         f'c.method = "linear"\nc.models = ({{"model": "hf:{dirs[1]}", "wieght": 2}},)': "wieght",
+        f'c.method = "restore"\nc.base = "hf:{dirs[0]}"\nc.models = {one}\n'
+        'c.restore.pattern = "mlp("': "restore.pattern 'mlp(' is not a regex",
+        f'c.method = "restore"\nc.base = "hf:{dirs[0]}"\nc.models = {one}\n'
+        "c.restore.fraction = 1.5": "restore.fraction 1.5 not in (0, 1]",
+        f'c.method = "restore"\nc.base = "hf:{dirs[0]}"\nc.models = {one}\n'
+        "c.restore.top_k = -2": "restore.top_k -2; expected a count >= 1",
+        f'c.method = "restore"\nc.base = "hf:{dirs[0]}"\nc.models = {one}\n'
+        'c.restore.top_k = 2\nc.restore.pattern = "mlp"': "(set: pattern, top_k)",
+        f'c.method = "restore"\nc.base = "hf:{dirs[0]}"\nc.models = {one}': "(set: none)",
+        f'c.method = "restore"\nc.base = "hf:{dirs[0]}"\nc.models = {two}\n'
+        "c.restore.top_k = 1": "restore merges the base with exactly one model",
+        f'c.method = "ties"\nc.base = "hf:{dirs[0]}"\nc.models = {one}\n'
+        "c.restore.top_k = 1": "restore.top_k is a key of method restore only",
+        f'c.method = "restore"\nc.models = {one}\nc.restore.top_k = 1': "needs a base model",
     }
     for body, message in cases.items():
         err = _fails(capsys, ["merge", "--config", _config(tmp_path, body), "--out", "unused"])

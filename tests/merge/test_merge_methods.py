@@ -1,6 +1,7 @@
 """Merge methods against float64 NumPy written from the formulas, on random params trees, and
 their properties: one model gives it back, TIES at density 1 with agreeing signs is task
-arithmetic, DARE is seeded, SLERP hits its endpoints and falls back to linear."""
+arithmetic, DARE is seeded, SLERP hits its endpoints and falls back to linear, restore-alignment
+restores what its rule chooses (nothing: the fine-tuned model; everything: the aligned one)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ import pytest
 
 from jaxalign.merge import (
     MergeOptions,
+    RestoreRule,
     dare_key,
     linear,
     merge_tensor,
     merge_tree,
+    relative_change,
+    restore,
     slerp,
     task_arithmetic,
+    trim,
 )
 
 RNG = np.random.default_rng(0)
@@ -100,6 +105,17 @@ def test_ties_density_one_agreeing_signs_is_task_arithmetic():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
 
 
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 0.5, 0.77, 1.0])
+def test_trim_keeps_the_largest_with_ties_in_index_order(density):
+    # Magnitudes from a handful of values (many ties, both signs, zeros) and random floats.
+    tied = RNG.integers(-3, 4, size=(13, 11)).astype(np.float32) * np.float32(0.25)
+    spread = RNG.normal(size=(9, 7)).astype(np.float32) * np.float32(1e-3)
+    for tau in (tied, spread, np.concatenate([tied.ravel(), spread.ravel()])):
+        got = np.asarray(trim(jnp.asarray(tau), density))
+        np.testing.assert_array_equal(got, ref.trim(tau, density))
+        assert np.count_nonzero(got) <= round(density * tau.size)
+
+
 def test_dare_is_seeded_and_unbiased():
     base, x = BASE["embed"], MODELS[0]["embed"]
     options = MergeOptions(weights=(1.0,), densities=(0.4,), seed=1)
@@ -172,3 +188,64 @@ def test_gradients_match_numpy_finite_differences():
     )
     want = _fd_grad(lambda b0: np.sum(ref.task_arithmetic(b0, xs, W, 0.7) * c), a)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+# A fine-tuned tree whose leaves moved by different relative amounts (embed 0.5, kernel 0.05,
+# scale 0.2 of their norms, roughly), so the largest-change ranking is not the leaf order.
+TUNED = {
+    "embed": BASE["embed"] * (1 + 0.5 * RNG.normal(size=(7, 5))),
+    "layers": {
+        "kernel": BASE["layers"]["kernel"] * (1 + 0.05 * RNG.normal(size=(2, 3, 4))),
+        "scale": BASE["layers"]["scale"] * (1 + 0.2 * RNG.normal(size=6)),
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        dict(pattern="layers/"),
+        dict(pattern="^embed$|scale"),
+        dict(top_k=1),
+        dict(top_k=2),
+        dict(fraction=0.5),  # embed (35 of 65 entries) alone is >= half
+        dict(fraction=0.6),  # embed + scale (41 of 65)
+        dict(fraction=1.0),
+    ],
+)
+def test_restore_matches_numpy(rule):
+    got, names = restore(BASE, TUNED, RestoreRule(**rule))
+    b_leaves = [np.asarray(x) for x in jax.tree.leaves(BASE)]
+    x_leaves = [np.asarray(x) for x in jax.tree.leaves(TUNED)]
+    want_names, want = ref.restore(b_leaves, x_leaves, _names(BASE), **rule)
+    assert names == want_names
+    for g, w in zip(jax.tree.leaves(got), want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.float32(w))
+
+
+def test_restore_ranking_and_fraction_boundary():
+    # Relative changes: embed ~0.5 > scale ~0.2 > kernel ~0.05.
+    assert restore(BASE, TUNED, RestoreRule(top_k=2))[1] == ["embed", "layers/scale"]
+    # Exactly embed's share of the entries: embed alone; one entry more: the next one too.
+    assert restore(BASE, TUNED, RestoreRule(fraction=35 / 65))[1] == ["embed"]
+    assert restore(BASE, TUNED, RestoreRule(fraction=36 / 65))[1] == ["embed", "layers/scale"]
+
+
+def test_restore_nothing_is_the_finetuned_model_everything_the_aligned():
+    for rule, want in (
+        (RestoreRule(pattern="no-such-tensor"), TUNED),
+        (RestoreRule(pattern="."), BASE),
+        (RestoreRule(top_k=10), BASE),
+        (RestoreRule(fraction=1.0), BASE),
+    ):
+        got, names = restore(BASE, TUNED, rule)
+        assert len(names) == (0 if want is TUNED else 3)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w, np.float32))
+
+
+def test_relative_change():
+    b, x = np.array([3.0, 4.0]), np.array([3.0, 5.0])
+    assert relative_change(b, x) == pytest.approx(1 / 5)
+    assert relative_change(np.zeros(2), x) == np.inf
+    assert relative_change(np.zeros(2), np.zeros(2)) == 0.0
