@@ -182,12 +182,11 @@ def write_pairs(shape: Shape, path: pathlib.Path, count: int) -> list[dict]:
     return pairs
 
 
-def run_jaxalign(shape: Shape, model_dir: pathlib.Path, pairs: pathlib.Path, workdir) -> dict:
-    """1 + steps DPO steps of `jaxalign.train.train`; step seconds from its logged tokens/s."""
+def jaxalign_config(shape: Shape, model_dir: pathlib.Path, pairs: pathlib.Path):
+    """The DPO run's config: configs/dpo/tiny.py on the HF directory and the pairs."""
     from jaxalign.config import apply_overrides, load_config
-    from jaxalign.train import train
 
-    config = apply_overrides(
+    return apply_overrides(
         load_config(str(ROOT / "configs/dpo/tiny.py")),
         [
             f"model.init_from=hf:{model_dir}",
@@ -209,7 +208,13 @@ def run_jaxalign(shape: Shape, model_dir: pathlib.Path, pairs: pathlib.Path, wor
             "checkpoint.async_save=False",
         ],
     )
-    train(config, workdir)
+
+
+def run_jaxalign(shape: Shape, model_dir: pathlib.Path, pairs: pathlib.Path, workdir) -> dict:
+    """1 + steps DPO steps of `jaxalign.train.train`; step seconds from its logged tokens/s."""
+    from jaxalign.train import train
+
+    train(jaxalign_config(shape, model_dir, pairs), workdir)
     records = [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
     records = [r for r in records if r["split"] == "train"]
     return {
@@ -277,6 +282,109 @@ def run_trl(shape: Shape, model_dir: pathlib.Path, pairs: list[dict], outdir) ->
     return times
 
 
+def time_median(fn, args, reps: int) -> float:
+    """Median seconds of ``fn(*args)`` after one warm-up call."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def profile_parts(shape: Shape, model_dir: pathlib.Path, pairs: pathlib.Path, reps: int) -> None:
+    """Where jaxalign's DPO step spends its time: each part jitted alone on the benchmark's batch
+    (median of ``reps``), with XLA's FLOP count of the whole step."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxalign import kernels, models
+    from jaxalign.train.objectives import token_logps
+    from jaxalign.train.run import init_params, setup
+
+    run = setup(jaxalign_config(shape, model_dir, pairs))
+    mc = run.model_config
+    params = init_params(run)
+    ref = jax.tree.map(jnp.copy, params)
+    batch = run.global_batch([next(iter(run.batches(str(pairs), train=True)))])
+    micro = jax.tree.map(lambda x: x[0], batch)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": jax.jit(run.tx.init)(params),
+    }
+    rows, t = micro["tokens"].shape
+    hidden = jax.jit(functools.partial(models.forward, mc))(
+        params, micro["tokens"], micro["positions"], micro["segment_ids"]
+    )
+    w = models.unembedding(mc, params)
+    mask = micro["loss_mask"] > 0
+
+    def policy_loss(p):
+        return jnp.sum(token_logps(mc, p, micro))
+
+    def hidden_loss(p):
+        h = models.forward(mc, p, micro["tokens"], micro["positions"], micro["segment_ids"])
+        return jnp.sum(h * hidden)
+
+    def kernel(impl):
+        def f(h, w):
+            lp = kernels.token_logprobs(h, w, micro["targets"], mask=mask, implementation=impl)
+            return jnp.sum(lp)
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+    grads = jax.jit(jax.grad(policy_loss))(params)
+    step = run.jit_train_step()
+    compiled = step.lower(state, ref, batch).compile()
+    flops = compiled.cost_analysis().get("flops", float("nan"))
+    parts = {
+        "train step (whole)": (compiled, (jax.tree.map(jnp.copy, state), ref, batch)),
+        "policy fwd+bwd (model + log-probs)": (jax.jit(jax.grad(policy_loss)), (params,)),
+        "reference forward (model + log-probs)": (
+            jax.jit(lambda p: token_logps(mc, p, micro)),
+            (ref,),
+        ),
+        "model fwd+bwd alone (no unembedding)": (jax.jit(jax.grad(hidden_loss)), (params,)),
+        "model forward alone": (
+            jax.jit(functools.partial(models.forward, mc)),
+            (params, micro["tokens"], micro["positions"], micro["segment_ids"]),
+        ),
+        "log-prob kernel fwd+bwd, xla (blocked)": (kernel("xla"), (hidden, w)),
+        "log-prob kernel fwd+bwd, reference (plain)": (kernel("reference"), (hidden, w)),
+        "log-prob kernel fwd+bwd, dispatch default": (kernel(None), (hidden, w)),
+        "optimizer (clip + AdamW + apply)": (
+            jax.jit(lambda g, o, p: optax.apply_updates(p, run.tx.update(g, o, p)[0])),
+            (grads, state["opt_state"], params),
+        ),
+    }
+    print(
+        f"\nprofile of the jaxalign step: {rows} rows x {t} positions, D={mc.d_model}, "
+        f"V={mc.vocab_size}; XLA counts {flops:.4g} FLOPs per step "
+        f"(the formula: {flops_per_token(shape) * (rows * (t + 1)):.4g})"
+    )
+    print(f"  {'part':<44}{'ms':>9}")
+    for name, (fn, args) in parts.items():
+        if name == "train step (whole)":
+            args = (jax.tree.map(jnp.copy, state), ref, batch)
+            times = []
+            for _ in range(reps + 1):
+                fresh = jax.tree.map(jnp.copy, state)
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(fresh, ref, batch))
+                times.append(time.perf_counter() - t0)
+            sec = statistics.median(times[1:])
+        else:
+            sec = time_median(fn, args, reps)
+        print(f"  {name:<44}{sec * 1e3:>9.1f}")
+
+
 def steady(times: dict) -> dict:
     """First step apart; the median of the others."""
     return {
@@ -292,6 +400,7 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="timed steps per side (after one)")
     ap.add_argument("--repeats", type=int, default=3, help="back-to-back runs of both sides")
     ap.add_argument("--peak-reps", type=int, default=7, help="matmuls for the GEMM peak")
+    ap.add_argument("--profile", action="store_true", help="only time the parts of jaxalign's step")
     args = ap.parse_args()
     shape = QUICK if args.quick else FULL
     if args.steps is not None:
@@ -313,6 +422,9 @@ def main():
     if trl is not None:
         versions += f", trl {trl.__version__}, torch {torch.__version__}"
         torch.set_num_threads(os.cpu_count())
+    if args.profile:
+        profile_parts(shape, model_dir, directory / "pairs.jsonl", reps=shape.steps)
+        return
     tokens = shape.pairs * 2 * (shape.prompt + shape.response)
     per_token = flops_per_token(shape)
     print(f"{versions}, {os.cpu_count()} CPUs, load average {os.getloadavg()}")
