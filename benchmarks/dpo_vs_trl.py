@@ -282,22 +282,10 @@ def run_trl(shape: Shape, model_dir: pathlib.Path, pairs: list[dict], outdir) ->
     return times
 
 
-def time_median(fn, args, reps: int) -> float:
-    """Median seconds of ``fn(*args)`` after one warm-up call."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def profile_parts(shape: Shape, model_dir: pathlib.Path, pairs: pathlib.Path, reps: int) -> None:
-    """Where jaxalign's DPO step spends its time: each part jitted alone on the benchmark's batch
-    (median of ``reps``), with XLA's FLOP count of the whole step."""
+    """Where jaxalign's DPO step spends its time: each part jitted alone on the benchmark's batch,
+    timed interleaved (every repetition runs every part once, in turn; median of ``reps``), with
+    XLA's FLOP count of the whole step."""
     import functools
 
     import jax
@@ -305,6 +293,7 @@ def profile_parts(shape: Shape, model_dir: pathlib.Path, pairs: pathlib.Path, re
     import optax
 
     from jaxalign import kernels, models
+    from jaxalign.models.attention import attend
     from jaxalign.train.objectives import token_logps
     from jaxalign.train.run import init_params, setup
 
@@ -312,7 +301,12 @@ def profile_parts(shape: Shape, model_dir: pathlib.Path, pairs: pathlib.Path, re
     mc = run.model_config
     params = init_params(run)
     ref = jax.tree.map(jnp.copy, params)
-    batch = run.global_batch([next(iter(run.batches(str(pairs), train=True)))])
+    stream = iter(run.batches(str(pairs), train=True))
+
+    def fetch():
+        return run.global_batch([next(stream)])
+
+    batch = fetch()
     micro = jax.tree.map(lambda x: x[0], batch)
     state = {
         "step": jnp.zeros((), jnp.int32),
@@ -320,18 +314,18 @@ def profile_parts(shape: Shape, model_dir: pathlib.Path, pairs: pathlib.Path, re
         "opt_state": jax.jit(run.tx.init)(params),
     }
     rows, t = micro["tokens"].shape
-    hidden = jax.jit(functools.partial(models.forward, mc))(
-        params, micro["tokens"], micro["positions"], micro["segment_ids"]
-    )
+    model_args = (micro["tokens"], micro["positions"], micro["segment_ids"])
+    forward = functools.partial(models.forward, mc)
+    hidden = jax.jit(forward)(params, *model_args)
     w = models.unembedding(mc, params)
     mask = micro["loss_mask"] > 0
-
-    def policy_loss(p):
-        return jnp.sum(token_logps(mc, p, micro))
-
-    def hidden_loss(p):
-        h = models.forward(mc, p, micro["tokens"], micro["positions"], micro["segment_ids"])
-        return jnp.sum(h * hidden)
+    head = mc.d_model // mc.n_heads
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (rows, t, mc.n_heads, head))
+    kv = [jax.random.normal(k, (rows, t, mc.n_kv_heads, head)) for k in keys[1:]]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    same = micro["segment_ids"][:, :, None] == micro["segment_ids"][:, None, :]
+    attn_mask = (causal[None] & same)[:, None]
 
     def kernel(impl):
         def f(h, w):
@@ -340,49 +334,59 @@ def profile_parts(shape: Shape, model_dir: pathlib.Path, pairs: pathlib.Path, re
 
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
+    def attention_loss(q, k, v):
+        return jnp.sum(attend(q, k, v, attn_mask, scale=None, implementation="xla") * q)
+
+    def policy_loss(p):
+        return jnp.sum(token_logps(mc, p, micro))
+
+    def hidden_loss(p):
+        return jnp.sum(forward(p, *model_args) * hidden)
+
     grads = jax.jit(jax.grad(policy_loss))(params)
     step = run.jit_train_step()
     compiled = step.lower(state, ref, batch).compile()
     flops = compiled.cost_analysis().get("flops", float("nan"))
+    update = jax.jit(lambda g, o, p: optax.apply_updates(p, run.tx.update(g, o, p)[0]))
+    policy = jax.jit(jax.grad(policy_loss))
+    reference = jax.jit(lambda p: token_logps(mc, p, micro))
+    model_grad = jax.jit(jax.grad(hidden_loss))
+    model_fwd = jax.jit(forward)
+    attention = jax.jit(jax.grad(attention_loss, argnums=(0, 1, 2)))
+    blocked, plain = kernel("xla"), kernel("reference")
     parts = {
-        "train step (whole)": (compiled, (jax.tree.map(jnp.copy, state), ref, batch)),
-        "policy fwd+bwd (model + log-probs)": (jax.jit(jax.grad(policy_loss)), (params,)),
-        "reference forward (model + log-probs)": (
-            jax.jit(lambda p: token_logps(mc, p, micro)),
-            (ref,),
-        ),
-        "model fwd+bwd alone (no unembedding)": (jax.jit(jax.grad(hidden_loss)), (params,)),
-        "model forward alone": (
-            jax.jit(functools.partial(models.forward, mc)),
-            (params, micro["tokens"], micro["positions"], micro["segment_ids"]),
-        ),
-        "log-prob kernel fwd+bwd, xla (blocked)": (kernel("xla"), (hidden, w)),
-        "log-prob kernel fwd+bwd, reference (plain)": (kernel("reference"), (hidden, w)),
-        "log-prob kernel fwd+bwd, dispatch default": (kernel(None), (hidden, w)),
-        "optimizer (clip + AdamW + apply)": (
-            jax.jit(lambda g, o, p: optax.apply_updates(p, run.tx.update(g, o, p)[0])),
-            (grads, state["opt_state"], params),
-        ),
+        "train step (whole)": lambda: compiled(jax.tree.map(jnp.copy, state), ref, batch),
+        "policy fwd+bwd (model + log-probs)": lambda: policy(params),
+        "reference forward (model + log-probs)": lambda: reference(ref),
+        "model fwd+bwd (no unembedding)": lambda: model_grad(params),
+        "model forward (no unembedding)": lambda: model_fwd(params, *model_args),
+        f"attention fwd+bwd alone x {mc.n_layers} layers": lambda: [
+            attention(q, *kv) for _ in range(mc.n_layers)
+        ],
+        "log-prob kernel fwd+bwd, xla (blocked)": lambda: blocked(hidden, w),
+        "log-prob kernel fwd+bwd, reference (plain)": lambda: plain(hidden, w),
+        "optimizer (clip + AdamW + apply)": lambda: update(grads, state["opt_state"], params),
+        "host: next batch + device_put": fetch,
     }
+    for fn in parts.values():  # compile and warm up
+        jax.block_until_ready(fn())
+    times = {name: [] for name in parts}
+    for _ in range(reps):
+        for name, fn in parts.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
     print(
         f"\nprofile of the jaxalign step: {rows} rows x {t} positions, D={mc.d_model}, "
-        f"V={mc.vocab_size}; XLA counts {flops:.4g} FLOPs per step "
-        f"(the formula: {flops_per_token(shape) * (rows * (t + 1)):.4g})"
+        f"V={mc.vocab_size}; XLA's cost analysis counts {flops:.4g} FLOPs per step "
+        f"(the formula: {flops_per_token(shape) * rows * (t + 1):.4g}); load average "
+        f"{os.getloadavg()[0]:.1f}"
     )
-    print(f"  {'part':<44}{'ms':>9}")
-    for name, (fn, args) in parts.items():
-        if name == "train step (whole)":
-            args = (jax.tree.map(jnp.copy, state), ref, batch)
-            times = []
-            for _ in range(reps + 1):
-                fresh = jax.tree.map(jnp.copy, state)
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn(fresh, ref, batch))
-                times.append(time.perf_counter() - t0)
-            sec = statistics.median(times[1:])
-        else:
-            sec = time_median(fn, args, reps)
-        print(f"  {name:<44}{sec * 1e3:>9.1f}")
+    print(f"  {'part':<48}{'ms':>9}{'of step':>9}")
+    whole = statistics.median(times["train step (whole)"])
+    for name, ts in times.items():
+        sec = statistics.median(ts)
+        print(f"  {name:<48}{sec * 1e3:>9.1f}{sec / whole:>9.1%}")
 
 
 def steady(times: dict) -> dict:
