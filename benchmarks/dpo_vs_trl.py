@@ -182,8 +182,9 @@ def write_pairs(shape: Shape, path: pathlib.Path, count: int) -> list[dict]:
     return pairs
 
 
-def jaxalign_config(shape: Shape, model_dir: pathlib.Path, pairs: pathlib.Path):
-    """The DPO run's config: configs/dpo/tiny.py on the HF directory and the pairs."""
+def jaxalign_config(shape: Shape, model_dir: pathlib.Path, pairs: pathlib.Path, impl="auto"):
+    """The DPO run's config: configs/dpo/tiny.py on the HF directory and the pairs, with
+    `logprob_impl` = `impl`."""
     from jaxalign.config import apply_overrides, load_config
 
     return apply_overrides(
@@ -206,15 +207,18 @@ def jaxalign_config(shape: Shape, model_dir: pathlib.Path, pairs: pathlib.Path):
             "eval_every=0",
             "checkpoint.every=1000000",
             "checkpoint.async_save=False",
+            f"logprob_impl={impl}",
         ],
     )
 
 
-def run_jaxalign(shape: Shape, model_dir: pathlib.Path, pairs: pathlib.Path, workdir) -> dict:
+def run_jaxalign(
+    shape: Shape, model_dir: pathlib.Path, pairs: pathlib.Path, workdir, impl="auto"
+) -> dict:
     """1 + steps DPO steps of `jaxalign.train.train`; step seconds from its logged tokens/s."""
     from jaxalign.train import train
 
-    train(jaxalign_config(shape, model_dir, pairs), workdir)
+    train(jaxalign_config(shape, model_dir, pairs, impl), workdir)
     records = [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
     records = [r for r in records if r["split"] == "train"]
     return {
@@ -353,7 +357,7 @@ def profile_parts(shape: Shape, model_dir: pathlib.Path, pairs: pathlib.Path, re
     model_grad = jax.jit(jax.grad(hidden_loss))
     model_fwd = jax.jit(forward)
     attention = jax.jit(jax.grad(attention_loss, argnums=(0, 1, 2)))
-    blocked, plain = kernel("xla"), kernel("reference")
+    blocked, plain, default = kernel("xla"), kernel("reference"), kernel(None)
     parts = {
         "train step (whole)": lambda: compiled(jax.tree.map(jnp.copy, state), ref, batch),
         "policy fwd+bwd (model + log-probs)": lambda: policy(params),
@@ -365,6 +369,7 @@ def profile_parts(shape: Shape, model_dir: pathlib.Path, pairs: pathlib.Path, re
         ],
         "log-prob kernel fwd+bwd, xla (blocked)": lambda: blocked(hidden, w),
         "log-prob kernel fwd+bwd, reference (plain)": lambda: plain(hidden, w),
+        "log-prob kernel fwd+bwd, CPU default (kept)": lambda: default(hidden, w),
         "optimizer (clip + AdamW + apply)": lambda: update(grads, state["opt_state"], params),
         "host: next batch + device_put": fetch,
     }
@@ -405,6 +410,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="back-to-back runs of both sides")
     ap.add_argument("--peak-reps", type=int, default=7, help="matmuls for the GEMM peak")
     ap.add_argument("--profile", action="store_true", help="only time the parts of jaxalign's step")
+    ap.add_argument(
+        "--also-impl",
+        default="",
+        help="also run jaxalign with this logprob_impl, a row of its own (e.g. xla: the backward "
+        "recomputes the logits tiles, the default before it kept them on CPU)",
+    )
     args = ap.parse_args()
     shape = QUICK if args.quick else FULL
     if args.steps is not None:
@@ -442,15 +453,23 @@ def main():
         f"FLOPs/token = 8 P + 16 L T D = {per_token:.4g} (policy fwd+bwd 6P, reference fwd 2P, "
         "attention 4LTD per forward x 4)"
     )
-    runs = {"jaxalign": [], "TRL": []}
+    runs = {"jaxalign": []}
+    if args.also_impl:
+        runs[f"jaxalign/{args.also_impl}"] = []
+    runs["TRL"] = []
     peaks = []
+    sides = {"jaxalign": "auto"} | (
+        {f"jaxalign/{args.also_impl}": args.also_impl} if args.also_impl else {}
+    )
     for r in range(args.repeats):
-        peaks.append(gemm_peak(shape.peak_n, args.peak_reps))
         sub = directory / f"run{r}"
-        runs["jaxalign"].append(
-            steady(run_jaxalign(shape, model_dir, directory / "pairs.jsonl", sub / "jaxalign"))
-        )
+        for name, impl in sides.items():  # each side after a GEMM-peak measurement of its own
+            peaks.append(gemm_peak(shape.peak_n, args.peak_reps))
+            workdir = sub / name.replace("/", "-")
+            times = run_jaxalign(shape, model_dir, directory / "pairs.jsonl", workdir, impl)
+            runs[name].append(steady(times))
         if trl is not None:
+            peaks.append(gemm_peak(shape.peak_n, args.peak_reps))
             runs["TRL"].append(steady(run_trl(shape, model_dir, pairs, sub / "trl")))
     if trl is None:
         print(f"TRL half skipped: {missing} is not installed (pip install 'jaxalign[bench]')")
@@ -459,32 +478,35 @@ def main():
     print(f"load average after: {os.getloadavg()}")
     print(
         f"GEMM peak: {peak / 1e9:.1f} GFLOP/s (f32 {shape.peak_n}^3 matmul in JAX, median; "
-        f"per repeat {', '.join(f'{p / 1e9:.1f}' for p in peaks)})"
+        f"before each side and repeat {', '.join(f'{p / 1e9:.1f}' for p in peaks)})"
     )
     print(
-        f"\n{'side':<10}{'tokens':>8}{'step s':>9}{'tokens/s':>10}{'GFLOP/s':>9}"
+        f"\n{'side':<14}{'tokens':>8}{'step s':>9}{'tokens/s':>10}{'GFLOP/s':>9}"
         f"{'of peak':>9}{'first step s':>14}"
     )
     summary = {}
-    expected = {"jaxalign": tokens - 2 * shape.pairs, "TRL": tokens}  # positions run per step
     for name, repeats in runs.items():
+        expected = tokens if name == "TRL" else tokens - 2 * shape.pairs  # positions per step
         for r in repeats:
-            if r["tokens"] != expected[name]:
-                raise SystemExit(
-                    f"{name} ran {r['tokens']} positions per step, not {expected[name]}"
-                )
+            if r["tokens"] != expected:
+                raise SystemExit(f"{name} ran {r['tokens']} positions per step, not {expected}")
         step = statistics.median(r["step_s"] for r in repeats)
         first = statistics.median(r["first_s"] for r in repeats)
         rate = tokens / step
         summary[name] = rate
         print(
-            f"{name:<10}{tokens:>8}{step:>9.3f}{rate:>10.0f}{rate * per_token / 1e9:>9.1f}"
+            f"{name:<14}{tokens:>8}{step:>9.3f}{rate:>10.0f}{rate * per_token / 1e9:>9.1f}"
             f"{rate * per_token / peak:>9.1%}{first:>14.2f}"
         )
         per_repeat = ", ".join(f"{tokens / r['step_s']:.0f}" for r in repeats)
         print(f"  per repeat tokens/s: {per_repeat}")
     if "TRL" in summary:
         print(f"\nratio jaxalign / TRL tokens/s: {summary['jaxalign'] / summary['TRL']:.2f}x")
+    if args.also_impl:
+        other = summary[f"jaxalign/{args.also_impl}"]
+        print(
+            f"ratio jaxalign / jaxalign with {args.also_impl}: {summary['jaxalign'] / other:.2f}x"
+        )
 
 
 if __name__ == "__main__":
