@@ -410,6 +410,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="back-to-back runs of both sides")
     ap.add_argument("--peak-reps", type=int, default=7, help="matmuls for the GEMM peak")
     ap.add_argument("--profile", action="store_true", help="only time the parts of jaxalign's step")
+    ap.add_argument("--skip-trl", action="store_true", help="jaxalign's side only")
     ap.add_argument(
         "--also-impl",
         default="",
@@ -428,7 +429,9 @@ def main():
         import trl
     except ImportError as e:
         trl = None
-        missing = e.name
+        why = f"{e.name} is not installed (pip install 'jaxalign[bench]')"
+    if args.skip_trl:
+        trl, why = None, "--skip-trl"
     directory = pathlib.Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     model_dir = directory / "model"
     write_model_dir(shape, model_dir)
@@ -472,7 +475,7 @@ def main():
             peaks.append(gemm_peak(shape.peak_n, args.peak_reps))
             runs["TRL"].append(steady(run_trl(shape, model_dir, pairs, sub / "trl")))
     if trl is None:
-        print(f"TRL half skipped: {missing} is not installed (pip install 'jaxalign[bench]')")
+        print(f"TRL half skipped: {why}")
         del runs["TRL"]
     peak = statistics.median(peaks)
     print(f"load average after: {os.getloadavg()}")
