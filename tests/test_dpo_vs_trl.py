@@ -15,6 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 HAS_TRL = importlib.util.find_spec("trl") is not None
 spec = importlib.util.spec_from_file_location("dpo_vs_trl", ROOT / "benchmarks/dpo_vs_trl.py")
 bench = importlib.util.module_from_spec(spec)
+sys.modules["dpo_vs_trl"] = bench  # dataclasses look their module up there
 spec.loader.exec_module(bench)
 
 
