@@ -26,6 +26,8 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/logprobs.py
+	@if $(PY) -c "import trl" 2>/dev/null; then $(PY) benchmarks/dpo_vs_trl.py; \
+	else echo "make bench: trl is not installed (pip install -e '.[bench]'): benchmarks/dpo_vs_trl.py skipped"; fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check jaxalign tests tools benchmarks configs launch

@@ -17,12 +17,14 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from jaxalign.kernels import sharded_token_logprobs, token_logprobs
+from jaxalign.kernels import logprob, sharded_token_logprobs, token_logprobs
 from jaxalign.kernels.logprob import pallas_gpu, pallas_tpu
 
 D, V, BLOCK = 32, 203, 64  # V deliberately not a multiple of BLOCK
 IMPLS = [
     pytest.param("xla", {}, id="xla"),
+    # implementation=None on CPU: xla keeping the logits tiles for the backward (within budget).
+    pytest.param(None, {}, id="cpu-default-kept-logits"),
     pytest.param("pallas_tpu", {"interpret": True}, id="pallas_tpu-interpret"),
     pytest.param("pallas_gpu", {"interpret": True}, id="pallas_gpu-interpret"),
 ]
@@ -171,6 +173,32 @@ def test_dispatch_and_shapes():
         token_logprobs(h, w, t, implementation="cuda")
     with pytest.raises(ValueError, match="expected targets.shape"):
         token_logprobs(h[:, :3], w, t)
+
+
+def test_cpu_default_keeps_logits_within_the_budget(monkeypatch):
+    """implementation=None on CPU holds the float32 [N, V] logits between forward and backward
+    while 4 N V <= CPU_KEEP_LOGITS_BYTES, and recomputes them (O(N block) memory) above it;
+    ``xla`` named explicitly always recomputes. The results are the same either way."""
+    n, vocab = 64, 512
+    h, w, t, g = _inputs(11, lead=(n,), vocab=vocab)
+    logits_bytes = 4 * n * vocab
+
+    def temp_bytes(impl):
+        def loss(h, w):
+            return jnp.sum(g[0] * token_logprobs(h, w, t, implementation=impl, block_size=64))
+
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        return fn.lower(h, w).compile().memory_analysis().temp_size_in_bytes, fn(h, w)
+
+    assert logits_bytes <= logprob.CPU_KEEP_LOGITS_BYTES
+    kept, kept_out = temp_bytes(None)
+    recomputed, xla_out = temp_bytes("xla")
+    monkeypatch.setattr(logprob, "CPU_KEEP_LOGITS_BYTES", logits_bytes - 1)
+    over_budget, _ = temp_bytes(None)
+    assert kept >= logits_bytes > recomputed, (kept, recomputed)
+    assert over_budget < logits_bytes, over_budget
+    for a, b in zip(jax.tree.leaves(kept_out), jax.tree.leaves(xla_out), strict=True):
+        _close(a, b, 1e-6 * max(1.0, float(jnp.max(jnp.abs(b)))))
 
 
 @pytest.mark.parametrize(

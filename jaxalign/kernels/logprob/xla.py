@@ -18,6 +18,11 @@ Backward (``jax.custom_vjp``) recomputes each tile and never stores ``[N, V]``:
 
 All three outputs are exactly differentiable w.r.t. ``hidden`` and ``unembedding``.
 
+With ``keep_logits`` (the CPU default when ``[N, V]`` fits a budget, see
+``jaxalign.kernels.logprob``) the forward also writes every (capped) tile ``z`` into an ``[N, V]``
+float32 residual and the backward reads the tiles back instead of recomputing them: three matmul
+passes instead of four, O(N V) memory, the same arithmetic otherwise (identical results).
+
 The ``V // Vb`` full tiles run in a ``fori_loop``; a ``V % Vb`` remainder tile, if any, is one
 more static-size step, so W is never padded or copied and every dW tile is written exactly once
 (in place, no read-modify-write of the ``[D, V]`` accumulator).
@@ -38,14 +43,15 @@ TokenIds = Int[Array, "N"]
 DEFAULT_BLOCK_SIZE = 1024
 
 
-def fold_tiles(vocab: int, block_size: int | None, tile_fn, merge_fn):
+def fold_tiles(vocab: int, block_size: int | None, tile_fn, merge_fn, seed=lambda tile: tile):
     """``merge_fn``-fold of ``tile_fn(start, size)`` over the vocab tiles of width ``block_size``.
 
-    The first tile seeds the carry (rather than zeros) so carry types also hold inside shard_map.
+    The first tile seeds the carry, ``seed(tile_fn(0, size))`` (rather than zeros), so carry
+    types also hold inside shard_map.
     """
     vb = min(block_size or DEFAULT_BLOCK_SIZE, vocab)
     n_full, rem = divmod(vocab, vb)
-    carry = tile_fn(0, vb)
+    carry = seed(tile_fn(0, vb))
     carry = lax.fori_loop(1, n_full, lambda i, c: merge_fn(c, tile_fn(i * vb, vb)), carry)
     return merge_fn(carry, tile_fn(n_full * vb, rem)) if rem else carry
 
@@ -82,14 +88,17 @@ def _target_logit(hidden, unembedding, targets, softcap):
     return _softcap.cap(z_t, softcap)
 
 
-def _forward(hidden, unembedding, targets, block_size, want_ent, want_sq, softcap):
+def _forward(hidden, unembedding, targets, block_size, want_ent, want_sq, softcap, keep=False):
+    """(logp, entropy, sum_sq, lse, logits): ``logits`` the ``[N, V]`` (capped) logits when
+    ``keep``, written tile by tile as they are computed, else None."""
+
     def tile_stats(start, size):
         z, _ = tile_logits(hidden, unembedding, start, size, softcap)
         m = jnp.max(z, axis=-1)
         e = jnp.exp(z - m[:, None])
         a = jnp.sum(e * z, axis=-1) if want_ent else None
         q = jnp.sum(e * e, axis=-1) if want_sq else None
-        return m, jnp.sum(e, axis=-1), a, q
+        return (m, jnp.sum(e, axis=-1), a, q), z
 
     def merge(carry, tile):
         (m, s, a, q), (m_t, s_t, a_t, q_t) = carry, tile
@@ -99,32 +108,58 @@ def _forward(hidden, unembedding, targets, block_size, want_ent, want_sq, softca
         q = q * old * old + q_t * new * new if want_sq else None
         return m_new, s * old + s_t * new, a, q
 
-    m, s, a, q = fold_tiles(unembedding.shape[1], block_size, tile_stats, merge)
+    vocab = unembedding.shape[1]
+    if not keep:
+        stats = fold_tiles(vocab, block_size, lambda start, size: tile_stats(start, size)[0], merge)
+        logits = None
+    else:
+
+        def keep_tile(start, size):
+            stats, z = tile_stats(start, size)
+            return stats, (start, z)
+
+        def write(buf, tile):
+            start, z = tile
+            return lax.dynamic_update_slice_in_dim(buf, z, start, axis=1)
+
+        empty = jnp.zeros((hidden.shape[0], vocab), jnp.float32)
+        stats, logits = fold_tiles(
+            vocab,
+            block_size,
+            keep_tile,
+            lambda carry, tile: (merge(carry[0], tile[0]), write(carry[1], tile[1])),
+            seed=lambda tile: (tile[0], write(empty, tile[1])),
+        )
+    m, s, a, q = stats
     lse = m + jnp.log(s)
     logp = _target_logit(hidden, unembedding, targets, softcap) - lse
     entropy = lse - a / s if want_ent else None
     sum_sq = q / (s * s) if want_sq else None
-    return logp, entropy, sum_sq, lse
+    return logp, entropy, sum_sq, lse, logits
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _logprobs(hidden, unembedding, targets, block_size, want_ent, want_sq, softcap):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _logprobs(hidden, unembedding, targets, block_size, want_ent, want_sq, softcap, keep):
     return _forward(hidden, unembedding, targets, block_size, want_ent, want_sq, softcap)[:3]
 
 
-def _logprobs_fwd(hidden, unembedding, targets, block_size, want_ent, want_sq, softcap):
-    logp, entropy, sum_sq, lse = _forward(
-        hidden, unembedding, targets, block_size, want_ent, want_sq, softcap
+def _logprobs_fwd(hidden, unembedding, targets, block_size, want_ent, want_sq, softcap, keep):
+    logp, entropy, sum_sq, lse, logits = _forward(
+        hidden, unembedding, targets, block_size, want_ent, want_sq, softcap, keep
     )
-    return (logp, entropy, sum_sq), (hidden, unembedding, targets, lse, entropy, sum_sq)
+    return (logp, entropy, sum_sq), (hidden, unembedding, targets, lse, entropy, sum_sq, logits)
 
 
-def _logprobs_bwd(block_size, want_ent, want_sq, softcap, res, cotangents):
-    hidden, unembedding, targets, lse, entropy, sum_sq = res
+def _logprobs_bwd(block_size, want_ent, want_sq, softcap, keep, res, cotangents):
+    hidden, unembedding, targets, lse, entropy, sum_sq, logits = res
     g_lp, g_ent, g_sq = cotangents
 
     def tile_grads(start, size):
-        z, w_tile = tile_logits(hidden, unembedding, start, size, softcap)
+        if keep:
+            z = lax.dynamic_slice_in_dim(logits, start, size, axis=1)
+            w_tile = lax.dynamic_slice_in_dim(unembedding, start, size, axis=1)
+        else:
+            z, w_tile = tile_logits(hidden, unembedding, start, size, softcap)
         logp = z - lse[:, None]
         p = jnp.exp(logp)
         dz = -g_lp[:, None] * p
@@ -157,12 +192,22 @@ def logprobs(
     return_sum_sq: bool = False,
     block_size: int | None = None,
     softcap: float | None = None,
+    keep_logits: bool = False,
 ) -> tuple[PerToken, PerToken | None, PerToken | None]:
     """Per-token ``(logp, entropy, sum_sq)`` in float32 with vocab tiles of ``block_size`` columns,
     logits soft-capped by ``softcap``.
 
-    ``targets`` must lie in ``[0, V)``. Memory is O(N * block_size + D * V) in forward and backward.
+    ``targets`` must lie in ``[0, V)``. Memory is O(N * block_size + D * V) in forward and backward,
+    or with ``keep_logits`` O(N * V): the forward writes each logits tile into an ``[N, V]``
+    residual and the backward reads it instead of recomputing it (three matmul passes, not four).
     """
     return _logprobs(
-        hidden, unembedding, targets, block_size, return_entropy, return_sum_sq, softcap
+        hidden,
+        unembedding,
+        targets,
+        block_size,
+        return_entropy,
+        return_sum_sq,
+        softcap,
+        keep_logits,
     )
