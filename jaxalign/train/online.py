@@ -9,8 +9,9 @@
 The rollout key of step t is fold_in(key(seed), t): a resumed run samples exactly what the
 uninterrupted one would have, and nothing but the step needs saving for it. The checkpoint holds
 the params, the optimizer state, the loop state (KL controller, reward statistics) and the prompt
-iterator's position. Evaluation samples `data.eval`'s prompts greedily and at the sampling
-temperature and reports their rewards.
+iterator's position. Evaluation answers `data.eval`'s prompts greedily and `rl.eval_samples`
+times at the sampling temperature and reports their rewards (means, and per prompt in
+WORKDIR/eval/step_N.json).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from jaxtyping import ArrayLike, Float
 from ml_collections import ConfigDict
 
 from jaxalign import sampling, sharding
@@ -297,7 +299,9 @@ def make_evaluator(run: Run, scorer: Scorer, workdir: pathlib.Path):
     return evaluate
 
 
-def paired_difference(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
+def paired_difference(
+    before: Float[ArrayLike, " P"], after: Float[ArrayLike, " P"]
+) -> tuple[float, float]:
     """The mean and standard error of per-prompt differences d = after - before of two
     evaluations on the same P prompts: (mean d, std(d) / sqrt(P)), std with ddof=1."""
     d = np.asarray(after, np.float64) - np.asarray(before, np.float64)
