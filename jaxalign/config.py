@@ -154,6 +154,7 @@ def base_config() -> ConfigDict:
     c.rl.stop_strings = ()  # cut completions at these strings (host side), besides EOS
     c.rl.epochs = 1  # passes over each rollout
     c.rl.minibatches = 1  # updates per pass: the rollout is split into this many minibatches
+    c.rl.eval_samples = 1  # completions per data.eval prompt for reward/sampled (averaged)
     # Rule rewards (jaxalign.rl.rewards): (name, weight[, params]) terms, summed.
     c.rl.rewards = (("demo_judge", 1.0),)
     c.rl.reward_model = ""  # workdir of a reward-trainer run: its score is added to the rewards

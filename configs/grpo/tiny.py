@@ -8,7 +8,9 @@ stage, starting from the SFT run.
         --config.model.init_from=checkpoint:runs/sft-tiny     # or dr_grpo, gspo
 
 Prompts come from the SFT file (its completions are not read); held-out prompts from
-data/demo/prompts_eval.jsonl, scored greedily and at temperature 1.
+data/demo/prompts_eval.jsonl, answered greedily once and sampled 32 times at temperature 1
+(`rl.eval_samples`; per-prompt scores in WORKDIR/eval/step_N.json). No KL term: on this task it
+only slowed the gain (README, Online RL).
 """
 
 from jaxalign.config import base_config, parse_arg
@@ -28,7 +30,8 @@ def get_config(arg=None):
     c.rl.max_new_tokens = 8
     c.rl.temperature = 1.0
     c.rl.rewards = (("demo_judge", 1.0),)
-    c.rl.kl_coef = 0.04
+    c.rl.kl_coef = 0.0
+    c.rl.eval_samples = 4 if arg.smoke else 32
     c.optimizer.lr = 1e-4
     c.optimizer.warmup_steps = 0
     c.optimizer.end_lr_ratio = 1.0

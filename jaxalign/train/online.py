@@ -9,12 +9,14 @@
 The rollout key of step t is fold_in(key(seed), t): a resumed run samples exactly what the
 uninterrupted one would have, and nothing but the step needs saving for it. The checkpoint holds
 the params, the optimizer state, the loop state (KL controller, reward statistics) and the prompt
-iterator's position. Evaluation samples `data.eval`'s prompts greedily and at the sampling
-temperature and reports their rewards.
+iterator's position. Evaluation answers `data.eval`'s prompts greedily and `rl.eval_samples`
+times at the sampling temperature and reports their rewards (means, and per prompt in
+WORKDIR/eval/step_N.json).
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 
@@ -24,6 +26,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from jaxtyping import ArrayLike, Float
 from ml_collections import ConfigDict
 
 from jaxalign import sampling, sharding
@@ -33,6 +36,7 @@ from jaxalign.models import heads
 from jaxalign.rl import rewards as rl_rewards
 from jaxalign.rl.rollout import rollout_rows
 from jaxalign.train.run import Run, Session, check_finite, checkpoint_due, session
+from jaxalign.train.workdir import write_atomic
 
 PROMPT_ARRAYS = ("prompt_tokens", "prompt_segment_ids", "prompt_positions", "prompt_lengths")
 
@@ -248,12 +252,24 @@ def _take(run: Run):
     return jax.jit(take)
 
 
-def make_evaluator(run: Run, scorer: Scorer):
-    """`evaluate(params) -> {reward/greedy, reward/sampled, rewards/<fn>/...}` on `data.eval`'s
-    prompts (one completion each; at most `eval_batches` batches), None without an eval file."""
+def make_evaluator(run: Run, scorer: Scorer, workdir: pathlib.Path):
+    """`evaluate(params, step) -> {reward/greedy, reward/sampled, rewards/<fn>/...}` on
+    `data.eval`'s prompts (at most `eval_batches` batches), None without an eval file.
+
+    Each prompt is answered greedily once and sampled `rl.eval_samples` times at
+    `rl.temperature`; its sampled score is the mean of its samples' rewards. The evaluation keys
+    depend on the batch only, so every evaluation of a run draws the same random bits. The
+    per-prompt scores go to WORKDIR/eval/step_N.json (`{"reward/greedy": [P], "reward/sampled":
+    [P], "rewards/<fn>/greedy": [P], ...}`, prompts in file order): two evaluations of a run give
+    a paired difference (`paired_difference`)."""
     config = run.config
-    greedy = sampling_options(run, greedy=True, n=1)
-    sampled = sampling_options(run, n=1)
+    n = config.rl.eval_samples
+    if n < 1:
+        raise ConfigError(f"rl.eval_samples={n}: expected a number of completions >= 1")
+    modes = (
+        ("greedy", sampling_options(run, greedy=True, n=1)),
+        ("sampled", sampling_options(run, n=n)),
+    )
 
     def evaluate(params, step: int) -> dict | None:
         if not config.data.eval:
@@ -264,17 +280,34 @@ def make_evaluator(run: Run, scorer: Scorer):
             if config.eval_batches and i >= config.eval_batches:
                 break
             real = np.asarray(prompts["example_mask"]) > 0
-            for name, options in (("greedy", greedy), ("sampled", sampled)):
+            for name, options in modes:
                 key = jax.random.fold_in(jax.random.key(config.seed + 1), i)
                 rows, per_fn, result = _rollout(run, params, prompts, key, options, scorer, step)
-                values.setdefault(f"reward/{name}", []).extend(rows["rewards"][real])
-                lengths = values.setdefault(f"completions/mean_length/{name}", [])
-                lengths.extend(result.lengths[real])
-                for fn, v in per_fn.items():
-                    values.setdefault(f"rewards/{fn}/{name}", []).extend(np.asarray(v)[real])
+                per_prompt = {  # [B * n] -> [real prompts], the mean of each prompt's samples
+                    f"reward/{name}": rows["rewards"],
+                    f"completions/mean_length/{name}": result.lengths,
+                } | {f"rewards/{fn}/{name}": v for fn, v in per_fn.items()}
+                for k, v in per_prompt.items():
+                    v = np.asarray(v, np.float64).reshape(-1, options.n).mean(axis=1)[real]
+                    values.setdefault(k, []).extend(v)
+        if jax.process_index() == 0:
+            scores = {k: [float(x) for x in v] for k, v in values.items() if "reward" in k}
+            (workdir / "eval").mkdir(exist_ok=True)
+            write_atomic(workdir / "eval" / f"step_{step}.json", json.dumps(scores))
         return {k: float(np.mean(v)) for k, v in values.items()}
 
     return evaluate
+
+
+def paired_difference(
+    before: Float[ArrayLike, " P"], after: Float[ArrayLike, " P"]
+) -> tuple[float, float]:
+    """The mean and standard error of per-prompt differences d = after - before of two
+    evaluations on the same P prompts: (mean d, std(d) / sqrt(P)), std with ddof=1."""
+    d = np.asarray(after, np.float64) - np.asarray(before, np.float64)
+    if d.ndim != 1 or d.size < 2:
+        raise ValueError(f"paired_difference: expected two [P] arrays with P >= 2, got {d.shape}")
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size))
 
 
 def train(
@@ -293,7 +326,7 @@ def _loop(s: Session) -> dict:
     to_batch = run.family.to_batch(run)
     train_step = run.jit_train_step()
     take = _take(run)
-    evaluate = make_evaluator(run, scorer)
+    evaluate = make_evaluator(run, scorer, s.workdir)
     last_train, last_eval, saved = {}, None, None
     started, total_tokens = time.perf_counter(), 0.0
     if s.first == 0 and config.data.eval:

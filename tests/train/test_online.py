@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from jaxalign.config import apply_overrides, load_config
+from jaxalign.errors import ConfigError
 from jaxalign.train import init_params, policy, setup, train
 from jaxalign.train import online as online_loop
 from jaxalign.train.updates import initial_rl_state
@@ -89,9 +90,10 @@ def test_each_family_raises_its_reward(family, overrides, sft_dir, tmp_path):
 @pytest.mark.slow  # the control run (held-out evals before and after: ~40 s)
 def test_a_random_reward_does_not_raise_held_out_accuracy(sft_dir, tmp_path, monkeypatch):
     """The control run: GRPO rewarded by coin flips (a deterministic hash of prompt and
-    completion) does not raise the judge's held-out accuracy of the SFT start, greedy or sampled,
-    beyond the noise of 200 held-out prompts; the judge is logged at weight 0 and its training
-    reward does not rise either."""
+    completion) does not clearly raise the judge's held-out accuracy of the SFT start, greedy or
+    sampled (8 samples per prompt): the paired difference over the 200 held-out prompts stays
+    below 3 standard errors, the README's bar for "clearly"; the judge is logged at weight 0 and
+    its training reward does not rise either."""
     (tmp_path / "coin_flips.py").write_text(
         "import zlib\n\n"
         "def coin():\n"
@@ -102,19 +104,56 @@ def test_a_random_reward_does_not_raise_held_out_accuracy(sft_dir, tmp_path, mon
     monkeypatch.syspath_prepend(str(tmp_path))
     rewards = "rl.rewards=(('coin_flips:coin', 1.0), ('demo_judge', 0.0))"
     held_out = f"data.eval={ROOT / 'data/demo/prompts_eval.jsonl'}"
-    train(_config("grpo", sft_dir, "steps=16", rewards, held_out), tmp_path / "run")
+    config = _config("grpo", sft_dir, "steps=16", rewards, held_out, "rl.eval_samples=8")
+    train(config, tmp_path / "run")
     records = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
     before, after = (r for r in records if r["split"] == "eval")
     assert before["step"] == 0 and after["step"] == 16
-    n = 200  # held-out prompts: a rise within twice the standard error of the difference is noise
-    for metric in ("reward/greedy", "reward/sampled"):
-        p, q = before[metric], after[metric]
-        noise = 2 * np.sqrt((p * (1 - p) + q * (1 - q)) / n)
-        assert q - p < noise, (metric, p, q, noise)
+    start, end = (json.loads((tmp_path / f"run/eval/step_{t}.json").read_text()) for t in (0, 16))
+    # The judge's accuracy (weight 0: "reward/..." is the coin's).
+    for metric in ("rewards/demo_judge/greedy", "rewards/demo_judge/sampled"):
+        assert len(start[metric]) == len(end[metric]) == 200
+        diff, se = online_loop.paired_difference(start[metric], end[metric])
+        assert diff == pytest.approx(after[metric] - before[metric], abs=1e-9)
+        assert diff < 3 * se, (metric, before[metric], after[metric], diff, se)
     train_records = [r for r in records if r["split"] == "train"]
     first = np.mean([r["rewards/demo_judge"] for r in train_records[:4]])
     last = np.mean([r["rewards/demo_judge"] for r in train_records[-4:]])
     assert last <= first + 0.05, (first, last)
+
+
+def test_held_out_sampled_accuracy_averages_eval_samples_per_prompt(sft_dir, tmp_path):
+    """`rl.eval_samples` completions per held-out prompt: its sampled score is their mean reward
+    (a multiple of 1/n, between 0 and 1 for some prompt), greedy answers are one each, the metric
+    is the mean over prompts, and the per-prompt scores are written to WORKDIR/eval/step_N.json
+    in prompt order."""
+    held_out = f"data.eval={ROOT / 'data/demo/prompts_eval.jsonl'}"
+    run = setup(_config("grpo", sft_dir, held_out, "eval_batches=1", "rl.eval_samples=4"))
+    evaluate = online_loop.make_evaluator(run, online_loop.Scorer(run), tmp_path)
+    metrics = evaluate(init_params(run), 7)
+    scores = json.loads((tmp_path / "eval/step_7.json").read_text())
+    greedy, sampled = np.array(scores["reward/greedy"]), np.array(scores["reward/sampled"])
+    assert greedy.shape == sampled.shape == (8,)  # eval_batches=1 batch of data.batch_size
+    np.testing.assert_array_equal(scores["rewards/format/sampled"], sampled)  # the only reward
+    np.testing.assert_array_equal(sampled * 4, np.round(sampled * 4))
+    assert ((sampled > 0) & (sampled < 1)).any()
+    assert set(greedy.tolist()) <= {0.0, 1.0}
+    assert metrics["reward/sampled"] == pytest.approx(sampled.mean(), abs=1e-12)
+    assert metrics["reward/greedy"] == pytest.approx(greedy.mean(), abs=1e-12)
+    bad = _config("grpo", sft_dir, held_out, "rl.eval_samples=0")
+    with pytest.raises(ConfigError, match="rl.eval_samples=0"):
+        online_loop.make_evaluator(setup(bad), online_loop.Scorer(run), tmp_path)
+
+
+def test_paired_difference_against_numpy():
+    """Mean and standard error (ddof 1) of per-prompt differences, from the formula in float64."""
+    rng = np.random.default_rng(0)
+    before, after = rng.integers(0, 2, 200).astype(float), rng.random(200)
+    d = [b - a for a, b in zip(before.tolist(), after.tolist(), strict=True)]
+    mean = sum(d) / len(d)
+    se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+    got = online_loop.paired_difference(before, after)
+    assert got == pytest.approx((mean, se), rel=1e-12, abs=0)
 
 
 def _state(run):

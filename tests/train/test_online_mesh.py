@@ -53,9 +53,15 @@ MESHES = {
     "fsdp4-tensor2": ({"data": 1, "fsdp": 4, "tensor": 2}, "fsdp_tp"),
 }
 ONE_DEVICE = ({"fsdp": -1}, "fsdp")
-FAMILIES = {
-    "grpo": (),
-    "ppo": ("rl.kl_target=0.5", "rl.reward_scale=True"),
+FAMILIES = {  # the KL terms and PPO's shuffled minibatches on, whatever the configs' defaults
+    "grpo": ("rl.kl_coef=0.04",),
+    "ppo": (
+        "rl.kl_coef=0.02",
+        "rl.kl_target=0.5",
+        "rl.reward_scale=True",
+        "rl.epochs=2",
+        "rl.minibatches=2",
+    ),
 }
 
 

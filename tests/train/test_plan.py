@@ -170,7 +170,9 @@ GRPO = ROOT / "configs/grpo/tiny.py"
 
 
 def _grpo(*overrides):
-    return apply_overrides(load_config(f"{GRPO}:smoke=True"), ["data.batch_size=8", *overrides])
+    # A KL term, so the plan holds the reference weights (the tiny config has none).
+    base = ["data.batch_size=8", "rl.kl_coef=0.04"]
+    return apply_overrides(load_config(f"{GRPO}:smoke=True"), [*base, *overrides])
 
 
 @pytest.fixture(scope="module")
