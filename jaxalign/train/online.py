@@ -291,7 +291,11 @@ def make_evaluator(run: Run, scorer: Scorer, workdir: pathlib.Path):
                     v = np.asarray(v, np.float64).reshape(-1, options.n).mean(axis=1)[real]
                     values.setdefault(k, []).extend(v)
         if jax.process_index() == 0:
-            scores = {k: [float(x) for x in v] for k, v in values.items() if "reward" in k}
+            scores = {
+                k: [float(x) for x in v]
+                for k, v in values.items()
+                if k.startswith(("reward/", "rewards/"))
+            }
             (workdir / "eval").mkdir(exist_ok=True)
             write_atomic(workdir / "eval" / f"step_{step}.json", json.dumps(scores))
         return {k: float(np.mean(v)) for k, v in values.items()}
