@@ -111,6 +111,9 @@ def test_dpo_starts_from_a_converted_checkpoint(hf_dir, tmp_path):
     assert convert.read_model_config(tmp_path / "run").vocab_size == 256
 
 
+# Slow: test_dpo_starts_from_a_hf_directory_and_exports (Llama) and the Gemma 3 DPO export of
+# tests/checkpoint/test_lora_export.py are its fast siblings.
+@pytest.mark.slow
 def test_dpo_from_a_gemma3_directory_exports_what_transformers_runs(tmp_path):
     """Gemma 3 through the whole path (capped training log-probs, the architecture recorded in
     the run's checkpoint, export): transformers' logits of the export equal jaxalign's."""

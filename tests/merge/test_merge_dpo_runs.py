@@ -53,6 +53,9 @@ def _dpo_run(workdir, base, shuffle_seed):
     return workdir
 
 
+# Slow: test_soup_of_hf_and_checkpoint_loads_in_transformers (tests/merge/test_merge_driver.py)
+# is its fast sibling.
+@pytest.mark.slow
 def test_ties_of_two_dpo_runs_loads_in_transformers_with_jaxalign_logits(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the config's data/demo paths
     base = _base(tmp_path / "base")

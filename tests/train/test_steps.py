@@ -7,6 +7,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxalign import models
 from jaxalign.config import apply_overrides, load_config
@@ -51,6 +52,9 @@ def _token_mean_nll(model_config, params, batch):
     return -(logp * mask).sum() / mask.sum()
 
 
+# Slow: test_one_and_two_micro_batches_take_the_same_step is its fast sibling (the same property
+# through the train step).
+@pytest.mark.slow
 def test_accumulated_gradient_is_the_gradient_of_the_whole_batch():
     run = setup(_sft_config(), devices=jax.devices()[:1])
     batch = _batch()
