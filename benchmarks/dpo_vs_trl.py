@@ -46,6 +46,7 @@ import tempfile
 import time
 
 import numpy as np
+from hf_llama import write_model_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BETA = 0.1
@@ -124,41 +125,6 @@ def gemm_peak(n: int, reps: int = 7) -> float:
         jax.block_until_ready(mm(a, b))
         times.append(time.perf_counter() - t0)
     return 2.0 * n**3 / statistics.median(times)
-
-
-def write_model_dir(shape: Shape, directory: pathlib.Path) -> None:
-    """A random-init HF Llama and a word-level tokenizer covering its vocabulary."""
-    import tokenizers
-    import torch
-    import transformers
-
-    words = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, shape.vocab)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="<pad>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", 1)]
-    )
-    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    fast.save_pretrained(directory)
-    config = transformers.LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.d,
-        intermediate_size=shape.ffn,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=shape.prompt + shape.response,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(directory)
 
 
 def write_pairs(shape: Shape, path: pathlib.Path, count: int) -> list[dict]:
@@ -434,7 +400,7 @@ def main():
         trl, why = None, "--skip-trl"
     directory = pathlib.Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     model_dir = directory / "model"
-    write_model_dir(shape, model_dir)
+    write_model_dir(shape, model_dir, positions=shape.prompt + shape.response)
     pairs = write_pairs(shape, directory / "pairs.jsonl", count=shape.pairs * (1 + shape.steps))
     versions = f"jax {jax.__version__}"
     if trl is not None:

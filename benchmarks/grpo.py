@@ -40,6 +40,7 @@ import tempfile
 import time
 
 import numpy as np
+from hf_llama import write_model_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KL_BETA = 0.04
@@ -93,40 +94,6 @@ def length_params(shape: Shape) -> dict:
     """The rule reward of both sides, `jaxalign.rl.rewards.length_reward`: a tent of half-width
     4 x `new` characters around 6 x `new` (words `w1234 ` are about 6 characters)."""
     return {"target": 6.0 * shape.new, "scale": 4.0 * shape.new}
-
-
-def write_model_dir(shape: Shape, directory: pathlib.Path) -> None:
-    """A random-init HF Llama and a word-level tokenizer covering its vocabulary."""
-    import tokenizers
-    import torch
-    import transformers
-
-    words = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, shape.vocab)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="<pad>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", 1)]
-    )
-    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    fast.save_pretrained(directory)
-    config = transformers.LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.d,
-        intermediate_size=shape.ffn,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=shape.prompt + shape.new,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(directory)
 
 
 def write_prompts(shape: Shape, path: pathlib.Path, count: int = 256) -> list[str]:
@@ -296,7 +263,7 @@ def main():
         missing = e.name
     directory = pathlib.Path(tempfile.mkdtemp(prefix="bench-grpo-"))
     model_dir = directory / "model"
-    write_model_dir(shape, model_dir)
+    write_model_dir(shape, model_dir, positions=shape.prompt + shape.new)
     prompts = write_prompts(shape, directory / "prompts.jsonl")
     versions = f"jax {jax.__version__}"
     if trl is not None:

@@ -13,6 +13,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HAS_TRL = importlib.util.find_spec("trl") is not None
+sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling module hf_llama, as when run as a script
 spec = importlib.util.spec_from_file_location("dpo_vs_trl", ROOT / "benchmarks/dpo_vs_trl.py")
 bench = importlib.util.module_from_spec(spec)
 sys.modules["dpo_vs_trl"] = bench  # dataclasses look their module up there
