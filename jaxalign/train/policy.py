@@ -6,7 +6,9 @@ computed before the first update (`jaxalign.train.online`), all [R, T] and align
 targets:
 
     old_logps      log-probs of the completion tokens under the params that sampled them
-                   (the training kernels, temperature applied): the ratio's denominator
+                   (the training kernels, temperature applied): the ratio's denominator; absent
+                   with one update per rollout (`old_from_update`), where the update's own
+                   forward gives them
     ref_logps      the reference policy's (KL as a loss term)
     advantages     per token
     old_values, returns   PPO's value head at rollout time and its GAE targets
@@ -36,11 +38,35 @@ from jaxalign.models import heads
 from jaxalign.train.objectives import Objective
 
 
+def old_from_update(rl, *, kl_in_loss: bool) -> bool:
+    """Whether the ratio's denominator comes from the update's own forward.
+
+    With one update per rollout (`rl.epochs` = `rl.minibatches` = 1) the params that sampled are
+    the params being updated, so the old log-probs are the update's log-probs under
+    stop-gradient, exactly (the ratio is exactly 1), and a forward of their own before the update
+    would compute the same numbers again. Not when the advantages need the policy's k1 KL before
+    the update (a KL shaped into the reward: ppo, rloo, reinforce_pp with `rl.kl_coef` > 0)."""
+    return rl.epochs == 1 and rl.minibatches == 1 and (kl_in_loss or rl.kl_coef == 0)
+
+
 def rollout_logps(
-    model_config, params, rows, *, temperature, mesh=None, rules=None, impl=None, entropy=False
+    model_config,
+    params,
+    rows,
+    *,
+    temperature,
+    columns=None,
+    mesh=None,
+    rules=None,
+    impl=None,
+    entropy=False,
 ):
     """Log-probs of the targets at `temperature` (the sampling distribution) on the loss mask,
-    0 elsewhere: [R, T]; with `entropy`, also the per-token entropy and the hidden states."""
+    0 elsewhere: [R, T]; with `entropy`, also the per-token entropy and the hidden states.
+
+    `columns` M: only the last M target columns can be counted (a rollout's completion columns,
+    `jaxalign.rl.rollout`), so the vocabulary matmuls run on those alone and the other columns
+    are 0; None: every column."""
     hidden = models.forward(
         model_config,
         heads.decoder_params(params),
@@ -51,29 +77,38 @@ def rollout_logps(
         rules=rules,
     )
     scaled = hidden / jnp.asarray(temperature, hidden.dtype) if temperature != 1.0 else hidden
+    targets, mask = rows["targets"], rows["loss_mask"] > 0
+    T = targets.shape[1]
+    skip = 0 if columns is None else max(T - columns, 0)
+    if skip:
+        scaled, targets, mask = scaled[:, skip:], targets[:, skip:], mask[:, skip:]
     unembedding = models.unembedding(model_config, params)
     kw = dict(
-        mask=rows["loss_mask"] > 0,
+        mask=mask,
         implementation=impl,
         softcap=model_config.final_logit_softcap,
         return_entropy=entropy,
     )
     if mesh is None or mesh.size == 1:
-        out = kernels.token_logprobs(scaled, unembedding, rows["targets"], **kw)
+        out = kernels.token_logprobs(scaled, unembedding, targets, **kw)
     else:
         out = kernels.sharded_token_logprobs(
             scaled,
             unembedding,
-            rows["targets"],
+            targets,
             mesh=mesh,
             vocab_axis="tensor",
             token_axes=("data", "fsdp"),
             **kw,
         )
+
+    def full(x):  # [R, M] -> [R, T], zeros in the skipped columns
+        return jnp.pad(x, ((0, 0), (skip, 0))) if skip else x
+
     if not entropy:
-        return out
+        return full(out)
     logps, extras = out
-    return logps, extras["entropy"], hidden
+    return full(logps), full(extras["entropy"]), hidden
 
 
 def policy_objective(
@@ -93,6 +128,7 @@ def policy_objective(
     clip_ratio/low, clip_ratio/high, approx_kl (old -> new), kl (policy -> reference, k3),
     entropy, ratio, loss/policy, loss/value, values."""
     kl_loss = kl_in_loss and rl.kl_coef > 0
+    own_old = old_from_update(rl, kl_in_loss=kl_in_loss)
     norm_length = rl.max_new_tokens if rl.aggregation == "seq-mean-token-sum-norm" else None
 
     def fn(params, ref_params, micro, loss_state=None):
@@ -103,12 +139,14 @@ def policy_objective(
             params,
             micro,
             temperature=rl.temperature,
+            columns=rl.max_new_tokens,
             mesh=mesh,
             rules=rules,
             impl=impl,
             entropy=True,
         )
-        old, adv = micro["old_logps"], micro["advantages"]
+        old = jax.lax.stop_gradient(logps) if own_old else micro["old_logps"]
+        adv = micro["advantages"]
         if rl.ratio == "sequence":
             pg, metrics = policy.gspo_policy_loss(
                 logps, old, adv, mask, clip_low=rl.clip_low, clip_high=rl.clip_high
@@ -128,7 +166,11 @@ def policy_objective(
                 old, micro["sampler_logps"], mask, cap=rl.tis_cap
             )
         token_loss = pg - rl.entropy_coef * entropy
-        metrics = dict(metrics) | {"entropy": entropy, "loss/policy": pg}
+        metrics = dict(metrics) | {
+            "entropy": entropy,
+            "loss/policy": pg,
+            "sampler_logprob_diff": jnp.abs(old - micro["sampler_logps"]),
+        }
         if kl_loss:
             kl = policy.kl_k3(logps, micro["ref_logps"])
             token_loss = token_loss + rl.kl_coef * kl
@@ -149,7 +191,7 @@ def policy_objective(
         sums = {k: jnp.where(mask > 0, v, 0.0).sum() / tokens * weight for k, v in metrics.items()}
         return loss_sum, weight, sums
 
-    fields = ["old_logps", "advantages", "sampler_logps"]
+    fields = ["advantages", "sampler_logps"] + ([] if own_old else ["old_logps"])
     fields += ["ref_logps"] if kl_loss else []
     fields += ["old_values", "returns"] if value_head else []
     batch = BatchSpec("rollout", token_fields=tuple(fields))

@@ -67,10 +67,19 @@ def policy_batch(run, estimator: Callable | None, *, kl_in_loss: bool):
     impl = None if run.config.logprob_impl == "auto" else run.config.logprob_impl
     controller, _ = kl_control.init_kl_controller(**kl_settings(rl))
 
+    own_old = policy.old_from_update(rl, kl_in_loss=kl_in_loss)
+
     def logps(params, rows):
         return jax.lax.stop_gradient(
             policy.rollout_logps(
-                mc, params, rows, temperature=rl.temperature, mesh=mesh, rules=rules, impl=impl
+                mc,
+                params,
+                rows,
+                temperature=rl.temperature,
+                columns=rl.max_new_tokens,
+                mesh=mesh,
+                rules=rules,
+                impl=impl,
             )
         )
 
@@ -93,14 +102,15 @@ def policy_batch(run, estimator: Callable | None, *, kl_in_loss: bool):
             )
         elif rl.reward_clip:
             rewards = jnp.clip(rewards, -rl.reward_clip, rl.reward_clip)
-        old = logps(params, rows)
         batch = {k: rows[k] for k in (*ROLLOUT_ROW_KEYS, "example_mask", "sampler_logps")}
-        batch |= {"old_logps": old}
+        if not own_old:  # else the update's own forward gives them (`policy.old_from_update`)
+            batch["old_logps"] = old = logps(params, rows)
         kl_coef = kl_control.kl_coef(rl_state["kl"])
-        kl = jnp.zeros_like(old)
+        kl = jnp.zeros_like(mask)
         if rl.kl_coef > 0:
             ref = logps(ref_params, rows)
-            kl = jnp.where(mask > 0, old - ref, 0.0)  # k1 per token (policy -> reference)
+            if not own_old:
+                kl = jnp.where(mask > 0, old - ref, 0.0)  # k1 per token (policy -> reference)
             if kl_in_loss:
                 batch["ref_logps"] = ref
         if value_head:
@@ -120,12 +130,12 @@ def policy_batch(run, estimator: Callable | None, *, kl_in_loss: bool):
             controller, rl_state["kl"], sequence_kl, rows["example_mask"].shape[0]
         )
         metrics = {
-            "kl": (kl * mask).sum() / tokens,
             "kl_coef": kl_coef,
-            "sampler_logprob_diff": (jnp.abs(old - rows["sampler_logps"]) * mask).sum() / tokens,
             "advantages/mean": batch["advantages"].sum() / tokens,
             "reward/transformed": rewards.mean(),
         }
+        if not (own_old and rl.kl_coef > 0):  # else the update reports it (k3, its loss term)
+            metrics["kl"] = (kl * mask).sum() / tokens
         if value_head:
             explained = 1.0 - _masked_var(returns - values, mask) / _masked_var(returns, mask)
             metrics["value/explained_variance"] = explained

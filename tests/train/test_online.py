@@ -178,22 +178,66 @@ def _rollout(run, params, *, key):
 def test_the_old_log_probs_are_the_samplers_and_the_first_ratio_is_one(sft_dir):
     """Old log-probs come from the training kernels at the sampling temperature; they equal the
     sampler's own (top-p truncation is not in either: the ratio's denominator is the untruncated
-    distribution) and the first update's ratio is 1."""
-    config = _config("grpo", sft_dir, "rl.temperature=0.7", "rl.top_p=0.5", "rl.kl_coef=0.04")
+    distribution) and the first update's ratio is 1. Two minibatches per rollout, so the old
+    log-probs get a forward of their own before the first update."""
+    config = _config(
+        "grpo", sft_dir, "rl.temperature=0.7", "rl.top_p=0.5", "rl.kl_coef=0.04", "rl.minibatches=2"
+    )
     run = setup(config)
     state, ref = _state(run)
     rows, _ = _rollout(run, state["params"], key=jax.random.key(3))
-    batch, metrics, _ = run.family.to_batch(run)(state | _rl(run), ref, rows)
+    batch, _, _ = run.family.to_batch(run)(state | _rl(run), ref, rows)
     mask = np.asarray(batch["loss_mask"]) > 0
     old, sampler = np.asarray(batch["old_logps"]), np.asarray(batch["sampler_logps"])
     np.testing.assert_allclose(old[mask], sampler[mask], atol=1e-5, rtol=0)
-    assert float(metrics["sampler_logprob_diff"]) < 1e-5
     # At temperature 1 (the mistake) the trainer's log-probs differ from the sampler's by far more.
     plain = policy.rollout_logps(run.model_config, state["params"], rows, temperature=1.0)
     assert np.abs(np.asarray(plain)[mask] - sampler[mask]).mean() > 1e-2
     _, update = run.jit_train_step()(state, ref, jax.tree.map(lambda x: x[None], batch))
     assert abs(float(update["ratio"]) - 1.0) < 1e-6
     assert float(update["clip_ratio/low"]) == 0.0 and float(update["clip_ratio/high"]) == 0.0
+    assert float(update["sampler_logprob_diff"]) < 1e-5
+
+
+def test_one_update_per_rollout_takes_the_old_log_probs_from_its_own_forward(sft_dir):
+    """With one update per rollout the batch carries no old log-probs: the update's own forward
+    gives them (stop-gradient), the ratio is exactly 1, and the update equals the one made with
+    old log-probs computed before it (two-minibatch config, the whole batch as one minibatch)."""
+    over = ("rl.temperature=0.7", "rl.kl_coef=0.04")
+    runs = [setup(_config("grpo", sft_dir, *over, *extra)) for extra in ((), ("rl.minibatches=2",))]
+    state, ref = _state(runs[0])
+    rows, _ = _rollout(runs[0], state["params"], key=jax.random.key(5))
+    got = []
+    for run in runs:
+        batch, _, _ = run.family.to_batch(run)(state | _rl(run), ref, rows)
+        fresh = jax.tree.map(np.copy, state)
+        new, update = run.jit_train_step()(fresh, ref, jax.tree.map(lambda x: x[None], batch))
+        got.append((batch, new, update))
+    (own, new_own, update_own), (sep, new_sep, update_sep) = got
+    assert "old_logps" not in own and "old_logps" in sep
+    assert float(update_own["ratio"]) == 1.0
+    assert float(update_own["sampler_logprob_diff"]) < 1e-5
+    for key in ("loss", "kl", "entropy", "sampler_logprob_diff"):
+        np.testing.assert_allclose(
+            update_own[key], update_sep[key], rtol=1e-5, atol=1e-6, err_msg=key
+        )
+    own_leaves, sep_leaves = jax.tree.leaves(new_own["params"]), jax.tree.leaves(new_sep["params"])
+    leaves = zip(own_leaves, sep_leaves, strict=True)
+    for a, b in leaves:
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_the_update_reads_only_the_completion_columns(sft_dir):
+    """The vocabulary matmuls run on the last rl.max_new_tokens target columns only (where a
+    rollout's completions are): the log-probs equal those over every column."""
+    run = setup(_config("grpo", sft_dir, "rl.temperature=0.7"))
+    state, _ = _state(run)
+    rows, _ = _rollout(run, state["params"], key=jax.random.key(1))
+    kw = dict(temperature=0.7)
+    every = policy.rollout_logps(run.model_config, state["params"], rows, **kw)
+    last = policy.rollout_logps(run.model_config, state["params"], rows, columns=4, **kw)
+    assert rows["tokens"].shape[1] > 4 and np.asarray(every)[:, :-4].any() == 0
+    np.testing.assert_allclose(last, every, rtol=0, atol=1e-6)
 
 
 def test_each_step_samples_with_a_fresh_key(sft_dir):
@@ -217,9 +261,13 @@ def test_the_eos_that_ends_a_completion_is_trained(sft_dir):
     assert (rows["targets"][stopped, last] == run.tokenizer.eos_id).all()
     rewarded = rows | {"rewards": (result.finish_reason == "stop").astype(np.float32)}
     to_batch = run.family.to_batch(run)
+
+    def eos_logps(params):
+        logps = policy.rollout_logps(run.model_config, params, rows, temperature=1.0)
+        return np.asarray(logps)[stopped, last]
+
     batch, _, _ = to_batch(state | _rl(run), ref, rewarded)
+    before_eos = eos_logps(state["params"])
     new_state, _ = run.jit_train_step()(state, ref, jax.tree.map(lambda x: x[None], batch))
-    after, _, _ = to_batch(new_state | _rl(run), ref, rewarded)
-    before_eos = np.asarray(batch["old_logps"])[stopped, last]
-    after_eos = np.asarray(after["old_logps"])[stopped, last]
+    after_eos = eos_logps(new_state["params"])
     assert (after_eos > before_eos).mean() > 0.8
