@@ -115,18 +115,20 @@ def _optional_prompt(rec: dict) -> list[dict] | None:
     return _prompt_messages(rec["prompt"]) if rec.get("prompt") is not None else None
 
 
-def parse_sft(rec: dict) -> dict:
-    """An SFT record -> ``{"messages", "system", "responses": [text]}``."""
+def parse_sft(rec: dict, extra_fields: tuple[str, ...] = ()) -> dict:
+    """An SFT record -> ``{"messages", "system", "responses": [text], ...}``."""
     if "messages" in rec and "completion" not in rec:
         prefix, text = _split_conversation(check_messages(rec["messages"], "messages"), "messages")
-        return {"messages": prefix, "system": _system(rec), "responses": [text]}
-    prompt = _optional_prompt(rec)
-    prefix, text = _response(rec, "completion", prompt)
-    return {
-        "messages": prompt if prefix is None else prefix,
-        "system": _system(rec),
-        "responses": [text],
-    }
+        out = {"messages": prefix, "system": _system(rec), "responses": [text]}
+    else:
+        prompt = _optional_prompt(rec)
+        prefix, text = _response(rec, "completion", prompt)
+        out = {
+            "messages": prompt if prefix is None else prefix,
+            "system": _system(rec),
+            "responses": [text],
+        }
+    return out | _extras(rec, extra_fields)
 
 
 def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:

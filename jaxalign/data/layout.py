@@ -73,6 +73,9 @@ CACHE_FIELDS = (
     "ref_chosen_prefix_logps",
     "ref_rejected_prefix_logps",
 )
+# The same for single-response records (the unpaired family: SFT or unpaired records), e.g. the
+# aligned model's log-probs of PoFT: the reference sum over the response.
+SINGLE_CACHE_FIELDS = ("ref_logps",)
 
 
 @dataclasses.dataclass(frozen=True)

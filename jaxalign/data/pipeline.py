@@ -458,7 +458,8 @@ def make_sft_pipeline(
       a `BatchIterator` of batch dicts (layout in this module's docstring); ``get_state()`` /
       ``set_state()`` checkpoint its position.
     """
-    return _make_pipeline("sft", formats.parse_sft, path, tokenizer, **_kw(locals()))
+    parse = functools.partial(formats.parse_sft, extra_fields=tuple(extra_fields))
+    return _make_pipeline("sft", parse, path, tokenizer, **_kw(locals()))
 
 
 def make_pair_pipeline(

@@ -54,8 +54,8 @@ from jaxalign.losses.registry import (
     needs_reference,
     required_inputs,
 )
-from jaxalign.losses.reward import bradley_terry, lsc_combine, lsc_transform
-from jaxalign.losses.sft import sft
+from jaxalign.losses.reward import bradley_terry, genarm_bt, lsc_combine, lsc_transform
+from jaxalign.losses.sft import poft, sft
 from jaxalign.losses.unpaired import bco, kto, npo
 
 __all__ = [
@@ -79,6 +79,7 @@ __all__ = [
     "dpo",
     "exo_pair",
     "f_dpo",
+    "genarm_bt",
     "get",
     "gspo_policy_loss",
     "hinge",
@@ -101,6 +102,7 @@ __all__ = [
     "needs_reference",
     "npo",
     "orpo",
+    "poft",
     "policy",
     "required_inputs",
     "robust",

@@ -55,7 +55,9 @@ LOSSES: dict[str, LossFn] = {
     "bco": unpaired.bco,
     "npo": unpaired.npo,
     "sft": sft.sft,
+    "poft": sft.poft,
     "bradley_terry": reward.bradley_terry,
+    "genarm_bt": reward.genarm_bt,
 }
 
 CHOSEN_SIDE: dict[str, str] = {

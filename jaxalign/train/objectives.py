@@ -358,11 +358,12 @@ def unpaired_objective(
     reads SFT records (the forget set). `kl_sequences_needed(loss)` (KTO) means the batch also
     carries, as sequence E + i, example i's prompt with another example's completion; their sums
     are the `kl_policy_logps` / `kl_ref_logps` inputs (the batch KL baseline z0). Inputs:
-    `policy_logps`, `lengths`, `ref_logps` (when needed), `labels`, `example_mask`, `delta`
-    (BCO's running mean from `loss_state`), the data fields, and with a retain set (`retain=True`:
-    an SFT batch under "retain/<key>") `retain_logps` / `retain_lengths`, e.g. for NPO+GD: mix
-    (("npo", 1, {...}), ("sft", w, {}, {"policy_logps": "retain_logps", "lengths":
-    "retain_lengths"})).
+    `policy_logps`, `lengths`, `ref_logps` (when needed: one reference forward, or the batch's
+    cached `ref_logps` field when `fields` holds `SINGLE_CACHE_FIELDS`), `labels`,
+    `example_mask`, `delta` (BCO's running mean from `loss_state`), the data fields, and with a
+    retain set (`retain=True`: an SFT batch under "retain/<key>") `retain_logps` /
+    `retain_lengths`, e.g. for NPO+GD: mix (("npo", 1, {...}), ("sft", w, {}, {"policy_logps":
+    "retain_logps", "lengths": "retain_lengths"})).
 
     Metrics: `logps/policy` (mean sequence log-prob) and, with labels, the mean implicit reward
     s = logp - ref of desirable and undesirable responses as weighted sums to be divided
@@ -370,8 +371,14 @@ def unpaired_objective(
     `rewards/desirable`, `rewards/undesirable` and `rewards/gap`).
     """
     loss = as_loss(loss, loss_kwargs)
-    needs_ref = loss.needs_reference
     kl = kl_sequences_needed(loss)
+    cached = set(layout.SINGLE_CACHE_FIELDS) <= set(fields)
+    if cached and kl:
+        raise ValueError(
+            "cached reference log-probs (data.ref_logps) hold no KL sequences; "
+            f"{sorted(loss_inputs(loss))} needs the reference's mismatched-pair log-probs"
+        )
+    needs_ref = loss.needs_reference and not cached
     labelled = "labels" in loss_inputs(loss)
     impl = implementation
 
@@ -411,7 +418,7 @@ def unpaired_objective(
         per_example, metrics = loss(inputs)
         metrics = dict(metrics)
         metrics["logps/policy"] = inputs["policy_logps"]
-        if labelled and needs_ref:
+        if labelled and "ref_logps" in inputs:
             s = jax.lax.stop_gradient(inputs["policy_logps"] - inputs["ref_logps"])
             good = micro["labels"]
             metrics["rewards/desirable_sum"] = s * good
