@@ -56,7 +56,7 @@ from jaxalign.losses.registry import (
 )
 from jaxalign.losses.reward import bradley_terry, genarm_bt, lsc_combine, lsc_transform
 from jaxalign.losses.sft import poft, sft
-from jaxalign.losses.unpaired import bco, kto, npo
+from jaxalign.losses.unpaired import bco, d2o, kto, npo
 
 __all__ = [
     "AGGREGATIONS",
@@ -75,6 +75,7 @@ __all__ = [
     "call",
     "clipped_policy_loss",
     "cpo",
+    "d2o",
     "discopop",
     "dpo",
     "exo_pair",

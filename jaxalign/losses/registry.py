@@ -54,6 +54,7 @@ LOSSES: dict[str, LossFn] = {
     "kto": unpaired.kto,
     "bco": unpaired.bco,
     "npo": unpaired.npo,
+    "d2o": unpaired.d2o,
     "sft": sft.sft,
     "poft": sft.poft,
     "bradley_terry": reward.bradley_terry,

@@ -160,7 +160,13 @@ def sft(config: ConfigDict, model_config, mesh) -> Objective:
 
 
 def paired(config: ConfigDict, model_config, mesh) -> Objective:
-    return _with_loss(objectives.paired_objective, config, model_config, **_placement(config, mesh))
+    return _with_loss(
+        objectives.paired_objective,
+        config,
+        model_config,
+        num_samples=config.data.num_samples,
+        **_placement(config, mesh),
+    )
 
 
 def unpaired(config: ConfigDict, model_config, mesh) -> Objective:

@@ -115,3 +115,52 @@ def test_poft_scores_are_length_normalised_with_no_temperature():
     long_ = {k: v * 5 for k, v in per_token.items()} | {"lengths": np.array([5.0])}
     np.testing.assert_allclose(np.asarray(L.call("poft", long_)[0]), np.asarray(short))
     np.testing.assert_allclose(np.asarray(short), -logsig(1.0), rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# D2O: -logsig((beta/K) sum_i [logp(y_i) - ref(y_i)] - alpha [logp(y_l) - ref(y_l)]).
+
+
+def np_d2o(b, beta=0.1, alpha=0.1):
+    K = b["policy_samples_logps"].shape[1]
+    samples = (b["policy_samples_logps"] - b["ref_samples_logps"]).sum(axis=1)
+    rejected = b["policy_rejected_logps"] - b["ref_rejected_logps"]
+    return -logsig(beta / K * samples - alpha * rejected)
+
+
+def _d2o_inputs(batch, K, seed=2):
+    rng = np.random.default_rng(seed)
+    policy = -rng.uniform(2.0, 40.0, (batch, 1 + K))
+    ref = policy + rng.normal(0.0, 3.0, (batch, 1 + K))
+    return {
+        "policy_rejected_logps": policy[:, 0],
+        "ref_rejected_logps": ref[:, 0],
+        "policy_samples_logps": policy[:, 1:].copy(),
+        "ref_samples_logps": ref[:, 1:].copy(),
+    }
+
+
+@pytest.mark.parametrize(("K", "hyper"), [(2, {}), (3, {"beta": 0.5, "alpha": 0.05}), (1, {})])
+def test_d2o_values_and_grads(K, hyper):
+    b = _d2o_inputs(6, K)
+    metrics = _check("d2o", b, hyper, np_d2o, list(b))
+    beta = hyper.get("beta", 0.1)
+    s = (b["policy_samples_logps"] - b["ref_samples_logps"]).mean(axis=1)
+    np.testing.assert_allclose(np.asarray(metrics["rewards/samples"]), beta * s, rtol=1e-12)
+
+
+def test_d2o_defaults_and_k_of_one_is_dpo():
+    """The choices: alpha = beta = 0.1, one reference for ref_minus and ref_plus; with K = 1 and
+    alpha = beta, D2O is DPO with the sample as the chosen response."""
+    assert L.hyperparameters("d2o") == {"beta": 0.1, "alpha": 0.1}
+    assert L.needs_reference("d2o")
+    b = _d2o_inputs(5, 1, seed=3)
+    d2o, _ = L.call("d2o", {k: jnp.asarray(v) for k, v in b.items()}, beta=0.3, alpha=0.3)
+    pair = {
+        "policy_chosen_logps": b["policy_samples_logps"][:, 0],
+        "ref_chosen_logps": b["ref_samples_logps"][:, 0],
+        "policy_rejected_logps": b["policy_rejected_logps"],
+        "ref_rejected_logps": b["ref_rejected_logps"],
+    }
+    dpo, _ = L.call("dpo", {k: jnp.asarray(v) for k, v in pair.items()}, beta=0.3)
+    np.testing.assert_allclose(np.asarray(d2o), np.asarray(dpo), rtol=1e-12)

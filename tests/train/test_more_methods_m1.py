@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxalign import cli
 from jaxalign import models as M
 from jaxalign.config import apply_overrides, load_config
 from jaxalign.data import (
@@ -22,6 +23,7 @@ from jaxalign.data import (
     tokenize_example,
 )
 from jaxalign.data.layout import SINGLE_CACHE_FIELDS
+from jaxalign.errors import ConfigError
 from jaxalign.sampling import SamplingOptions, guided
 from jaxalign.sampling.cli_generate import load_model
 from jaxalign.train import setup, train
@@ -171,3 +173,102 @@ def test_poft_cache_of_pairs_is_refused_naming_it(genarm_run, tmp_path):
     )
     with pytest.raises(DataError, match=r"pairs.jsonl: reference cache holds \['ref_chosen_logps'"):
         make_ref_join(str(pairs_cache), None, SINGLE_CACHE_FIELDS)
+
+
+# --------------------------------------------------------------------------------------------------
+# D2O: samples drawn from a checkpoint by `jaxalign generate --samples_field`, then trained on.
+
+
+@pytest.fixture(scope="module")
+def negatives(genarm_run, tmp_path_factory):
+    """16 demo pairs with K = 2 samples each from a tiny checkpoint, through the CLI."""
+    folder = tmp_path_factory.mktemp("d2o")
+    pairs = folder / "pairs.jsonl"
+    lines = (ROOT / "data/demo/pairs_train.jsonl").read_text().splitlines(keepends=True)
+    pairs.write_text("".join(lines[:16]))
+    out = folder / "negatives.jsonl"
+    cli.main(
+        [
+            "generate",
+            "--model",
+            f"checkpoint:{genarm_run[0]}",
+            "--prompts",
+            str(pairs),
+            "--out",
+            str(out),
+            "--n",
+            "2",
+            "--samples_field",
+            "samples",
+            "--max_new_tokens",
+            "4",
+            "--temperature",
+            "1.0",
+        ]
+    )
+    return pairs, out
+
+
+def test_generate_samples_field_writes_each_record_with_its_samples(negatives):
+    pairs, out = negatives
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    want = [json.loads(x) for x in pairs.read_text().splitlines()]
+    assert [{k: v for k, v in g.items() if k != "samples"} for g in got] == want
+    assert all(
+        len(g["samples"]) == 2 and all(isinstance(s, str) for s in g["samples"]) for g in got
+    )
+
+
+def test_d2o_tiny_config_trains_on_sampled_negatives(negatives, tmp_path):
+    _, out = negatives
+    workdir = tmp_path / "run"
+    config = _config("d2o/tiny.py", f"data.train={out}", "data.batch_size=8")
+    run = setup(config)
+    assert run.objective.batch.records == "negatives" and run.objective.batch.num_samples == 2
+    batch = next(run.batches(str(out), train=False))
+    assert batch["tokens"].shape[0] == 3 * 8 and batch["example_mask"].shape == (8,)
+    train(config, workdir)
+    records = _records(workdir)
+    assert [r["step"] for r in records] == [1, 2, 3] and all(
+        np.isfinite(r["loss"]) for r in records
+    )
+    assert {"rewards/samples", "rewards/rejected", "logps/samples", "logps/accuracy"} <= set(
+        records[-1]
+    )
+    assert records[0]["loss"] == pytest.approx(np.log(2.0), abs=1e-5)  # policy = reference
+    assert _steps(workdir) == [3]
+
+
+def test_d2o_bad_sample_count_and_bad_keys_are_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "negatives.jsonl"
+    good = {"prompt": "What is 1+1?", "rejected": "3", "samples": ["2", "4"]}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps(good | {"samples": ["2"]}) + "\n")
+    config = _config("d2o/tiny.py", f"data.train={bad}", "data.skip_bad_records=False")
+    with pytest.raises(
+        DataError,
+        match=r"negatives.jsonl line 2: field \"samples\" has 1 "
+        r"responses \(expected a list of 2 responses \(data.num_samples\)\)",
+    ):
+        next(setup(config).batches(str(bad), train=True))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(
+            [
+                "train",
+                "--config",
+                str(ROOT / "configs/d2o/tiny.py"),
+                "--workdir",
+                str(tmp_path / "w"),
+                "--config.data.num_sample=3",
+            ]
+        )
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and 'unknown key "data.num_sample"' in err and err.count("\n") == 1
+    with pytest.raises(ConfigError, match="loss 'd2o': .*unknown hyperparameters \\['gamma'\\]"):
+        setup(_with_gamma(config))
+
+
+def _with_gamma(config):
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        c.loss.gamma = 1.0
+    return c
