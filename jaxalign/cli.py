@@ -282,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--best_of", type=int, default=0, help="sample N, keep the best by --reward")
     gen.add_argument("--worst", action="store_true", help="with --best_of: keep the worst")
     gen.add_argument("--reward", help="with --best_of: a reward name (demo_judge)")
+    gen.add_argument(
+        "--samples_field",
+        help="write each prompt record once, its --n completions as a list under this field "
+        "(e.g. samples: D2O's negatives records)",
+    )
     gen.set_defaults(run=_cmd_generate)
 
     diag = sub.add_parser(

@@ -75,6 +75,9 @@ def base_config() -> ConfigDict:
     # them: e.g. ("margin",) for bradley_terry, ("beta_feature",) for mm_dpo,
     # ("chosen_margins", "rejected_margins") (lists of M numbers) for modpo.
     c.data.extra_fields = ()
+    # D2O (loss.name="d2o"): the self-generated responses K per negatives record
+    # {prompt, rejected, samples: [K]}; a record with another count is an error.
+    c.data.num_samples = 2
     # The loss mask covers the prompt tokens too (joint preference, DOVE / JPO joint=True).
     c.data.train_on_prompt = False
     # Cached reference log-probs (`jaxalign cache-ref`, a JSONL file; "" = compute them): the

@@ -9,6 +9,7 @@ from jaxalign.data.batches import WithRetain, make_batches
 from jaxalign.data.errors import DataError, RecordError
 from jaxalign.data.formats import (
     encode_prompt,
+    parse_negatives,
     parse_pair,
     parse_prompt,
     parse_sft,
@@ -22,6 +23,7 @@ from jaxalign.data.pipeline import (
     Prefetch,
     PromptIterator,
     default_length_buckets,
+    make_negatives_pipeline,
     make_pair_pipeline,
     make_prompt_pipeline,
     make_sft_pipeline,
@@ -62,6 +64,7 @@ __all__ = [
     "load_ref_cache",
     "load_tokenizer",
     "make_batches",
+    "make_negatives_pipeline",
     "make_pair_pipeline",
     "make_prompt_pipeline",
     "make_ref_join",
@@ -69,6 +72,7 @@ __all__ = [
     "make_sft_pipeline",
     "make_unpaired_pipeline",
     "open_source",
+    "parse_negatives",
     "parse_pair",
     "parse_prompt",
     "parse_sft",

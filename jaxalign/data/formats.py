@@ -13,6 +13,9 @@ record adds a per-example system message, see `jaxalign.data.templates`):
   assistant turn, and strings are full transcripts (Anthropic HH style, `split_transcripts`): the
   prompt is their longest common beginning that ends with ``"\\n\\nAssistant:"``.
 - Unpaired: ``{"prompt": ..., "completion": ..., "label": bool}`` (True = desirable).
+- Negatives (D2O): ``{"prompt": ..., "rejected": str | messages, "samples": [K strings or message
+  lists]}``: a human negative and K self-generated responses (`jaxalign generate --n K
+  --samples_field samples`); K is fixed per run (``data.num_samples``). Other fields are ignored.
 - Prompt (RL / evaluation): ``{"prompt": str | messages, ...}``; other fields are kept.
 
 A response message list that begins with the prompt's turns is the whole conversation in every
@@ -115,18 +118,20 @@ def _optional_prompt(rec: dict) -> list[dict] | None:
     return _prompt_messages(rec["prompt"]) if rec.get("prompt") is not None else None
 
 
-def parse_sft(rec: dict) -> dict:
-    """An SFT record -> ``{"messages", "system", "responses": [text]}``."""
+def parse_sft(rec: dict, extra_fields: tuple[str, ...] = ()) -> dict:
+    """An SFT record -> ``{"messages", "system", "responses": [text], ...}``."""
     if "messages" in rec and "completion" not in rec:
         prefix, text = _split_conversation(check_messages(rec["messages"], "messages"), "messages")
-        return {"messages": prefix, "system": _system(rec), "responses": [text]}
-    prompt = _optional_prompt(rec)
-    prefix, text = _response(rec, "completion", prompt)
-    return {
-        "messages": prompt if prefix is None else prefix,
-        "system": _system(rec),
-        "responses": [text],
-    }
+        out = {"messages": prefix, "system": _system(rec), "responses": [text]}
+    else:
+        prompt = _optional_prompt(rec)
+        prefix, text = _response(rec, "completion", prompt)
+        out = {
+            "messages": prompt if prefix is None else prefix,
+            "system": _system(rec),
+            "responses": [text],
+        }
+    return out | _extras(rec, extra_fields)
 
 
 def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -190,6 +195,29 @@ def parse_unpaired(rec: dict, extra_fields: tuple[str, ...] = ()) -> dict:
     }
     out.update(_extras(rec, extra_fields))
     return out
+
+
+def parse_negatives(rec: dict, num_samples: int, extra_fields: tuple[str, ...] = ()) -> dict:
+    """A D2O record -> ``{"messages", "system", "responses": [rejected, *samples], ...}``; a
+    `samples` list of another length than `num_samples` is a `RecordError`."""
+    prompt = _optional_prompt(rec)
+    if prompt is None:
+        raise RecordError("prompt", "is missing", _TEXT_OR_MESSAGES)
+    samples = _get(rec, "samples", f"a list of {num_samples} responses (data.num_samples)")
+    if not isinstance(samples, list) or len(samples) != num_samples:
+        got = f"{len(samples)} responses" if isinstance(samples, list) else type(samples).__name__
+        raise RecordError(
+            "samples", f"has {got}", f"a list of {num_samples} responses (data.num_samples)"
+        )
+    responses = []
+    for i, field in enumerate(["rejected", *(f"samples[{k}]" for k in range(num_samples))]):
+        value = rec["rejected"] if i == 0 else samples[i - 1]
+        prefix, text = _response({"prompt": rec["prompt"], field: value}, field, prompt)
+        if prefix not in (None, prompt):
+            raise RecordError(field, "continues another conversation", "the record's prompt")
+        responses.append(text)
+    out = {"messages": prompt, "system": _system(rec), "responses": responses}
+    return out | _extras(rec, extra_fields)
 
 
 def parse_prompt(rec: dict) -> dict:

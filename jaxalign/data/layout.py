@@ -11,7 +11,9 @@ Dimensions (letters used across the codebase):
     E  examples of a batch (pairs for pair batches: P = E)
     B  sequences of a batch: B = E, or 2E for pairs (sequence i is the chosen response of pair i,
        sequence E + i the rejected one) and for KTO's mismatched-pair KL sequences (sequence E + i
-       is example i's prompt with another example's completion)
+       is example i's prompt with another example's completion), or (1 + K) E for D2O's negatives
+       records (sequence i the rejected response of example i, sequence (1 + k) E + i its sample
+       k, K = `num_samples`)
     M  values per example of a list-valued data field (e.g. modpo's margins)
 
 A training batch (one host's micro-batch):
@@ -73,6 +75,9 @@ CACHE_FIELDS = (
     "ref_chosen_prefix_logps",
     "ref_rejected_prefix_logps",
 )
+# The same for single-response records (the unpaired family: SFT or unpaired records), e.g. the
+# aligned model's log-probs of PoFT: the reference sum over the response.
+SINGLE_CACHE_FIELDS = ("ref_logps",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,23 +85,28 @@ class BatchSpec:
     """What a family's batches hold beyond the row arrays.
 
     records: the record format they are read from ("sft" `{prompt, completion}` or messages,
-      "pair" `{prompt, chosen, rejected}`, "unpaired" `{prompt, completion, label}`), or
+      "pair" `{prompt, chosen, rejected}`, "unpaired" `{prompt, completion, label}`, "negatives"
+      `{prompt, rejected, samples}`), or
       "rollout" (built from sampled completions, `jaxalign.rl.rollout`).
     kl_sequences: unpaired batches also carry each example's mismatched KL sequence (KTO).
     fields: per-example float32 data fields beside `example_mask` (labels excluded: they follow
       from `records`), e.g. `data.extra_fields` and the cached reference log-probs.
     retain: an SFT batch of the retain set rides along under `RETAIN_PREFIX`.
     token_fields: float32 [R, T] fields aligned with the targets (rollout batches).
+    num_samples: K, the self-generated responses per negatives record (D2O).
     """
 
-    records: Literal["sft", "pair", "unpaired", "rollout"]
+    records: Literal["sft", "pair", "unpaired", "negatives", "rollout"]
     kl_sequences: bool = False
     fields: tuple[str, ...] = ()
     retain: bool = False
     token_fields: tuple[str, ...] = ()
+    num_samples: int = 0
 
     @property
     def sequences_per_example(self) -> int:
+        if self.records == "negatives":
+            return 1 + self.num_samples
         return 2 if self.records == "pair" or self.kl_sequences else 1
 
 

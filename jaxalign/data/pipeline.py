@@ -12,6 +12,9 @@ Batch layout: `jaxalign.data.layout` (every key, its dimensions and dtype). Sequ
 - Pairs: P = batch_size pairs, B = 2P; sequence i is the chosen response of pair i and sequence P +
   i the rejected one. A sequence's log-prob is ``segment_sum(token_logps * loss_mask, seq_index,
   B)``.
+- Negatives (D2O, `make_negatives_pipeline`): E = batch_size records of K = num_samples samples,
+  B = (1 + K) E; sequence i is the rejected response of example i, sequence (1 + k) E + i its
+  sample k.
 - Unpaired with ``kl_sequences=True`` (KTO's KL baseline): B = 2E; sequence E + i is example i's
   prompt followed by the completion of the *next* example of the data order (the previous one for
   the last example of finite data), cut to max_len like any sequence: the mismatched pairs
@@ -61,7 +64,14 @@ from jaxalign.data.sources import RecordTransform, Source, open_source
 from jaxalign.data.templates import Template, get_template
 from jaxalign.data.tokenizers import Tokenizer, load_tokenizer
 
-_KINDS = ("sft", "pair", "unpaired")
+_KINDS = ("sft", "pair", "unpaired", "negatives")
+
+
+def sequences_per_example(kind: str, kl_sequences: bool, num_samples: int) -> int:
+    """2 for pairs and KTO's KL sequences, 1 + K for negatives records, else 1."""
+    if kind == "negatives":
+        return 1 + num_samples
+    return 2 if kind == "pair" or kl_sequences else 1
 
 
 def default_length_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
@@ -195,6 +205,7 @@ class BatchIterator(_ResumableIterator):
         fingerprint: dict,
         kl_sequences: bool = False,
         train_on_prompt: bool = False,
+        num_samples: int = 0,
     ):
         super().__init__(dataset, source, fingerprint)
         self.kind = kind
@@ -211,12 +222,12 @@ class BatchIterator(_ResumableIterator):
         # Examples whose prompt or response was cut to max_prompt_len / max_len, counted as
         # batches are built (this iterator's lifetime, not saved).
         self.num_truncated = 0
-        self._seqs_per_example = 2 if kind == "pair" or kl_sequences else 1
+        self._seqs_per_example = sequences_per_example(kind, kl_sequences, num_samples)
         self.num_sequences = batch_size * self._seqs_per_example
 
     def _slots(self, j: int) -> list[int]:
         """Sequence slots of the j-th example of a batch."""
-        return [j] if self._seqs_per_example == 1 else [j, self.batch_size + j]
+        return [j + k * self.batch_size for k in range(self._seqs_per_example)]
 
     def _example(self, index: int) -> dict:
         """Example `index`, with its mismatched KL sequence appended when asked for."""
@@ -331,6 +342,7 @@ def _make_pipeline(
     num_epochs: int | None,
     kl_sequences: bool = False,
     train_on_prompt: bool = False,
+    num_samples: int = 0,
 ) -> BatchIterator:
     if kind not in _KINDS:
         raise ValueError(f"unknown pipeline kind {kind!r}")
@@ -341,7 +353,7 @@ def _make_pipeline(
     formats.check_lengths(max_len, max_prompt_len)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    seqs_per_example = 2 if kind == "pair" or kl_sequences else 1
+    seqs_per_example = sequences_per_example(kind, kl_sequences, num_samples)
     if pack:
         pack_rows = pack_rows or max(1, batch_size * seqs_per_example // 2)
         if pack_rows < seqs_per_example:  # so that any one example fits an empty batch
@@ -387,6 +399,8 @@ def _make_pipeline(
         for k, on in (("kl_sequences", kl_sequences), ("train_on_prompt", train_on_prompt))
         if on
     }
+    if num_samples:
+        fingerprint["num_samples"] = num_samples
     return BatchIterator(
         ds,
         source,
@@ -402,6 +416,7 @@ def _make_pipeline(
         fingerprint=fingerprint,
         kl_sequences=kl_sequences,
         train_on_prompt=train_on_prompt,
+        num_samples=num_samples,
     )
 
 
@@ -458,7 +473,8 @@ def make_sft_pipeline(
       a `BatchIterator` of batch dicts (layout in this module's docstring); ``get_state()`` /
       ``set_state()`` checkpoint its position.
     """
-    return _make_pipeline("sft", formats.parse_sft, path, tokenizer, **_kw(locals()))
+    parse = functools.partial(formats.parse_sft, extra_fields=tuple(extra_fields))
+    return _make_pipeline("sft", parse, path, tokenizer, **_kw(locals()))
 
 
 def make_pair_pipeline(
@@ -525,6 +541,42 @@ def make_unpaired_pipeline(
     """
     parse = functools.partial(formats.parse_unpaired, extra_fields=tuple(extra_fields))
     return _make_pipeline("unpaired", parse, path, tokenizer, **_kw(locals()))
+
+
+def make_negatives_pipeline(
+    path: str,
+    tokenizer: Tokenizer | str,
+    *,
+    num_samples: int,
+    batch_size: int,
+    max_len: int,
+    max_prompt_len: int | None = None,
+    pack: bool = False,
+    pack_rows: int | None = None,
+    length_buckets: Sequence[int] | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    template: str | Template = "plain",
+    add_bos: bool = True,
+    skip_bad_records: bool = False,
+    transforms: Sequence[RecordTransform] = (),
+    extra_fields: Sequence[str] = (),
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    train_on_prompt: bool = False,
+) -> BatchIterator:
+    """D2O batches of negatives records ``{prompt, rejected, samples: [K]}``: E = batch_size
+    records, B = (1 + K) E sequences (sequence i the rejected response of example i, sequence
+    (1 + k) E + i its sample k). A record whose ``samples`` holds another number than
+    ``num_samples`` (K >= 1) fails naming its file and line. Arguments as in `make_sft_pipeline`.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    parse = functools.partial(
+        formats.parse_negatives, num_samples=num_samples, extra_fields=tuple(extra_fields)
+    )
+    return _make_pipeline("negatives", parse, path, tokenizer, **_kw(locals()))
 
 
 def _kw(local_vars: dict) -> dict:

@@ -54,9 +54,9 @@ from jaxalign.losses.registry import (
     needs_reference,
     required_inputs,
 )
-from jaxalign.losses.reward import bradley_terry, lsc_combine, lsc_transform
-from jaxalign.losses.sft import sft
-from jaxalign.losses.unpaired import bco, kto, npo
+from jaxalign.losses.reward import bradley_terry, genarm_bt, lsc_combine, lsc_transform
+from jaxalign.losses.sft import poft, sft
+from jaxalign.losses.unpaired import bco, d2o, kto, npo
 
 __all__ = [
     "AGGREGATIONS",
@@ -75,10 +75,12 @@ __all__ = [
     "call",
     "clipped_policy_loss",
     "cpo",
+    "d2o",
     "discopop",
     "dpo",
     "exo_pair",
     "f_dpo",
+    "genarm_bt",
     "get",
     "gspo_policy_loss",
     "hinge",
@@ -101,6 +103,7 @@ __all__ = [
     "needs_reference",
     "npo",
     "orpo",
+    "poft",
     "policy",
     "required_inputs",
     "robust",

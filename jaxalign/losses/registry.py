@@ -54,8 +54,11 @@ LOSSES: dict[str, LossFn] = {
     "kto": unpaired.kto,
     "bco": unpaired.bco,
     "npo": unpaired.npo,
+    "d2o": unpaired.d2o,
     "sft": sft.sft,
+    "poft": sft.poft,
     "bradley_terry": reward.bradley_terry,
+    "genarm_bt": reward.genarm_bt,
 }
 
 CHOSEN_SIDE: dict[str, str] = {

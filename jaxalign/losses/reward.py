@@ -35,6 +35,33 @@ def bradley_terry(
     }
 
 
+def genarm_bt(
+    policy_chosen_logps: B,
+    policy_rejected_logps: B,
+    *,
+    beta: float = 1.0,
+) -> tuple[B, dict[str, Array]]:
+    """Autoregressive reward model (GenARM; Xu et al., 2024, "GenARM: Reward Guided Generation with
+    Autoregressive Reward Model for Test-time Alignment"): the reward is the causal LM's own
+    sequence log-likelihood, trained with the Bradley-Terry loss on it (no reference model).
+
+    r(x, y) = sum_t log pi_r(y_t | x, y_<t),   loss = -logsig(beta_r (r(y_w) - r(y_l))),
+
+    ``beta`` is beta_r. Default 1.0 (a choice: the catalog leaves beta_r open); at decoding time
+    the trained model guides a base model as p_base p_r^(1 / beta) (`jaxalign.sampling.guided.
+    genarm`). Metrics: the rewards beta_r r(y) of each side, their accuracy and margin.
+    """
+    chosen = jax.lax.stop_gradient(beta * policy_chosen_logps)
+    rejected = jax.lax.stop_gradient(beta * policy_rejected_logps)
+    loss = -jax.nn.log_sigmoid(beta * (policy_chosen_logps - policy_rejected_logps))
+    return loss, {
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/accuracy": (chosen > rejected).astype(jnp.float32),
+        "rewards/margin": chosen - rejected,
+    }
+
+
 def lsc_transform(
     rewards: Float[Array, "*B"], ref_rewards: Float[Array, "*B"]
 ) -> Float[Array, "*B"]:

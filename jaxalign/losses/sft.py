@@ -1,4 +1,4 @@
-"""Supervised fine-tuning loss (METHODS.md section 3)."""
+"""Supervised fine-tuning losses (METHODS.md section 3): sft, poft."""
 
 import jax
 import jax.numpy as jnp
@@ -19,3 +19,29 @@ def sft(policy_logps: B, lengths: B) -> tuple[B, dict[str, Array]]:
     """
     nll = -policy_logps / jnp.maximum(lengths, 1.0)
     return nll, {"nll": jax.lax.stop_gradient(nll)}
+
+
+def poft(policy_logps: B, ref_logps: B, lengths: B) -> tuple[B, dict[str, Array]]:
+    """Preference-Oriented Supervised Fine-Tuning (Fan et al., 2024): on SFT data, the policy
+    should score the response above an aligned model does.
+
+    loss = -logsig(score_theta(x, y) - score_aligned(x, y)),   score(x, y) = logp(y) / |y|,
+
+    ``ref_logps`` the aligned model's sums over the response tokens (the trainer's reference: run
+    with ``reference.soup=("checkpoint:ALIGNED",)``, or their `jaxalign cache-ref` cache, whose
+    sums divided by the lengths are the aligned scores), ``lengths`` the float token counts
+    (clamped to >= 1). One aligned model and no temperature on the margin (choices: the paper's
+    several aligned models are averaged into one reference by ``reference.soup``).
+    """
+    n = jnp.maximum(lengths, 1.0)
+    score = policy_logps / n
+    aligned = ref_logps / n
+    loss = -jax.nn.log_sigmoid(score - aligned)
+    score, aligned = jax.lax.stop_gradient(score), jax.lax.stop_gradient(aligned)
+    return loss, {
+        "poft/score": score,
+        "poft/aligned_score": aligned,
+        "poft/margin": score - aligned,
+        "poft/accuracy": (score > aligned).astype(jnp.float32),
+        "nll": -score,
+    }

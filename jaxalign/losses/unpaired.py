@@ -1,4 +1,4 @@
-"""Unpaired and negative-only losses (METHODS.md section 2): kto, bco, npo.
+"""Unpaired and negative-only losses (METHODS.md section 2): kto, bco, npo, d2o.
 
 Inputs are per-response sequence log-probs ``policy_logps`` and ``ref_logps`` [B] (sums over
 response tokens), ``s = policy_logps - ref_logps``; ``labels`` [B] is 1 for a desirable response
@@ -113,3 +113,37 @@ def npo(
     s = policy_logps - ref_logps
     loss = -(2.0 / beta) * jax.nn.log_sigmoid(-beta * s)
     return loss, {"rewards/reward": jax.lax.stop_gradient(beta * s)}
+
+
+def d2o(
+    policy_rejected_logps: B,
+    ref_rejected_logps: B,
+    policy_samples_logps: Float[Array, "B K"],
+    ref_samples_logps: Float[Array, "B K"],
+    *,
+    beta: float = 0.1,
+    alpha: float = 0.1,
+) -> tuple[B, Metrics]:
+    """Distributional Dispreference Optimization (Duan et al., 2024, "Negating Negatives:
+    Alignment with Human Negative Samples via Distributional Dispreference Optimization").
+
+    loss = -logsig((beta / K) sum_i [logp(y_i) - ref_minus(y_i)]
+                   - alpha [logp(y_l) - ref_plus(y_l)]),
+
+    y_l the human negative, y_1..y_K self-generated responses (the K columns of
+    ``*_samples_logps``).
+    Choices (the catalog marks alpha and K unverified): one frozen reference plays both ref_minus
+    and ref_plus; alpha defaults to beta (0.1), so that K = 1 is DPO with the sample as the chosen
+    side; K is the data's (``data.num_samples``, default 2).
+    """
+    samples = jnp.mean(policy_samples_logps - ref_samples_logps, axis=-1)
+    rejected = policy_rejected_logps - ref_rejected_logps
+    z = beta * samples - alpha * rejected
+    loss = -jax.nn.log_sigmoid(z)
+    metrics = {
+        "rewards/samples": jax.lax.stop_gradient(beta * samples),
+        "rewards/rejected": jax.lax.stop_gradient(alpha * rejected),
+        "rewards/accuracy": (z > 0).astype(jnp.float32),
+        "rewards/margin": jax.lax.stop_gradient(z),
+    }
+    return loss, metrics

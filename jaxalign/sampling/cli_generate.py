@@ -21,6 +21,9 @@
   directory and renamed at the end: a failure or Ctrl-C leaves nothing behind.
 - ``--best_of N [--worst] --reward NAME`` samples N per prompt, keeps the best (worst) under a
   reward of `REWARD_FUNCTIONS`.
+- ``--samples_field NAME``: one line per prompt record instead, the record itself (every field
+  kept) with its ``--n`` completion texts as a list under NAME, e.g. D2O's negatives records
+  from preference pairs: ``--prompts pairs.jsonl --n 2 --samples_field samples``.
 - ``--config CFG`` (instead of ``--model``): guided decoding (`jaxalign.sampling.guided`) by a
   config built on `guided_config`: the method, its models by role (each distinct spec loaded
   once), its weights, a ``sampling`` section; ``--config.KEY=VALUE`` overrides any key and the
@@ -257,6 +260,8 @@ def run(args: argparse.Namespace, overrides: list[str] = ()) -> int:
         tokenizer, template, options, max_seq_len, sample, extra = _single_sampler(args)
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size {args.batch_size}: expected >= 1")
+    if args.samples_field and args.best_of:
+        raise ConfigError("--samples_field writes all --n samples; it goes without --best_of")
     pipeline = make_prompt_pipeline(
         args.prompts,
         tokenizer,
@@ -280,6 +285,16 @@ def run(args: argparse.Namespace, overrides: list[str] = ()) -> int:
                     batch["prompt_lengths"], options.max_new_tokens, max_seq_len, names
                 )
                 result, sample_index, score = sample(batch, jax.random.fold_in(key, b), names)
+                if args.samples_field:
+                    texts = {}
+                    for r, i in enumerate(result.prompt_index.tolist()):
+                        texts.setdefault(i, []).append(result.text[r])
+                    for i, record in enumerate(batch["records"]):
+                        if record is not None:
+                            f.write(json.dumps(record | {args.samples_field: texts[i]}) + "\n")
+                            written += 1
+                    bar.update(sum(rec is not None for rec in batch["records"]))
+                    continue
                 for r, i in enumerate(result.prompt_index.tolist()):
                     record = batch["records"][i]
                     if record is None:

@@ -1,4 +1,4 @@
-"""`jaxalign cache-ref`: the reference policy's sequence log-probs of a pairs dataset, once.
+"""`jaxalign cache-ref`: the reference policy's sequence log-probs of a dataset, once.
 
     jaxalign cache-ref --config configs/dpo/tiny.py --out runs/dpo-tiny/ref_logps.jsonl \\
         --config.model.init_from=checkpoint:runs/sft-tiny
@@ -19,6 +19,12 @@ same seed, batch size, packing and mesh), so for that epoch the cached numbers a
 to the ones the run would compute on the fly; later epochs batch records differently, and there
 they differ from an on-the-fly reference only by float32 rounding of a differently shaped
 forward.
+
+The unpaired trainer's single-response records (SFT or `{prompt, completion, label}`) cache one
+sum per record, `ref_logps` (`SINGLE_CACHE_FIELDS`); e.g. PoFT's aligned-model scores: with
+`reference.soup=("checkpoint:ALIGNED",)` the reference is the aligned model, and the cached sums
+divided by the response lengths are its length-normalised scores. A loss with KTO's
+mismatched-pair KL sequences cannot be cached.
 """
 
 from __future__ import annotations
@@ -30,15 +36,17 @@ import jax
 from ml_collections import ConfigDict
 
 from jaxalign.config import to_dict
-from jaxalign.data import JsonlSource, parse_pair, record_key
+from jaxalign.data import JsonlSource, parse_pair, parse_sft, parse_unpaired, record_key
 from jaxalign.data.ref_cache import write_ref_cache
 from jaxalign.errors import ConfigError
 from jaxalign.train import families, objectives, reference
 from jaxalign.train.run import reference_params, setup
 
+PARSERS = {"pair": parse_pair, "sft": parse_sft, "unpaired": parse_unpaired}
 
-def _key(record: dict, extra_fields: tuple[str, ...]) -> str:
-    parse_pair(record, extra_fields)  # the training source's validity, so indices line up
+
+def _key(record: dict, parse, extra_fields: tuple[str, ...]) -> str:
+    parse(record, extra_fields)  # the training source's validity, so indices line up
     return record_key(record)
 
 
@@ -51,6 +59,17 @@ def reference_logps(model_config, params, batch, *, mesh=None, implementation=No
         model_config, params, micro, 1, with_prefix=True, mesh=mesh, impl=implementation
     )
     return (*sums["logps"], *sums["prefix_logps"])
+
+
+def single_reference_logps(model_config, params, batch, *, mesh=None, implementation=None):
+    """Per response ([E],): the reference sums of a single-response global batch (leading
+    micro-batch axis of size 1), by the training objectives' own `sequence_logps`."""
+    micro = jax.tree.map(lambda x: x[0], batch)
+    E = micro["example_mask"].shape[0]
+    logps, _ = objectives.sequence_logps(
+        model_config, params, micro, E, 1, mesh=mesh, impl=implementation
+    )
+    return (logps,)
 
 
 def cache_reference(config: ConfigDict, out: str) -> dict[str, int]:
@@ -69,11 +88,21 @@ def cache_reference(config: ConfigDict, out: str) -> dict[str, int]:
     run = setup(plain)
     params = reference_params(run)  # the soup, or the initial decoder (a LoRA run's base)
     impl = None if config.logprob_impl == "auto" else config.logprob_impl
+    spec = run.objective.batch
+    if spec.kl_sequences:
+        raise ConfigError(
+            f"cache-ref: loss {config.loss.name!r} reads the reference's mismatched-pair KL "
+            "log-probs, which are not cached"
+        )
+    fields = families.get(config.trainer).ref_cache_fields
+    of_batch = reference_logps if spec.records == "pair" else single_reference_logps
     compute = jax.jit(
-        functools.partial(reference_logps, run.model_config, mesh=run.mesh, implementation=impl)
+        functools.partial(of_batch, run.model_config, mesh=run.mesh, implementation=impl)
     )
     counts: dict[str, int] = {}
-    key = functools.partial(_key, extra_fields=tuple(config.data.extra_fields))
+    key = functools.partial(
+        _key, parse=PARSERS[spec.records], extra_fields=tuple(config.data.extra_fields)
+    )
 
     def entries():
         for path in dict.fromkeys(p for p in (config.data.train, config.data.eval) if p):
@@ -89,5 +118,5 @@ def cache_reference(config: ConfigDict, out: str) -> dict[str, int]:
                 start += n
             counts[path] = start
 
-    write_ref_cache(out, entries(), families.ref_cache_settings(config))
+    write_ref_cache(out, entries(), families.ref_cache_settings(config), fields)
     return counts

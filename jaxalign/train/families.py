@@ -49,6 +49,8 @@ class Family:
       online families).
     head: the name of a scalar head in the params tree (`jaxalign.models.heads`), or None.
     takes_ref_cache: `data.ref_logps` (`jaxalign cache-ref`) applies.
+    ref_cache_fields: the batch fields the reference cache fills (pairs: `CACHE_FIELDS`; single
+      responses: `SINGLE_CACHE_FIELDS`).
     loop: which loop runs it ("offline": one batch, one update; "online": sample, score,
       update, `jaxalign.train.online`).
     to_batch: online families: (run) -> the rollout-to-update-batch function
@@ -59,6 +61,7 @@ class Family:
     batches: Callable
     head: str | None = None
     takes_ref_cache: bool = False
+    ref_cache_fields: tuple[str, ...] = layout.CACHE_FIELDS
     loop: str = "offline"
     to_batch: Callable | None = None
 
@@ -106,8 +109,8 @@ def ref_cache_settings(config: ConfigDict) -> dict:
 
 
 @functools.lru_cache(maxsize=2)
-def _ref_join_cached(path: str, mtime: float, settings_json: str):
-    return make_ref_join(path, json.loads(settings_json))
+def _ref_join_cached(path: str, mtime: float, settings_json: str, fields: tuple[str, ...]):
+    return make_ref_join(path, json.loads(settings_json), fields)
 
 
 def ref_join(config: ConfigDict):
@@ -115,12 +118,13 @@ def ref_join(config: ConfigDict):
     (evaluations rebuild pipelines)."""
     path = config.data.ref_logps
     mtime = pathlib.Path(path).stat().st_mtime if pathlib.Path(path).exists() else 0.0
-    return _ref_join_cached(path, mtime, json.dumps(ref_cache_settings(config), sort_keys=True))
+    settings = json.dumps(ref_cache_settings(config), sort_keys=True)
+    return _ref_join_cached(path, mtime, settings, get(config.trainer).ref_cache_fields)
 
 
 def _fields(config: ConfigDict) -> tuple[str, ...]:
     """The per-example data fields of a batch: `data.extra_fields`, and the reference cache's."""
-    cached = layout.CACHE_FIELDS if config.data.ref_logps else ()
+    cached = get(config.trainer).ref_cache_fields if config.data.ref_logps else ()
     return (*config.data.extra_fields, *cached)
 
 
@@ -156,7 +160,13 @@ def sft(config: ConfigDict, model_config, mesh) -> Objective:
 
 
 def paired(config: ConfigDict, model_config, mesh) -> Objective:
-    return _with_loss(objectives.paired_objective, config, model_config, **_placement(config, mesh))
+    return _with_loss(
+        objectives.paired_objective,
+        config,
+        model_config,
+        num_samples=config.data.num_samples,
+        **_placement(config, mesh),
+    )
 
 
 def unpaired(config: ConfigDict, model_config, mesh) -> Objective:
@@ -297,7 +307,12 @@ def _online(objective, estimator, *, kl_in_loss=False, head=None) -> Family:
 FAMILIES: dict[str, Family] = {
     "sft": Family(sft, offline_batches),
     "paired": Family(paired, offline_batches, takes_ref_cache=True),
-    "unpaired": Family(unpaired, offline_batches),
+    "unpaired": Family(
+        unpaired,
+        offline_batches,
+        takes_ref_cache=True,
+        ref_cache_fields=layout.SINGLE_CACHE_FIELDS,
+    ),
     "reward": Family(reward_model, offline_batches, head=heads.REWARD_HEAD),
     "ppo": _online(
         _policy(kl_in_loss=False, value_head=True, family="ppo"), None, head=heads.VALUE_HEAD

@@ -200,6 +200,36 @@ def paired_logps(
     return out
 
 
+def negatives_logps(
+    model_config,
+    params,
+    micro,
+    num_groups: int,
+    num_samples: int,
+    *,
+    mesh=None,
+    rules=None,
+    impl=None,
+):
+    """Sums and lengths of a negatives batch (D2O; block g: P rejected, then P per sample):
+    {"rejected": ([G*P], [G*P]), "samples": ([G*P, K], [G*P, K])} as (logps, lengths)."""
+    S = 1 + num_samples
+    per_group = S * micro["example_mask"].shape[0] // num_groups
+    index, total = sequence_index(micro, per_group, num_groups)
+    mask = micro["loss_mask"]
+    logps = token_logps(model_config, params, micro, mesh=mesh, rules=rules, implementation=impl)
+
+    def sides(x):  # [G * S * P] -> rejected [G*P], samples [G*P, K]
+        x = x.reshape(num_groups, S, -1)
+        return x[:, 0].reshape(-1), x[:, 1:].transpose(0, 2, 1).reshape(-1, num_samples)
+
+    sums, lengths = (
+        sides(sequence_sums(logps * mask, index, total)),
+        sides(sequence_sums(mask, index, total)),
+    )
+    return {"rejected": (sums[0], lengths[0]), "samples": (sums[1], lengths[1])}
+
+
 def weighted(metrics: dict, weight):
     """Per-example metrics [E] -> weighted sums; scalar metrics are weighted by the batch weight."""
     total = weight.sum()
@@ -290,9 +320,15 @@ def paired_objective(
     rules=None,
     implementation=None,
     fields=(),
+    num_samples: int = 0,
 ) -> Objective:
     """Any paired loss (a name with `loss_kwargs`, or a `losses.Bound` / `losses.Mix`) on pair
     batches (sequence i chosen, P + i rejected).
+
+    A loss that takes `policy_samples_logps` (D2O) reads negatives batches instead (`num_samples`
+    K self-generated responses and one human negative per record; `negatives_logps`) and gets
+    `{policy,ref}_rejected_logps` [P], `{policy,ref}_samples_logps` [P, K], `rejected_lengths`,
+    `samples_lengths`; the reference is computed (such batches have no reference cache).
 
     Inputs the objective supplies, by name: `policy_{chosen,rejected}_logps`, `{chosen,rejected}
     _lengths`; `ref_*` (only when some term needs the reference: from the batch's cached
@@ -308,6 +344,10 @@ def paired_objective(
     needs_ref = loss.needs_reference and not cached
     sides = {"policy": False, "ref": True} if needs_ref else {"policy": False}
     kw = dict(with_prefix=with_prefix, mesh=mesh, rules=rules, impl=implementation)
+    if "policy_samples_logps" in loss_inputs(loss):
+        return _negatives_objective(
+            model_config, loss, num_groups, num_samples, cached, fields, mesh, rules, implementation
+        )
 
     def fn(params, ref_params, micro, loss_state=None):
         inputs = layout.data_fields(micro)
@@ -340,6 +380,43 @@ def paired_objective(
     return Objective(fn, batch, needs_ref, delta_state(loss))
 
 
+def _negatives_objective(
+    model_config, loss, num_groups, num_samples, cached, fields, mesh, rules, impl
+) -> Objective:
+    """`paired_objective` of a loss on negatives batches (D2O)."""
+    if num_samples < 1:
+        raise ValueError(f"data.num_samples={num_samples}: D2O needs K >= 1 samples per record")
+    if cached:
+        raise ValueError(
+            "negatives records (D2O) have no reference cache; drop data.ref_logps (the "
+            "reference forward runs in the step)"
+        )
+    kw = dict(mesh=mesh, rules=rules, impl=impl)
+
+    def fn(params, ref_params, micro, loss_state=None):
+        del loss_state
+        inputs = layout.data_fields(micro)
+        for who, p in (("policy", params), ("ref", ref_params)):
+            values = negatives_logps(model_config, p, micro, num_groups, num_samples, **kw)
+            if who == "ref":
+                values = jax.lax.stop_gradient(values)
+            for side, (logps, lengths) in values.items():
+                inputs[f"{who}_{side}_logps"] = logps
+                inputs[f"{side}_lengths"] = lengths
+        per_example, metrics = loss(inputs)
+        metrics = dict(metrics)
+        samples = inputs["policy_samples_logps"].mean(axis=-1)
+        # Does the policy itself rank its own samples (on average) above the human negative?
+        metrics["logps/accuracy"] = (samples > inputs["policy_rejected_logps"]).astype(jnp.float32)
+        metrics["logps/samples"] = samples
+        metrics["logps/rejected"] = inputs["policy_rejected_logps"]
+        weight = micro["example_mask"]
+        return (per_example * weight).sum(), weight.sum(), weighted(metrics, weight)
+
+    batch = BatchSpec("negatives", fields=tuple(fields), num_samples=num_samples)
+    return Objective(fn, batch, needs_ref=True)
+
+
 def unpaired_objective(
     model_config,
     loss,
@@ -358,11 +435,12 @@ def unpaired_objective(
     reads SFT records (the forget set). `kl_sequences_needed(loss)` (KTO) means the batch also
     carries, as sequence E + i, example i's prompt with another example's completion; their sums
     are the `kl_policy_logps` / `kl_ref_logps` inputs (the batch KL baseline z0). Inputs:
-    `policy_logps`, `lengths`, `ref_logps` (when needed), `labels`, `example_mask`, `delta`
-    (BCO's running mean from `loss_state`), the data fields, and with a retain set (`retain=True`:
-    an SFT batch under "retain/<key>") `retain_logps` / `retain_lengths`, e.g. for NPO+GD: mix
-    (("npo", 1, {...}), ("sft", w, {}, {"policy_logps": "retain_logps", "lengths":
-    "retain_lengths"})).
+    `policy_logps`, `lengths`, `ref_logps` (when needed: one reference forward, or the batch's
+    cached `ref_logps` field when `fields` holds `SINGLE_CACHE_FIELDS`), `labels`,
+    `example_mask`, `delta` (BCO's running mean from `loss_state`), the data fields, and with a
+    retain set (`retain=True`: an SFT batch under "retain/<key>") `retain_logps` /
+    `retain_lengths`, e.g. for NPO+GD: mix (("npo", 1, {...}), ("sft", w, {}, {"policy_logps":
+    "retain_logps", "lengths": "retain_lengths"})).
 
     Metrics: `logps/policy` (mean sequence log-prob) and, with labels, the mean implicit reward
     s = logp - ref of desirable and undesirable responses as weighted sums to be divided
@@ -370,8 +448,14 @@ def unpaired_objective(
     `rewards/desirable`, `rewards/undesirable` and `rewards/gap`).
     """
     loss = as_loss(loss, loss_kwargs)
-    needs_ref = loss.needs_reference
     kl = kl_sequences_needed(loss)
+    cached = set(layout.SINGLE_CACHE_FIELDS) <= set(fields)
+    if cached and kl:
+        raise ValueError(
+            "cached reference log-probs (data.ref_logps) hold no KL sequences; "
+            f"{sorted(loss_inputs(loss))} needs the reference's mismatched-pair log-probs"
+        )
+    needs_ref = loss.needs_reference and not cached
     labelled = "labels" in loss_inputs(loss)
     impl = implementation
 
@@ -411,7 +495,7 @@ def unpaired_objective(
         per_example, metrics = loss(inputs)
         metrics = dict(metrics)
         metrics["logps/policy"] = inputs["policy_logps"]
-        if labelled and needs_ref:
+        if labelled and "ref_logps" in inputs:
             s = jax.lax.stop_gradient(inputs["policy_logps"] - inputs["ref_logps"])
             good = micro["labels"]
             metrics["rewards/desirable_sum"] = s * good

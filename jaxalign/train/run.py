@@ -222,8 +222,8 @@ def setup(config: ConfigDict, *, devices=None, read_files: bool = True, model_co
         )
     if config.data.ref_logps and not family.takes_ref_cache:
         raise ConfigError(
-            f'data.ref_logps: cached reference log-probs are for the paired trainer, not "'
-            f'{config.trainer}"'
+            f"data.ref_logps: cached reference log-probs are for the paired and unpaired "
+            f'trainers, not "{config.trainer}"'
         )
     where = config.model.init_from.partition(":")[2]
     if model_config is None and (read_files or not where or pathlib.Path(where).exists()):

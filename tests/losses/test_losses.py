@@ -597,14 +597,15 @@ def test_jit():
 
 
 def test_registry_names_and_signatures():
-    assert set(L.names()) == {name for name, _, _ in CASES}
+    # Losses of later catalog rows are tested in their own files (tests/losses/test_more_*.py).
+    assert {name for name, _, _ in CASES} <= set(L.names())
     assert L.get("dpo") is L.dpo
     assert L.required_inputs("dpo") == PAIR
     assert L.required_inputs("ipo") == PAIR + LENGTHS
     assert L.required_inputs("sft") == ("policy_logps", "lengths")
     assert "example_mask" in L.inputs("kto") and "example_mask" not in L.required_inputs("kto")
     assert L.hyperparameters("simpo")["beta"] == 2.0
-    reference_free = {n for n in L.names() if not L.needs_reference(n)}
+    reference_free = {n for n, _, _ in CASES if not L.needs_reference(n)}
     assert reference_free == {"simpo", "cpo", "orpo", "logo", "sft", "bradley_terry"}
 
 
