@@ -24,6 +24,7 @@ from jaxalign.data.pipeline import (
     default_length_buckets,
     make_pair_pipeline,
     make_prompt_pipeline,
+    make_ratings_pipeline,
     make_sft_pipeline,
     make_unpaired_pipeline,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "make_batches",
     "make_pair_pipeline",
     "make_prompt_pipeline",
+    "make_ratings_pipeline",
     "make_ref_join",
     "make_reward_augment",
     "make_sft_pipeline",

@@ -2,6 +2,7 @@
 
 - records "sft": `make_sft_pipeline` (SFT records; also NPO's forget set);
 - records "pair": `make_pair_pipeline`;
+- records "ratings": `make_ratings_pipeline` (`{prompt, response, ratings}`, k = spec.num_ratings);
 - records "unpaired": `make_unpaired_pipeline` (`{prompt, completion, label}`), with KTO's
   mismatched KL sequences when ``spec.kl_sequences``;
 - ``spec.retain``: an SFT file read alongside, a batch of the same size per step, its arrays under
@@ -16,6 +17,7 @@ from jaxalign.data.layout import RETAIN_PREFIX, BatchSpec
 from jaxalign.data.pipeline import (
     BatchIterator,
     make_pair_pipeline,
+    make_ratings_pipeline,
     make_sft_pipeline,
     make_unpaired_pipeline,
 )
@@ -71,6 +73,10 @@ def make_batches(
     elif spec.records == "unpaired":
         pipeline = make_unpaired_pipeline(
             path, tokenizer, extra_fields=extra_fields, kl_sequences=spec.kl_sequences, **options
+        )
+    elif spec.records == "ratings":
+        pipeline = make_ratings_pipeline(
+            path, tokenizer, num_ratings=spec.num_ratings, extra_fields=extra_fields, **options
         )
     else:
         pipeline = make_sft_pipeline(path, tokenizer, extra_fields=extra_fields, **options)

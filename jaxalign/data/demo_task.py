@@ -213,6 +213,36 @@ def _atomic_write(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+RATING_OBJECTIVES = ("helpfulness", "verbosity")
+
+
+def ratings_records(seed: int = 0, n: int = 1000) -> list[dict]:
+    """Rated responses for a multi-objective reward model (deterministic in `seed`, its own random
+    stream): ``{prompt, response, ratings: [helpfulness, verbosity]}``. The response is the right
+    answer or a near miss (helpfulness `judge` of its final number: 1.0 or 0.0) in one of three
+    styles of growing verbosity (0.0 "112", 0.5 "The answer is 112.", 1.0 "92 plus 20 is 112. The
+    answer is 112."). Training prompts only."""
+    rng = random.Random(f"ratings-{seed}")
+    probs = _all_problems()
+    records = []
+    for _ in range(n):
+        a, op, b = probs[rng.randrange(len(probs))]
+        prompt = make_prompt(a, op, b)
+        ans = solve(prompt)
+        good = rng.random() < 0.5
+        said = ans if good else near_miss(ans, rng)
+        style = rng.randrange(3)
+        response = (
+            str(said),
+            f"The answer is {said}.",
+            f"{a} {_WORDS[op][0]} {b} is {said}. The answer is {said}.",
+        )[style]
+        records.append(
+            {"prompt": prompt, "response": response, "ratings": [float(good), style / 2]}
+        )
+    return records
+
+
 def write_demo_data(out_dir: str, seed: int = 0, vocab_size: int = 256) -> dict[str, str]:
     """Write ``<split>.jsonl`` files, ``corpus.txt`` and ``tokenizer.model`` to `out_dir`.
 
@@ -220,7 +250,8 @@ def write_demo_data(out_dir: str, seed: int = 0, vocab_size: int = 256) -> dict[
     """
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
-    for split, recs in generate_demo_records(seed).items():
+    splits = generate_demo_records(seed) | {"ratings_train": ratings_records(seed)}
+    for split, recs in splits.items():
         path = os.path.join(out_dir, f"{split}.jsonl")
         _atomic_write(path, "".join(json.dumps(r) + "\n" for r in recs).encode())
         paths[split] = path

@@ -24,6 +24,7 @@ A training batch (one host's micro-batch):
     seq_index    int32   [R, T]  the sequence (0..B-1) a token belongs to, -1 = padding
     example_mask float32 [E]     1 for real examples, 0 for empty slots
     labels       float32 [E]     unpaired records only: 1.0 desirable, 0.0 undesirable
+    ratings      float32 [E, k]  ratings records only: the k ratings of each response
     <field>      float32 [E] or [E, M]   a numeric record field (`data.extra_fields`, or the
                                          reference cache's `CACHE_FIELDS`), 0 on empty slots
     retain/<key>          an SFT batch of the retain set, every key above under this prefix
@@ -64,6 +65,7 @@ PROMPT_FIELDS: dict[str, type] = {
 }
 EXAMPLE_MASK = "example_mask"
 LABELS = "labels"
+RATINGS = "ratings"
 RETAIN_PREFIX = "retain/"
 # Per-pair reference log-probs from `jaxalign cache-ref` (sums over the response, and over the
 # first min(|y_w|, |y_l|) response tokens for LD-DPO).
@@ -80,20 +82,23 @@ class BatchSpec:
     """What a family's batches hold beyond the row arrays.
 
     records: the record format they are read from ("sft" `{prompt, completion}` or messages,
-      "pair" `{prompt, chosen, rejected}`, "unpaired" `{prompt, completion, label}`), or
-      "rollout" (built from sampled completions, `jaxalign.rl.rollout`).
+      "pair" `{prompt, chosen, rejected}`, "unpaired" `{prompt, completion, label}`, "ratings"
+      `{prompt, response, ratings}`), or "rollout" (built from sampled completions,
+      `jaxalign.rl.rollout`).
     kl_sequences: unpaired batches also carry each example's mismatched KL sequence (KTO).
     fields: per-example float32 data fields beside `example_mask` (labels excluded: they follow
       from `records`), e.g. `data.extra_fields` and the cached reference log-probs.
     retain: an SFT batch of the retain set rides along under `RETAIN_PREFIX`.
     token_fields: float32 [R, T] fields aligned with the targets (rollout batches).
+    num_ratings: k, the ratings per example of "ratings" records.
     """
 
-    records: Literal["sft", "pair", "unpaired", "rollout"]
+    records: Literal["sft", "pair", "unpaired", "ratings", "rollout"]
     kl_sequences: bool = False
     fields: tuple[str, ...] = ()
     retain: bool = False
     token_fields: tuple[str, ...] = ()
+    num_ratings: int = 0
 
     @property
     def sequences_per_example(self) -> int:
@@ -147,6 +152,8 @@ def abstract(
     names = (EXAMPLE_MASK, *((LABELS,) if spec.records == "unpaired" else ()), *spec.fields)
     one |= {k: struct((examples,), np.float32) for k in names}
     one |= {k: struct((rows, T), np.float32) for k in spec.token_fields}
+    if spec.records == "ratings":
+        one[RATINGS] = struct((examples, spec.num_ratings), np.float32)
     if spec.retain:
         sft = abstract(
             BatchSpec("sft"),

@@ -54,7 +54,14 @@ from jaxalign.losses.registry import (
     needs_reference,
     required_inputs,
 )
-from jaxalign.losses.reward import bradley_terry, lsc_combine, lsc_transform
+from jaxalign.losses.reward import (
+    bradley_terry,
+    directional_reward,
+    lsc_combine,
+    lsc_transform,
+    multi_objective_mse,
+    unit_direction,
+)
 from jaxalign.losses.sft import sft
 from jaxalign.losses.unpaired import bco, kto, npo
 
@@ -75,6 +82,7 @@ __all__ = [
     "call",
     "clipped_policy_loss",
     "cpo",
+    "directional_reward",
     "discopop",
     "dpo",
     "exo_pair",
@@ -96,6 +104,7 @@ __all__ = [
     "mix",
     "mm_dpo",
     "modpo",
+    "multi_objective_mse",
     "names",
     "nca_pair",
     "needs_reference",
@@ -110,6 +119,7 @@ __all__ = [
     "simpo",
     "sppo_hard",
     "truncated_importance_weights",
+    "unit_direction",
     "value_loss",
     "wpo_weights",
 ]

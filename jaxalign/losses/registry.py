@@ -56,6 +56,7 @@ LOSSES: dict[str, LossFn] = {
     "npo": unpaired.npo,
     "sft": sft.sft,
     "bradley_terry": reward.bradley_terry,
+    "multi_objective_mse": reward.multi_objective_mse,
 }
 
 CHOSEN_SIDE: dict[str, str] = {

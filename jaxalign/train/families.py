@@ -8,6 +8,7 @@ cache. Nothing else chooses by the family's name.
 | `unpaired` | kto / bco / npo (+ retain)    | unpaired (kto, bco), |               | offline |
 |            |                               | sft (npo forget set) |               |         |
 | `reward`   | Bradley-Terry reward model    | pair                 | `reward_head` | offline |
+| `reward_multi` | k-objective MSE reward model | ratings          | `reward_head` | offline |
 | `ppo`      | clipped PG + value loss, GAE  | prompts              | `value_head`  | online  |
 | `grpo`     | clipped PG, group advantages  | prompts              |               | online  |
 | `rloo`     | clipped PG, leave-one-out     | prompts              |               | online  |
@@ -47,7 +48,8 @@ class Family:
     objective: (config, model_config, mesh) -> Objective (its `batch` is the batch spec).
     batches: (run, path, *, train) -> the batch iterator of one split (prompt batches for the
       online families).
-    head: the name of a scalar head in the params tree (`jaxalign.models.heads`), or None.
+    head: the name of a head in the params tree (`jaxalign.models.heads`), or None.
+    head_outputs: (config) -> k, the head's outputs (1 when None).
     takes_ref_cache: `data.ref_logps` (`jaxalign cache-ref`) applies.
     loop: which loop runs it ("offline": one batch, one update; "online": sample, score,
       update, `jaxalign.train.online`).
@@ -58,6 +60,7 @@ class Family:
     objective: Callable[..., Objective]
     batches: Callable
     head: str | None = None
+    head_outputs: Callable[[ConfigDict], int] | None = None
     takes_ref_cache: bool = False
     loop: str = "offline"
     to_batch: Callable | None = None
@@ -171,7 +174,26 @@ def unpaired(config: ConfigDict, model_config, mesh) -> Objective:
 
 def reward_model(config: ConfigDict, model_config, mesh) -> Objective:
     del mesh  # the reward head reads hidden states; no log-prob kernel
+    if config.reward.num_objectives != 1:
+        raise ConfigError(
+            f"reward.num_objectives={config.reward.num_objectives}: trainer reward trains a "
+            "Bradley-Terry scalar reward on pairs; a k-objective model is trainer reward_multi"
+        )
     return _with_loss(reward.reward_objective, config, model_config)
+
+
+def num_objectives(config: ConfigDict) -> int:
+    k = config.reward.num_objectives
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"reward.num_objectives={k!r}: expected an int >= 1")
+    return k
+
+
+def reward_multi(config: ConfigDict, model_config, mesh) -> Objective:
+    del mesh  # the reward head reads hidden states; no log-prob kernel
+    return _with_loss(
+        reward.ratings_objective, config, model_config, num_ratings=num_objectives(config)
+    )
 
 
 def offline_batches(run, path: str, *, train: bool):
@@ -299,6 +321,9 @@ FAMILIES: dict[str, Family] = {
     "paired": Family(paired, offline_batches, takes_ref_cache=True),
     "unpaired": Family(unpaired, offline_batches),
     "reward": Family(reward_model, offline_batches, head=heads.REWARD_HEAD),
+    "reward_multi": Family(
+        reward_multi, offline_batches, head=heads.REWARD_HEAD, head_outputs=num_objectives
+    ),
     "ppo": _online(
         _policy(kl_in_loss=False, value_head=True, family="ppo"), None, head=heads.VALUE_HEAD
     ),

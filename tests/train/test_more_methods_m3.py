@@ -1,0 +1,121 @@
+"""Multi-objective reward models and directions (DPA, Wang et al. 2024) through the trainer: the
+tiny reward_multi config trains, checkpoints a k-output head and scores v . r; bad ratings records
+and bad config keys are one-line errors."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from jaxalign import models
+from jaxalign.config import apply_overrides, load_config
+from jaxalign.data import load_tokenizer, make_ratings_pipeline
+from jaxalign.errors import ConfigError, DataError
+from jaxalign.models import heads
+from jaxalign.train import reward, setup, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TOKENIZER = str(ROOT / "data/demo/tokenizer.model")
+RATINGS = str(ROOT / "data/demo/ratings_train.jsonl")
+
+
+def _config(name, *overrides):
+    return apply_overrides(load_config(f"{ROOT / 'configs' / name}:smoke=True"), list(overrides))
+
+
+@pytest.fixture(scope="module")
+def morm_dir(tmp_path_factory):
+    """The tiny multi-objective reward model, 2 steps, no evaluation."""
+    workdir = tmp_path_factory.mktemp("morm")
+    config = _config(
+        "reward/multi_objective_tiny.py",
+        "steps=2",
+        "log_every=1",
+        "data.eval=",
+        "checkpoint.every=2",
+        f"data.train={RATINGS}",
+    )
+    train(config, workdir)
+    return workdir
+
+
+def test_multi_objective_reward_model_trains_and_checkpoints_a_k_output_head(morm_dir):
+    records = [json.loads(x) for x in (morm_dir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train_records] == [1, 2]
+    for r in train_records:
+        assert np.isfinite(r["loss"])
+        assert {"rewards/mse_0", "rewards/mse_1", "rewards/mae"} <= set(r)
+    # Zero head at step 0: the loss is the mean square of the ratings of the first batch.
+    assert train_records[0]["loss"] > 0.05
+    assert (morm_dir / "checkpoints" / "2").is_dir()
+    model_config, params = reward.load_reward_model(morm_dir)
+    assert params[heads.REWARD_HEAD]["kernel"].shape == (model_config.d_model, 2)
+    assert np.abs(np.asarray(params[heads.REWARD_HEAD]["kernel"])).sum() > 0
+
+
+def test_scores_are_the_head_on_the_last_token_and_direction_dots_them(morm_dir):
+    model_config, params = reward.load_reward_model(morm_dir)
+    tok = load_tokenizer(TOKENIZER)
+    pipe = make_ratings_pipeline(
+        RATINGS,
+        tok,
+        num_ratings=2,
+        batch_size=4,
+        max_len=48,
+        max_prompt_len=32,
+        shuffle=False,
+        num_epochs=1,
+    )
+    batch = next(pipe)
+    assert batch["ratings"].shape == (4, 2)
+    first = json.loads(pathlib.Path(RATINGS).read_text().splitlines()[0])
+    np.testing.assert_array_equal(batch["ratings"][0], first["ratings"])
+    r = np.asarray(reward.score(model_config, params, batch))
+    assert r.shape == (4, 2)
+    # Sequence 0 alone, by hand: the head on the hidden state of its last real position.
+    n = int((batch["segment_ids"][0] > 0).sum())
+    decoder = heads.decoder_params(params)
+    hidden = models.forward(
+        model_config, decoder, batch["tokens"][:1, :n], batch["positions"][:1, :n]
+    )
+    head = jax.device_get(params[heads.REWARD_HEAD])
+    want = np.asarray(hidden[0, n - 1], np.float64) @ head["kernel"] + head["bias"]
+    np.testing.assert_allclose(r[0], want, rtol=1e-4, atol=1e-5)
+    v = np.array([0.6, 0.8])
+    rv = np.asarray(reward.score(model_config, params, batch, direction=v))
+    np.testing.assert_allclose(rv, r @ v, rtol=1e-5, atol=1e-6)
+
+
+def _write(tmp_path, records):
+    path = tmp_path / "ratings.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("ratings", "match"),
+    [
+        ([1.0], r'line 2: field "ratings" has 1 values \(expected a list of 2 finite numbers\)'),
+        ([1.0, "high"], r"line 2: field \"ratings\" holds 'high'"),
+        ([1.0, True], r'line 2: field "ratings" holds True'),
+        ("1, 2", r'line 2: field "ratings" has type str'),
+    ],
+)
+def test_a_bad_ratings_record_is_a_data_error_naming_file_and_line(tmp_path, ratings, match):
+    good = {"prompt": "What is 1+1?", "response": "2", "ratings": [1.0, 0.0]}
+    path = _write(tmp_path, [good, good | {"ratings": ratings}])
+    with pytest.raises(DataError, match=match) as e:
+        make_ratings_pipeline(path, TOKENIZER, num_ratings=2, batch_size=2, max_len=32)
+    assert "ratings.jsonl" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_config_keys_are_config_errors():
+    with pytest.raises(ConfigError, match="reward.num_objectives=0: expected an int >= 1"):
+        setup(_config("reward/multi_objective_tiny.py", "reward.num_objectives=0"))
+    with pytest.raises(ConfigError, match="reward.num_objectives=2: trainer reward trains"):
+        setup(_config("reward/tiny.py", "reward.num_objectives=2"))
+    with pytest.raises(ConfigError, match='unknown key "reward.num_objective"'):
+        _config("reward/multi_objective_tiny.py", "reward.num_objective=2")
