@@ -78,6 +78,13 @@ def base_config() -> ConfigDict:
     c.data.extra_fields = ()
     # The loss mask covers the prompt tokens too (joint preference, DOVE / JPO joint=True).
     c.data.train_on_prompt = False
+    # Direction-conditioned data (DPA, jaxalign.data.transforms.direction_system): names of the k
+    # objectives, e.g. ("helpfulness", "verbosity"); when set, each record's "direction" field
+    # (k numbers, normalised) is written into its system message with this template.
+    c.data.direction_objectives = ()
+    c.data.direction_template = (
+        "You are a helpful assistant. Your response should maximize weighted rating = {weighted}"
+    )
     # Cached reference log-probs (`jaxalign cache-ref`, a JSONL file; "" = compute them): the
     # dpo trainer then runs no reference forward and holds no reference weights.
     c.data.ref_logps = ""

@@ -6,7 +6,7 @@ ratings [helpfulness, verbosity] (`data/demo/ratings_train.jsonl`, records
 squared errors of the two objectives on the first batches of
 the training file (the demo has no held-out ratings). Score with a direction v:
 `jaxalign.train.reward.score(..., direction=v)` (r_v = v . r), or as the reward of the rft trainer
-(`rl.reward_model`, `rl.reward_direction`, configs/rft/directional_tiny.py).
+(`rl.reward_model`, `rl.reward_direction`, configs/dpa/rft_tiny.py).
 
     jaxalign train --config configs/reward/multi_objective_tiny.py --workdir runs/morm-tiny
     jaxalign train --config configs/reward/multi_objective_tiny.py:smoke=True --workdir /tmp/morm

@@ -37,7 +37,12 @@ from jaxalign.data.ref_cache import (
 from jaxalign.data.sources import JsonlSource, RowSource, ShardedSource, open_source
 from jaxalign.data.templates import TEMPLATES, Template, get_template, load_chat_template
 from jaxalign.data.tokenizers import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
-from jaxalign.data.transforms import make_reward_augment, reward_augment
+from jaxalign.data.transforms import (
+    direction_system,
+    make_direction_system,
+    make_reward_augment,
+    reward_augment,
+)
 
 __all__ = [
     "CACHE_FIELDS",
@@ -62,7 +67,9 @@ __all__ = [
     "load_chat_template",
     "load_ref_cache",
     "load_tokenizer",
+    "direction_system",
     "make_batches",
+    "make_direction_system",
     "make_pair_pipeline",
     "make_prompt_pipeline",
     "make_ratings_pipeline",

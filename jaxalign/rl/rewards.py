@@ -436,13 +436,35 @@ def _reward_model_scores(model_config, params, rows):
     T = rows["segment_ids"].shape[1]
     last = T - 1 - jnp.argmax(rows["segment_ids"][:, ::-1] > 0, axis=1)
     h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    return heads.apply_scalar_head(params[heads.REWARD_HEAD], h)
+    return heads.apply_head(params[heads.REWARD_HEAD], h)
 
 
-def reward_model_scores(model_config, params, rows) -> HostSeq:
+def check_direction(params, direction) -> None:
+    """A direction fits the reward model: k numbers for a k-output head, none for one output;
+    ConfigError otherwise."""
+    k = heads.head_outputs(params[heads.REWARD_HEAD])
+    if direction is None and k != 1:
+        raise ConfigError(
+            f"the reward model has {k} objectives: rl.reward_direction must give {k} numbers"
+        )
+    if direction is not None and len(direction) != k:
+        raise ConfigError(
+            f"rl.reward_direction {tuple(direction)} has {len(direction)} numbers; the reward "
+            f"model has {k} objectives"
+        )
+
+
+def reward_model_scores(model_config, params, rows, direction=None) -> HostSeq:
     """A reward model's score of each rollout row (`jaxalign.rl.rollout.rollout_rows`): its head
     on the hidden state of the row's last real input, whose target is the completion's last token
     (the EOS for a completion that stopped), as the reward trainer scores a sequence. float32
-    [R], on the host."""
+    [R], on the host.
+
+    A multi-objective model (k outputs, trainer reward_multi) needs the user's `direction` v
+    (unit length, `jaxalign.losses.unit_direction`) and scores r_v = v . r (Wang et al., 2024,
+    DPA); a one-output model takes none. Anything else is a ConfigError."""
+    check_direction(params, direction)
     arrays = {k: rows[k] for k in ("tokens", "positions", "segment_ids")}
-    return np.asarray(_reward_model_scores(model_config, params, arrays), np.float32)
+    r = np.asarray(_reward_model_scores(model_config, params, arrays), np.float64)
+    scores = r[:, 0] if direction is None else r @ np.asarray(direction, np.float64)
+    return scores.astype(np.float32)

@@ -32,7 +32,13 @@ import jax
 from ml_collections import ConfigDict
 
 from jaxalign import losses
-from jaxalign.data import layout, make_batches, make_prompt_pipeline, make_ref_join
+from jaxalign.data import (
+    layout,
+    make_batches,
+    make_direction_system,
+    make_prompt_pipeline,
+    make_ref_join,
+)
 from jaxalign.errors import ConfigError
 from jaxalign.losses import policy as policy_losses
 from jaxalign.models import heads
@@ -196,6 +202,23 @@ def reward_multi(config: ConfigDict, model_config, mesh) -> Objective:
     )
 
 
+def record_transforms(config: ConfigDict) -> tuple:
+    """The configured record transforms: DPA's direction system message when
+    `data.direction_objectives` is set (`jaxalign.data.transforms.direction_system`)."""
+    data = config.data
+    if not data.direction_objectives:
+        return ()
+    if "{weighted}" not in data.direction_template:
+        raise ConfigError(
+            f"data.direction_template {data.direction_template!r} has no {{weighted}} field"
+        )
+    return (
+        make_direction_system(
+            objectives=tuple(data.direction_objectives), template=data.direction_template
+        ),
+    )
+
+
 def offline_batches(run, path: str, *, train: bool):
     """Batches of the objective's spec from `path` (`jaxalign.data.make_batches`): each host reads
     its share of every micro-batch of the global `data.batch_size`; the reference-cache join when
@@ -203,7 +226,7 @@ def offline_batches(run, path: str, *, train: bool):
     config = run.config
     data = config.data
     spec = run.objective.batch
-    transforms = (ref_join(config),) if data.ref_logps else ()
+    transforms = record_transforms(config) + ((ref_join(config),) if data.ref_logps else ())
     return make_batches(
         spec,
         path,
@@ -241,6 +264,7 @@ def prompt_batches(run, path: str, *, train: bool):
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         num_epochs=None if train else 1,
+        transforms=record_transforms(run.config),
     )
 
 

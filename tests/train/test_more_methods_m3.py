@@ -1,6 +1,7 @@
-"""Multi-objective reward models and directions (DPA, Wang et al. 2024) through the trainer: the
-tiny reward_multi config trains, checkpoints a k-output head and scores v . r; bad ratings records
-and bad config keys are one-line errors."""
+"""Multi-objective reward models and directions (DPA, Wang et al. 2024) through the trainers: the
+tiny reward_multi config trains, checkpoints a k-output head and scores v . r (offline and on
+rollout rows, as the rft trainer's reward); direction-conditioned SFT writes each record's
+direction into its system message; bad records and config keys are one-line errors."""
 
 import json
 import pathlib
@@ -9,12 +10,20 @@ import jax
 import numpy as np
 import pytest
 
+import jaxalign.losses as L
 from jaxalign import models
 from jaxalign.config import apply_overrides, load_config
-from jaxalign.data import load_tokenizer, make_ratings_pipeline
+from jaxalign.data import (
+    direction_system,
+    load_tokenizer,
+    make_direction_system,
+    make_ratings_pipeline,
+    make_sft_pipeline,
+)
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.models import heads
-from jaxalign.train import reward, setup, train
+from jaxalign.rl import rewards as rl_rewards
+from jaxalign.train import families, reward, setup, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TOKENIZER = str(ROOT / "data/demo/tokenizer.model")
@@ -119,3 +128,91 @@ def test_bad_config_keys_are_config_errors():
         setup(_config("reward/tiny.py", "reward.num_objectives=2"))
     with pytest.raises(ConfigError, match='unknown key "reward.num_objective"'):
         _config("reward/multi_objective_tiny.py", "reward.num_objective=2")
+
+
+def test_reward_model_scores_of_rollout_rows_follow_the_direction(morm_dir):
+    """The online scorer's reward-model path: r_v = v . r of each row, r the k = 2 head outputs
+    on the row's last real position; a missing or wrong-length direction is a ConfigError."""
+    model_config, params = reward.load_reward_model(morm_dir)
+    tok = load_tokenizer(TOKENIZER)
+    batch = next(
+        make_ratings_pipeline(
+            RATINGS, tok, num_ratings=2, batch_size=4, max_len=48, shuffle=False, num_epochs=1
+        )
+    )
+    r = np.asarray(reward.score(model_config, params, batch), np.float64)
+    v = L.unit_direction([1.0, 0.5])
+    got = rl_rewards.reward_model_scores(model_config, params, batch, v)
+    np.testing.assert_allclose(got, r @ np.array(v), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="has 2 objectives: rl.reward_direction must give 2"):
+        rl_rewards.reward_model_scores(model_config, params, batch)
+    with pytest.raises(ConfigError, match=r"has 3 numbers; the reward model has 2 objectives"):
+        rl_rewards.reward_model_scores(model_config, params, batch, (1.0, 0.0, 0.0))
+
+
+@pytest.mark.slow  # ~1 min on 2 loaded cores; fast sibling: the test above (the same scoring)
+def test_directional_rejection_sampling_runs_with_the_multi_objective_model(morm_dir, tmp_path):
+    config = _config(
+        "dpa/rft_tiny.py",
+        "steps=2",
+        "data.batch_size=8",
+        f"rl.reward_model={morm_dir}",
+        "checkpoint.every=2",
+    )
+    train(config, tmp_path)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["split"] == "train"]
+    assert train_records and all(np.isfinite(r["loss"]) for r in train_records)
+    assert all("rewards/reward_model" in r for r in train_records)
+    assert (tmp_path / "checkpoints" / "2").is_dir()
+
+
+def test_direction_system_message_renders_the_normalised_direction():
+    rec = {"prompt": "What is 1+1?", "completion": "2", "direction": [3, 4], "system": "Be kind."}
+    (out,) = direction_system(rec, objectives=("helpfulness", "verbosity"))
+    assert out["system"] == (
+        "Be kind.\n\nYou are a helpful assistant. Your response should maximize weighted rating "
+        "= helpfulness*0.6 + verbosity*0.8"
+    )
+    assert "direction" not in out
+    (custom,) = direction_system(
+        rec | {"system": None}, objectives=("a", "b"), template="Maximise {weighted}."
+    )
+    assert custom["system"] == "Maximise a*0.6 + b*0.8."
+
+
+@pytest.mark.parametrize(
+    ("direction", "match"),
+    [
+        ([0, 0], r'line 1: field "direction" is zero'),
+        ([1.0], r'line 1: field "direction" is \[1.0\]'),
+        (None, r'line 1: field "direction" is missing'),
+    ],
+)
+def test_a_bad_direction_is_a_data_error_naming_file_and_line(tmp_path, direction, match):
+    rec = {"prompt": "What is 1+1?", "completion": "2"}
+    if direction is not None:
+        rec["direction"] = direction
+    path = _write(tmp_path, [rec])
+    transform = make_direction_system(objectives=("helpfulness", "verbosity"))
+    with pytest.raises(DataError, match=match):
+        make_sft_pipeline(path, TOKENIZER, batch_size=1, max_len=128, transforms=(transform,))
+
+
+def test_direction_conditioned_sft_runs_on_prompts_that_carry_the_direction(tmp_path):
+    config = _config("dpa/sft_tiny.py", "steps=2", "checkpoint.every=2")
+    run = setup(config)
+    batch = next(families.offline_batches(run, config.data.train, train=False))
+    first = json.loads((ROOT / config.data.train).read_text().splitlines()[0])
+    v = np.array(first["direction"]) / np.linalg.norm(first["direction"])
+    weights = f"helpfulness*{v[0]:.4g} + verbosity*{v[1]:.4g}"
+    tok = load_tokenizer(TOKENIZER)
+    # The first sequence's prompt tokens (loss mask off) end with the encoded system + prompt.
+    n_prompt = int(np.argmax(batch["loss_mask"][0] > 0)) + 1
+    want = tok.encode(f"{weights}\n\n{first['prompt']}\n")
+    got = [int(t) for t in batch["tokens"][0, :n_prompt]]
+    assert any(got[i : i + len(want)] == want for i in range(len(got))), (got, want)
+    train(config, tmp_path)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in records if r["split"] == "train")
+    assert (tmp_path / "checkpoints" / "2").is_dir()
