@@ -20,6 +20,7 @@ pure JAX and jittable. ``reward_model_scores`` scores rollout rows with a traine
 (a decoder with ``params["reward_head"]``, `jaxalign.models.heads`).
 """
 
+import collections
 import dataclasses
 import difflib
 import functools
@@ -103,6 +104,36 @@ def exact_match(field: str = "answer") -> RewardFn:
     return reward
 
 
+_WORD = re.compile(r"\w+")
+
+
+def r3_reward() -> RewardFn:
+    """R3 preference-free reward (METHODS.md section 4, catalog P2):
+
+    r = L / 100 * relevance(x, y) * unique_trigrams(y),
+
+    on the lower-cased words (``\\w+`` runs) of the prompt x (``record["prompt"]``, a string)
+    and completion y. L = the number of words of y; relevance = the cosine between the
+    bag-of-words count vectors of x and y (0 when either has no words); unique_trigrams = distinct
+    word trigrams of y / all its word trigrams (1 when y has fewer than 3 words: nothing can
+    repeat). The published relevance term is unverified; jaxalign picks this self-contained form
+    (no embedding model) and pins it in tests. Rewards long, on-topic, non-repetitive answers.
+    """
+
+    def reward(record: Mapping[str, Any], completion: str) -> float:
+        x = _WORD.findall(str(record["prompt"]).lower())
+        y = _WORD.findall(completion.lower())
+        cx, cy = collections.Counter(x), collections.Counter(y)
+        dot = sum(n * cy[w] for w, n in cx.items())
+        norms = math.sqrt(sum(n * n for n in cx.values()) * sum(n * n for n in cy.values()))
+        relevance = dot / norms if norms else 0.0
+        trigrams = list(zip(y, y[1:], y[2:]))
+        unique = len(set(trigrams)) / len(trigrams) if trigrams else 1.0
+        return len(y) / 100 * relevance * unique
+
+    return reward
+
+
 def _demo_judge_factory() -> RewardFn:
     return demo_judge
 
@@ -112,6 +143,7 @@ RULE_REWARDS: dict[str, Callable[..., RewardFn]] = {
     "format": format_reward,
     "length": length_reward,
     "exact_match": exact_match,
+    "r3": r3_reward,
 }
 
 
@@ -413,6 +445,7 @@ __all__ = [
     "lsc_combine",
     "lsc_transform",
     "overlong_penalty",
+    "r3_reward",
     "rewards_from_config",
     "scale_rewards",
     "score_rule_rewards",
