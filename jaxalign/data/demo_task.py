@@ -267,7 +267,9 @@ def directional_sft_records(seed: int = 0, n: int = 1000) -> list[dict]:
         ans = solve(make_prompt(a, op, b))
         angle = rng.uniform(0.0, math.pi / 2)
         v = [round(math.cos(angle), 3), round(math.sin(angle), 3)]
-        scores = [sum(x * y for x, y in zip(v, _ratings(True, s / 2))) for s in range(3)]
+        scores = [
+            sum(x * y for x, y in zip(v, _ratings(True, s / 2), strict=True)) for s in range(3)
+        ]
         best = max(range(3), key=scores.__getitem__)
         completion = _styles(a, op, b, ans)[best]
         records.append({"prompt": make_prompt(a, op, b), "completion": completion, "direction": v})

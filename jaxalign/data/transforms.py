@@ -89,7 +89,9 @@ def direction_system(
         raise RecordError(field, "is missing", expected)
     if not isinstance(v, list) or len(v) != len(objectives):
         raise RecordError(field, f"is {v!r}", expected)
-    if any(isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) for x in v):
+    if any(
+        isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) for x in v
+    ):
         raise RecordError(field, f"is {v!r}", expected)
     norm = math.sqrt(sum(x * x for x in v))
     if norm == 0.0:

@@ -78,7 +78,7 @@ def multi_objective_mse(
 
 
 def directional_reward(
-    rewards: Float[Array, "*B k"], direction: Float[Array, "k"]
+    rewards: Float[Array, "*B k"], direction: Float[Array, " k"]
 ) -> Float[Array, "*B"]:
     """Directional preference (Wang et al., 2024): the user's direction v (a unit vector in the
     space of the k objectives) turns the multi-objective reward into the scalar r_v = v . r(x, y).
@@ -91,7 +91,9 @@ def unit_direction(direction) -> tuple[float, ...]:
     not finite."""
     v = np.asarray(direction, np.float64)
     if v.ndim != 1 or v.size == 0 or not np.all(np.isfinite(v)):
-        raise ValueError(f"direction {tuple(direction)!r} is not a non-empty list of finite numbers")
+        raise ValueError(
+            f"direction {tuple(direction)!r} is not a non-empty list of finite numbers"
+        )
     norm = float(np.linalg.norm(v))
     if norm == 0.0:
         raise ValueError(f"direction {tuple(direction)!r} is zero: it points nowhere")

@@ -127,7 +127,7 @@ def r3_reward() -> RewardFn:
         dot = sum(n * cy[w] for w, n in cx.items())
         norms = math.sqrt(sum(n * n for n in cx.values()) * sum(n * n for n in cy.values()))
         relevance = dot / norms if norms else 0.0
-        trigrams = list(zip(y, y[1:], y[2:]))
+        trigrams = list(zip(y, y[1:], y[2:], strict=False))
         unique = len(set(trigrams)) / len(trigrams) if trigrams else 1.0
         return len(y) / 100 * relevance * unique
 

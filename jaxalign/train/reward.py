@@ -135,7 +135,6 @@ def load_reward_model(workdir: str | pathlib.Path):
     """(model_config, params with "reward_head") from the latest checkpoint of a reward run; the
     head has the run's `reward.num_objectives` outputs (1 for a Bradley-Terry run)."""
     from jaxalign.checkpoint.convert import load_model_params, read_model_config
-
     from jaxalign.train.workdir import read_config
 
     recorded = read_config(workdir) or {}

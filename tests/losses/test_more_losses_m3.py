@@ -19,7 +19,10 @@ def np_multi_objective_mse(rewards, ratings):
     """(1/k) sum_j (r_j - s_j)^2 per example."""
     k = rewards.shape[1]
     return np.array(
-        [sum((r[j] - s[j]) ** 2 for j in range(k)) / k for r, s in zip(rewards, ratings)]
+        [
+            sum((r[j] - s[j]) ** 2 for j in range(k)) / k
+            for r, s in zip(rewards, ratings, strict=True)
+        ]
     )
 
 

@@ -25,7 +25,7 @@ def ref_r3(prompt, completion):
     vx = [x.count(w) for w in vocab]
     vy = [y.count(w) for w in vocab]
     nx, ny = math.sqrt(sum(a * a for a in vx)), math.sqrt(sum(b * b for b in vy))
-    rel = sum(a * b for a, b in zip(vx, vy)) / (nx * ny) if nx and ny else 0.0
+    rel = sum(a * b for a, b in zip(vx, vy, strict=True)) / (nx * ny) if nx and ny else 0.0
     tri = [tuple(y[i : i + 3]) for i in range(len(y) - 2)]
     uniq = len(set(tri)) / len(tri) if tri else 1.0
     return len(y) / 100 * rel * uniq

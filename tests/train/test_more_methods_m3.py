@@ -203,15 +203,15 @@ def test_direction_conditioned_sft_runs_on_prompts_that_carry_the_direction(tmp_
     config = _config("dpa/sft_tiny.py", "steps=2", "checkpoint.every=2")
     run = setup(config)
     batch = next(families.offline_batches(run, config.data.train, train=False))
-    first = json.loads((ROOT / config.data.train).read_text().splitlines()[0])
-    v = np.array(first["direction"]) / np.linalg.norm(first["direction"])
-    weights = f"helpfulness*{v[0]:.4g} + verbosity*{v[1]:.4g}"
     tok = load_tokenizer(TOKENIZER)
-    # The first sequence's prompt tokens (loss mask off) end with the encoded system + prompt.
+    # The first sequence's prompt tokens (loss mask off), decoded: the demo tokenizer has no
+    # pieces for "*" (unknown tokens), the names and the normalised components survive.
     n_prompt = int(np.argmax(batch["loss_mask"][0] > 0)) + 1
-    want = tok.encode(f"{weights}\n\n{first['prompt']}\n")
-    got = [int(t) for t in batch["tokens"][0, :n_prompt]]
-    assert any(got[i : i + len(want)] == want for i in range(len(got))), (got, want)
+    text = tok.decode([int(t) for t in batch["tokens"][0, :n_prompt]])
+    lines = (ROOT / config.data.train).read_text().splitlines()
+    first = next(r for r in map(json.loads, lines) if text.rstrip().endswith(r["prompt"]))
+    v = np.array(first["direction"]) / np.linalg.norm(first["direction"])
+    assert f"helpfulness ⁇ {v[0]:.4g} + verbosity ⁇ {v[1]:.4g}" in text, text
     train(config, tmp_path)
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in records if r["split"] == "train")
