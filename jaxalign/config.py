@@ -22,7 +22,8 @@ def base_config() -> ConfigDict:
     c = ConfigDict()
     # The trainer family (jaxalign.train.families): sft | paired (any paired loss or mix, pair
     # data; "dpo" is an alias) | unpaired (kto, bco, npo: {prompt, completion, label} or
-    # forget-set SFT records) | reward (scalar-head reward model, Bradley-Terry on pairs)
+    # forget-set SFT records) | reward (scalar-head reward model, Bradley-Terry on pairs) |
+    # reward_multi (k-output reward model regressed on rated responses)
     c.trainer = "paired"
     c.seed = 0  # parameter init and any sampling
     c.steps = 1000  # optimizer updates
@@ -80,6 +81,13 @@ def base_config() -> ConfigDict:
     c.data.num_samples = 2
     # The loss mask covers the prompt tokens too (joint preference, DOVE / JPO joint=True).
     c.data.train_on_prompt = False
+    # Direction-conditioned data (DPA, jaxalign.data.transforms.direction_system): names of the k
+    # objectives, e.g. ("helpfulness", "verbosity"); when set, each record's "direction" field
+    # (k numbers, normalised) is written into its system message with this template.
+    c.data.direction_objectives = ()
+    c.data.direction_template = (
+        "You are a helpful assistant. Your response should maximize weighted rating = {weighted}"
+    )
     # Cached reference log-probs (`jaxalign cache-ref`, a JSONL file; "" = compute them): the
     # dpo trainer then runs no reference forward and holds no reference weights.
     c.data.ref_logps = ""
@@ -144,6 +152,12 @@ def base_config() -> ConfigDict:
     c.metrics.wandb.name = ""  # run name ("" = the workdir's name)
     c.metrics.wandb.mode = ""  # online | offline | disabled ("" = $WANDB_MODE, else online)
 
+    # Multi-objective reward model (trainer reward_multi; Wang et al. 2024, DPA): records
+    # {"prompt", "response", "ratings": [k numbers]} regressed by a k-output reward head. The
+    # Bradley-Terry trainer "reward" has one output.
+    c.reward = ConfigDict()
+    c.reward.num_objectives = 1  # k
+
     # Online RL (trainers ppo, grpo, rloo, reinforce_pp, online_dpo, rft). data.train holds prompt
     # records ({"prompt": ..., more fields the rewards read, e.g. "answer"}); data.batch_size is
     # the prompts per step (global), each sampled rl.group_size times; data.eval's prompts are
@@ -162,6 +176,9 @@ def base_config() -> ConfigDict:
     c.rl.rewards = (("demo_judge", 1.0),)
     c.rl.reward_model = ""  # workdir of a reward-trainer run: its score is added to the rewards
     c.rl.reward_model_weight = 1.0
+    # A multi-objective reward model (k outputs) scores r_v = v . r: the user's direction v, k
+    # numbers, normalised to unit length (DPA). () for a one-output reward model.
+    c.rl.reward_direction = ()
     c.rl.reward_scale = False  # divide rewards by their running std (PPO-max)
     c.rl.reward_clip = 0.0  # then clip them to [-c, c] (0 = off)
     c.rl.overlong_buffer = 0  # DAPO soft overlong penalty over the last N new tokens (0 = off)

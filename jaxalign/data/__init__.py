@@ -26,6 +26,7 @@ from jaxalign.data.pipeline import (
     make_negatives_pipeline,
     make_pair_pipeline,
     make_prompt_pipeline,
+    make_ratings_pipeline,
     make_sft_pipeline,
     make_unpaired_pipeline,
 )
@@ -38,7 +39,12 @@ from jaxalign.data.ref_cache import (
 from jaxalign.data.sources import JsonlSource, RowSource, ShardedSource, open_source
 from jaxalign.data.templates import TEMPLATES, Template, get_template, load_chat_template
 from jaxalign.data.tokenizers import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
-from jaxalign.data.transforms import make_reward_augment, reward_augment
+from jaxalign.data.transforms import (
+    direction_system,
+    make_direction_system,
+    make_reward_augment,
+    reward_augment,
+)
 
 __all__ = [
     "CACHE_FIELDS",
@@ -63,10 +69,13 @@ __all__ = [
     "load_chat_template",
     "load_ref_cache",
     "load_tokenizer",
+    "direction_system",
     "make_batches",
     "make_negatives_pipeline",
+    "make_direction_system",
     "make_pair_pipeline",
     "make_prompt_pipeline",
+    "make_ratings_pipeline",
     "make_ref_join",
     "make_reward_augment",
     "make_sft_pipeline",

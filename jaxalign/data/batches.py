@@ -3,6 +3,7 @@
 - records "sft": `make_sft_pipeline` (SFT records; also NPO's forget set);
 - records "pair": `make_pair_pipeline`;
 - records "negatives": `make_negatives_pipeline` (D2O, `{prompt, rejected, samples}`);
+- records "ratings": `make_ratings_pipeline` (`{prompt, response, ratings}`, k = spec.num_ratings);
 - records "unpaired": `make_unpaired_pipeline` (`{prompt, completion, label}`), with KTO's
   mismatched KL sequences when ``spec.kl_sequences``;
 - ``spec.retain``: an SFT file read alongside, a batch of the same size per step, its arrays under
@@ -18,6 +19,7 @@ from jaxalign.data.pipeline import (
     BatchIterator,
     make_negatives_pipeline,
     make_pair_pipeline,
+    make_ratings_pipeline,
     make_sft_pipeline,
     make_unpaired_pipeline,
 )
@@ -77,6 +79,10 @@ def make_batches(
     elif spec.records == "unpaired":
         pipeline = make_unpaired_pipeline(
             path, tokenizer, extra_fields=extra_fields, kl_sequences=spec.kl_sequences, **options
+        )
+    elif spec.records == "ratings":
+        pipeline = make_ratings_pipeline(
+            path, tokenizer, num_ratings=spec.num_ratings, extra_fields=extra_fields, **options
         )
     else:
         pipeline = make_sft_pipeline(path, tokenizer, extra_fields=extra_fields, **options)

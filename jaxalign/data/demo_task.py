@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 import re
@@ -213,6 +214,68 @@ def _atomic_write(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+RATING_OBJECTIVES = ("helpfulness", "verbosity")
+
+
+def _ratings(good: bool, verbosity: float) -> list[float]:
+    return [(1.0 - verbosity / 2) if good else 0.0, verbosity]
+
+
+def _styles(a: int, op: str, b: int, said: int) -> tuple[str, str, str]:
+    """A response in three styles of verbosity 0, 0.5 and 1."""
+    return (
+        str(said),
+        f"The answer is {said}.",
+        f"{a} {_WORDS[op][0]} {b} is {said}. The answer is {said}.",
+    )
+
+
+def ratings_records(seed: int = 0, n: int = 1000) -> list[dict]:
+    """Rated responses for a multi-objective reward model (deterministic in `seed`, its own random
+    stream): ``{prompt, response, ratings: [helpfulness, verbosity]}``. The response is the right
+    answer or a near miss in one of three styles of growing verbosity s (0.0 "112", 0.5 "The
+    answer is 112.", 1.0 "92 plus 20 is 112. The answer is 112."); helpfulness is 1 - s / 2 for
+    a right answer (the two objectives conflict, as in DPA), 0 for a near miss. Training prompts
+    only."""
+    rng = random.Random(f"ratings-{seed}")
+    probs = _all_problems()
+    records = []
+    for _ in range(n):
+        a, op, b = probs[rng.randrange(len(probs))]
+        prompt = make_prompt(a, op, b)
+        ans = solve(prompt)
+        good = rng.random() < 0.5
+        said = ans if good else near_miss(ans, rng)
+        style = rng.randrange(3)
+        response = _styles(a, op, b, said)[style]
+        records.append(
+            {"prompt": prompt, "response": response, "ratings": _ratings(good, style / 2)}
+        )
+    return records
+
+
+def directional_sft_records(seed: int = 0, n: int = 1000) -> list[dict]:
+    """Direction-conditioned SFT records (DPA): ``{prompt, completion, direction: [v1, v2]}``, v
+    a random unit direction in the positive quadrant of (helpfulness, verbosity) and the
+    completion the right answer in the style that maximises v . ratings (`ratings_records`):
+    terse for helpfulness-leaning directions, verbose for verbosity-leaning ones."""
+    rng = random.Random(f"directions-{seed}")
+    probs = _all_problems()
+    records = []
+    for _ in range(n):
+        a, op, b = probs[rng.randrange(len(probs))]
+        ans = solve(make_prompt(a, op, b))
+        angle = rng.uniform(0.0, math.pi / 2)
+        v = [round(math.cos(angle), 3), round(math.sin(angle), 3)]
+        scores = [
+            sum(x * y for x, y in zip(v, _ratings(True, s / 2), strict=True)) for s in range(3)
+        ]
+        best = max(range(3), key=scores.__getitem__)
+        completion = _styles(a, op, b, ans)[best]
+        records.append({"prompt": make_prompt(a, op, b), "completion": completion, "direction": v})
+    return records
+
+
 def write_demo_data(out_dir: str, seed: int = 0, vocab_size: int = 256) -> dict[str, str]:
     """Write ``<split>.jsonl`` files, ``corpus.txt`` and ``tokenizer.model`` to `out_dir`.
 
@@ -220,7 +283,11 @@ def write_demo_data(out_dir: str, seed: int = 0, vocab_size: int = 256) -> dict[
     """
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
-    for split, recs in generate_demo_records(seed).items():
+    splits = generate_demo_records(seed) | {
+        "ratings_train": ratings_records(seed),
+        "directional_sft": directional_sft_records(seed),
+    }
+    for split, recs in splits.items():
         path = os.path.join(out_dir, f"{split}.jsonl")
         _atomic_write(path, "".join(json.dumps(r) + "\n" for r in recs).encode())
         paths[split] = path

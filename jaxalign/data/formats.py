@@ -16,6 +16,8 @@ record adds a per-example system message, see `jaxalign.data.templates`):
 - Negatives (D2O): ``{"prompt": ..., "rejected": str | messages, "samples": [K strings or message
   lists]}``: a human negative and K self-generated responses (`jaxalign generate --n K
   --samples_field samples`); K is fixed per run (``data.num_samples``). Other fields are ignored.
+- Ratings (multi-objective reward models): ``{"prompt": ..., "response": ..., "ratings": [k
+  numbers]}``, k fixed by the reader (`reward.num_objectives`).
 - Prompt (RL / evaluation): ``{"prompt": str | messages, ...}``; other fields are kept.
 
 A response message list that begins with the prompt's turns is the whole conversation in every
@@ -45,6 +47,7 @@ empty; an empty (or whitespace-only) response text is a `RecordError`.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -218,6 +221,30 @@ def parse_negatives(rec: dict, num_samples: int, extra_fields: tuple[str, ...] =
         responses.append(text)
     out = {"messages": prompt, "system": _system(rec), "responses": responses}
     return out | _extras(rec, extra_fields)
+
+
+def parse_ratings(rec: dict, num_ratings: int, extra_fields: tuple[str, ...] = ()) -> dict:
+    """A rated response -> ``{"messages", "system", "responses": [text], "ratings": [k floats]}``;
+    ``ratings`` must be a list of exactly ``num_ratings`` numbers."""
+    prompt = _optional_prompt(rec)
+    prefix, text = _response(rec, "response", prompt)
+    expected = f"a list of {num_ratings} finite numbers"
+    ratings = _get(rec, "ratings", expected)
+    if not isinstance(ratings, list):
+        raise RecordError("ratings", f"has type {type(ratings).__name__}", expected)
+    if len(ratings) != num_ratings:
+        raise RecordError("ratings", f"has {len(ratings)} values", expected)
+    bad = [x for x in ratings if not (_is_number(x) and math.isfinite(x))]
+    if bad:
+        raise RecordError("ratings", f"holds {bad[0]!r}", expected)
+    out = {
+        "messages": prompt if prefix is None else prefix,
+        "system": _system(rec),
+        "responses": [text],
+        "ratings": [float(x) for x in ratings],
+    }
+    out.update(_extras(rec, extra_fields))
+    return out
 
 
 def parse_prompt(rec: dict) -> dict:

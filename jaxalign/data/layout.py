@@ -26,6 +26,7 @@ A training batch (one host's micro-batch):
     seq_index    int32   [R, T]  the sequence (0..B-1) a token belongs to, -1 = padding
     example_mask float32 [E]     1 for real examples, 0 for empty slots
     labels       float32 [E]     unpaired records only: 1.0 desirable, 0.0 undesirable
+    ratings      float32 [E, k]  ratings records only: the k ratings of each response
     <field>      float32 [E] or [E, M]   a numeric record field (`data.extra_fields`, or the
                                          reference cache's `CACHE_FIELDS`), 0 on empty slots
     retain/<key>          an SFT batch of the retain set, every key above under this prefix
@@ -66,6 +67,7 @@ PROMPT_FIELDS: dict[str, type] = {
 }
 EXAMPLE_MASK = "example_mask"
 LABELS = "labels"
+RATINGS = "ratings"
 RETAIN_PREFIX = "retain/"
 # Per-pair reference log-probs from `jaxalign cache-ref` (sums over the response, and over the
 # first min(|y_w|, |y_l|) response tokens for LD-DPO).
@@ -86,8 +88,8 @@ class BatchSpec:
 
     records: the record format they are read from ("sft" `{prompt, completion}` or messages,
       "pair" `{prompt, chosen, rejected}`, "unpaired" `{prompt, completion, label}`, "negatives"
-      `{prompt, rejected, samples}`), or
-      "rollout" (built from sampled completions, `jaxalign.rl.rollout`).
+      `{prompt, rejected, samples}`, "ratings" `{prompt, response, ratings}`), or "rollout"
+      (built from sampled completions, `jaxalign.rl.rollout`).
     kl_sequences: unpaired batches also carry each example's mismatched KL sequence (KTO).
     fields: per-example float32 data fields beside `example_mask` (labels excluded: they follow
       from `records`), e.g. `data.extra_fields` and the cached reference log-probs.
@@ -96,12 +98,13 @@ class BatchSpec:
     num_samples: K, the self-generated responses per negatives record (D2O).
     """
 
-    records: Literal["sft", "pair", "unpaired", "negatives", "rollout"]
+    records: Literal["sft", "pair", "unpaired", "negatives", "ratings", "rollout"]
     kl_sequences: bool = False
     fields: tuple[str, ...] = ()
     retain: bool = False
     token_fields: tuple[str, ...] = ()
     num_samples: int = 0
+    num_ratings: int = 0
 
     @property
     def sequences_per_example(self) -> int:
@@ -157,6 +160,8 @@ def abstract(
     names = (EXAMPLE_MASK, *((LABELS,) if spec.records == "unpaired" else ()), *spec.fields)
     one |= {k: struct((examples,), np.float32) for k in names}
     one |= {k: struct((rows, T), np.float32) for k in spec.token_fields}
+    if spec.records == "ratings":
+        one[RATINGS] = struct((examples, spec.num_ratings), np.float32)
     if spec.retain:
         sft = abstract(
             BatchSpec("sft"),

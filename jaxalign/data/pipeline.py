@@ -64,7 +64,7 @@ from jaxalign.data.sources import RecordTransform, Source, open_source
 from jaxalign.data.templates import Template, get_template
 from jaxalign.data.tokenizers import Tokenizer, load_tokenizer
 
-_KINDS = ("sft", "pair", "unpaired", "negatives")
+_KINDS = ("sft", "pair", "unpaired", "negatives", "ratings")
 
 
 def sequences_per_example(kind: str, kl_sequences: bool, num_samples: int) -> int:
@@ -289,6 +289,8 @@ class BatchIterator(_ResumableIterator):
         fields = {layout.EXAMPLE_MASK: None}
         if self.kind == "unpaired":
             fields[layout.LABELS] = "label"
+        if self.kind == "ratings":
+            fields[layout.RATINGS] = "ratings"
         fields |= {f: f for f in self.extra_fields}
         values = [[1.0 if f is None else ex[f] for f in fields.values()] for ex in examples]
         return batch | layout.example_arrays(values, tuple(fields), self.batch_size)
@@ -579,8 +581,43 @@ def make_negatives_pipeline(
     return _make_pipeline("negatives", parse, path, tokenizer, **_kw(locals()))
 
 
+def make_ratings_pipeline(
+    path: str,
+    tokenizer: Tokenizer | str,
+    *,
+    num_ratings: int,
+    batch_size: int,
+    max_len: int,
+    max_prompt_len: int | None = None,
+    pack: bool = False,
+    pack_rows: int | None = None,
+    length_buckets: Sequence[int] | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    template: str | Template = "plain",
+    add_bos: bool = True,
+    skip_bad_records: bool = False,
+    transforms: Sequence[RecordTransform] = (),
+    extra_fields: Sequence[str] = (),
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    train_on_prompt: bool = False,
+) -> BatchIterator:
+    """Rated-response batches (multi-objective reward models): B = batch_size sequences, sequence i
+    is example i, from ``{prompt, response, ratings: [k numbers]}`` records, k = ``num_ratings``
+    (another count is a `DataError` naming the file and line).
+
+    Adds ``ratings`` float32 [B, k] (0 on empty slots). Arguments as in `make_sft_pipeline`.
+    """
+    parse = functools.partial(
+        formats.parse_ratings, num_ratings=num_ratings, extra_fields=tuple(extra_fields)
+    )
+    return _make_pipeline("ratings", parse, path, tokenizer, **_kw(locals()))
+
+
 def _kw(local_vars: dict) -> dict:
-    skip = ("path", "tokenizer", "parse")
+    skip = ("path", "tokenizer", "parse", "num_ratings")
     return {k: v for k, v in local_vars.items() if k not in skip}
 
 

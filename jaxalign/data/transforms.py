@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import functools
+import math
 
 from jaxalign.data.errors import RecordError
 
 DEFAULT_SCORE_FORMAT = "Generate a response with a score of {score:g}."
+# Directional preference alignment's system prompt (Wang et al. 2024), {weighted} the direction
+# written as "helpfulness*0.6 + verbosity*0.8".
+DPA_TEMPLATE = (
+    "You are a helpful assistant. Your response should maximize weighted rating = {weighted}"
+)
 
 
 def reward_augment(
@@ -57,3 +63,46 @@ def reward_augment(
 def make_reward_augment(**kwargs) -> functools.partial:
     """`reward_augment` with its keyword options bound, for a pipeline's ``transforms`` list."""
     return functools.partial(reward_augment, **kwargs)
+
+
+def direction_system(
+    record: dict,
+    *,
+    objectives: tuple[str, ...],
+    template: str = DPA_TEMPLATE,
+    field: str = "direction",
+) -> list[dict]:
+    """Direction-conditioned data (DPA, Wang et al. 2024): write the record's direction into its
+    system message.
+
+    The record's ``field`` holds v, k = len(objectives) numbers, normalised here to unit length;
+    the system message becomes ``template.format(weighted=...)``, weighted = "o_1*v_1 + ... +
+    o_k*v_k" with the objective names and v's components to 4 significant digits, e.g. "You are
+    a helpful assistant. Your response should maximize weighted rating = helpfulness*0.6 +
+    verbosity*0.8", placed after any ``system`` the record already has (a blank line between).
+    The direction field is removed. A missing, zero, non-numeric or wrong-length direction is a
+    `RecordError` (a `DataError` naming file and line).
+    """
+    expected = f"a list of {len(objectives)} numbers, not all zero"
+    v = record.get(field)
+    if v is None:
+        raise RecordError(field, "is missing", expected)
+    if not isinstance(v, list) or len(v) != len(objectives):
+        raise RecordError(field, f"is {v!r}", expected)
+    if any(
+        isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) for x in v
+    ):
+        raise RecordError(field, f"is {v!r}", expected)
+    norm = math.sqrt(sum(x * x for x in v))
+    if norm == 0.0:
+        raise RecordError(field, "is zero", expected)
+    weighted = " + ".join(f"{o}*{x / norm:.4g}" for o, x in zip(objectives, v, strict=True))
+    goal = template.format(weighted=weighted)
+    sys_ = record.get("system")
+    out = {k: x for k, x in record.items() if k != field}
+    return [out | {"system": goal if not sys_ else f"{sys_}\n\n{goal}"}]
+
+
+def make_direction_system(**kwargs) -> functools.partial:
+    """`direction_system` with its keyword options bound, for a pipeline's ``transforms`` list."""
+    return functools.partial(direction_system, **kwargs)

@@ -54,7 +54,15 @@ from jaxalign.losses.registry import (
     needs_reference,
     required_inputs,
 )
-from jaxalign.losses.reward import bradley_terry, genarm_bt, lsc_combine, lsc_transform
+from jaxalign.losses.reward import (
+    bradley_terry,
+    directional_reward,
+    genarm_bt,
+    lsc_combine,
+    lsc_transform,
+    multi_objective_mse,
+    unit_direction,
+)
 from jaxalign.losses.sft import poft, sft
 from jaxalign.losses.unpaired import bco, d2o, kto, npo
 
@@ -76,6 +84,7 @@ __all__ = [
     "clipped_policy_loss",
     "cpo",
     "d2o",
+    "directional_reward",
     "discopop",
     "dpo",
     "exo_pair",
@@ -98,6 +107,7 @@ __all__ = [
     "mix",
     "mm_dpo",
     "modpo",
+    "multi_objective_mse",
     "names",
     "nca_pair",
     "needs_reference",
@@ -113,6 +123,7 @@ __all__ = [
     "simpo",
     "sppo_hard",
     "truncated_importance_weights",
+    "unit_direction",
     "value_loss",
     "wpo_weights",
 ]

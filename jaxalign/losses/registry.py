@@ -59,6 +59,7 @@ LOSSES: dict[str, LossFn] = {
     "poft": sft.poft,
     "bradley_terry": reward.bradley_terry,
     "genarm_bt": reward.genarm_bt,
+    "multi_objective_mse": reward.multi_objective_mse,
 }
 
 CHOSEN_SIDE: dict[str, str] = {

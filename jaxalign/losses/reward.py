@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 B = Float[Array, "B"]
@@ -79,3 +80,48 @@ def lsc_transform(
 def lsc_combine(rewards: Float[Array, "B K"], ref_rewards: Float[Array, "B K"]) -> B:
     """Combine K rewards as a logical AND (Wang et al., 2024): sum_i logsig(r_i - r_i_ref)."""
     return jnp.sum(lsc_transform(rewards, ref_rewards), axis=-1)
+
+
+def multi_objective_mse(
+    rewards: Float[Array, "B k"], ratings: Float[Array, "B k"]
+) -> tuple[B, dict[str, Array]]:
+    """Multi-objective reward-model regression (Wang et al., 2024, "Arithmetic Control of LLMs
+    for Diverse User Preferences: Directional Preference Alignment with Multi-Objective Rewards").
+
+    loss = (1/k) sum_j (r_j(x, y) - s_j)^2,
+
+    r(x, y) [k] the reward head's outputs, s [k] the record's ratings (e.g. helpfulness,
+    verbosity). The paper regresses the k ratings with a squared error and leaves the scale open;
+    jaxalign averages over the k objectives, so the loss does not grow with k. Metrics: the
+    per-example squared error of each objective (`rewards/mse_<j>`) and the mean absolute error
+    (`rewards/mae`).
+    """
+    err = rewards - ratings
+    loss = jnp.mean(err**2, axis=-1)
+    sq = jax.lax.stop_gradient(err**2)
+    metrics = {f"rewards/mse_{j}": sq[:, j] for j in range(err.shape[-1])}
+    metrics["rewards/mae"] = jax.lax.stop_gradient(jnp.mean(jnp.abs(err), axis=-1))
+    return loss, metrics
+
+
+def directional_reward(
+    rewards: Float[Array, "*B k"], direction: Float[Array, " k"]
+) -> Float[Array, "*B"]:
+    """Directional preference (Wang et al., 2024): the user's direction v (a unit vector in the
+    space of the k objectives) turns the multi-objective reward into the scalar r_v = v . r(x, y).
+    `direction` must already be unit length (`unit_direction`)."""
+    return rewards @ direction
+
+
+def unit_direction(direction) -> tuple[float, ...]:
+    """v / |v| for a user's direction (a list of k numbers); ValueError if it is empty, zero or
+    not finite."""
+    v = np.asarray(direction, np.float64)
+    if v.ndim != 1 or v.size == 0 or not np.all(np.isfinite(v)):
+        raise ValueError(
+            f"direction {tuple(direction)!r} is not a non-empty list of finite numbers"
+        )
+    norm = float(np.linalg.norm(v))
+    if norm == 0.0:
+        raise ValueError(f"direction {tuple(direction)!r} is zero: it points nowhere")
+    return tuple(float(x) for x in v / norm)

@@ -1,12 +1,14 @@
-"""Scalar heads on the decoder's hidden states: a reward model's or a critic's value head.
+"""Linear heads on the decoder's hidden states: a reward model's head (k outputs, one per
+objective of a multi-objective reward model; k = 1 for a scalar reward) or a critic's value head.
 
 A head is a small params tree stored next to the decoder's weights under its own name
 (`params["reward_head"]`, `params["value_head"]`), so optimizer, sharding and checkpoints treat it
 like any other parameter; the decoder module is untouched:
 
-    head = {"kernel": [D, 1], "bias": [1]},   v(h) = h . kernel[:, 0] + bias[0]   (float32)
+    head = {"kernel": [D, k], "bias": [k]},   r(h) = h . kernel + bias   [k]  (float32)
 
-It starts at zero, so every value is 0 at step 0.
+The scalar head is the k = 1 case (`init_scalar_head`, `apply_scalar_head`: r(h)[0]). A head
+starts at zero, so every value is 0 at step 0.
 """
 
 from __future__ import annotations
@@ -21,27 +23,50 @@ REWARD_HEAD = "reward_head"
 VALUE_HEAD = "value_head"
 
 
-def init_scalar_head(model_config: ModelConfig, dtype=None) -> dict:
-    """Zero head {"kernel": [D, 1], "bias": [1]}."""
+def init_head(model_config: ModelConfig, outputs: int = 1, dtype=None) -> dict:
+    """Zero head {"kernel": [D, k], "bias": [k]}, k = `outputs`."""
     dtype = dtype or model_config.param_dtype
     return {
-        "kernel": jnp.zeros((model_config.d_model, 1), dtype),
-        "bias": jnp.zeros((1,), dtype),
+        "kernel": jnp.zeros((model_config.d_model, outputs), dtype),
+        "bias": jnp.zeros((outputs,), dtype),
     }
 
 
-def abstract_scalar_head(model_config: ModelConfig) -> dict:
-    return jax.eval_shape(lambda: init_scalar_head(model_config))
+def abstract_head(model_config: ModelConfig, outputs: int = 1) -> dict:
+    return jax.eval_shape(lambda: init_head(model_config, outputs))
 
 
-def scalar_head_logical_axes() -> dict:
+def head_outputs(head: dict) -> int:
+    """k, the number of outputs of a head (or of its abstract shapes)."""
+    return head["bias"].shape[0]
+
+
+def head_logical_axes() -> dict:
     return {"kernel": ("embed", None), "bias": (None,)}
 
 
+def apply_head(head: dict, hidden: Float[Array, "... D"]) -> Float[Array, "... k"]:
+    """r(h) = h . kernel + bias in float32, k values for every position of `hidden`."""
+    kernel = head["kernel"].astype(jnp.float32)
+    return hidden.astype(jnp.float32) @ kernel + head["bias"].astype(jnp.float32)
+
+
+def init_scalar_head(model_config: ModelConfig, dtype=None) -> dict:
+    """Zero one-output head {"kernel": [D, 1], "bias": [1]}."""
+    return init_head(model_config, 1, dtype)
+
+
+def abstract_scalar_head(model_config: ModelConfig) -> dict:
+    return abstract_head(model_config, 1)
+
+
+def scalar_head_logical_axes() -> dict:
+    return head_logical_axes()
+
+
 def apply_scalar_head(head: dict, hidden: Float[Array, "... D"]) -> Float[Array, "..."]:
-    """v(h) = h . kernel[:, 0] + bias[0] in float32, for every position of `hidden`."""
-    kernel = head["kernel"][:, 0].astype(jnp.float32)
-    return hidden.astype(jnp.float32) @ kernel + head["bias"][0].astype(jnp.float32)
+    """v(h) = h . kernel[:, 0] + bias[0] in float32 (a one-output head), for every position."""
+    return apply_head(head, hidden)[..., 0]
 
 
 def decoder_params(params: dict) -> dict:

@@ -20,6 +20,7 @@ pure JAX and jittable. ``reward_model_scores`` scores rollout rows with a traine
 (a decoder with ``params["reward_head"]``, `jaxalign.models.heads`).
 """
 
+import collections
 import dataclasses
 import difflib
 import functools
@@ -103,6 +104,36 @@ def exact_match(field: str = "answer") -> RewardFn:
     return reward
 
 
+_WORD = re.compile(r"\w+")
+
+
+def r3_reward() -> RewardFn:
+    """R3 preference-free reward (METHODS.md section 4, catalog P2):
+
+    r = L / 100 * relevance(x, y) * unique_trigrams(y),
+
+    on the lower-cased words (``\\w+`` runs) of the prompt x (``record["prompt"]``, a string)
+    and completion y. L = the number of words of y; relevance = the cosine between the
+    bag-of-words count vectors of x and y (0 when either has no words); unique_trigrams = distinct
+    word trigrams of y / all its word trigrams (1 when y has fewer than 3 words: nothing can
+    repeat). The published relevance term is unverified; jaxalign picks this self-contained form
+    (no embedding model) and pins it in tests. Rewards long, on-topic, non-repetitive answers.
+    """
+
+    def reward(record: Mapping[str, Any], completion: str) -> float:
+        x = _WORD.findall(str(record["prompt"]).lower())
+        y = _WORD.findall(completion.lower())
+        cx, cy = collections.Counter(x), collections.Counter(y)
+        dot = sum(n * cy[w] for w, n in cx.items())
+        norms = math.sqrt(sum(n * n for n in cx.values()) * sum(n * n for n in cy.values()))
+        relevance = dot / norms if norms else 0.0
+        trigrams = list(zip(y, y[1:], y[2:], strict=False))
+        unique = len(set(trigrams)) / len(trigrams) if trigrams else 1.0
+        return len(y) / 100 * relevance * unique
+
+    return reward
+
+
 def _demo_judge_factory() -> RewardFn:
     return demo_judge
 
@@ -112,6 +143,7 @@ RULE_REWARDS: dict[str, Callable[..., RewardFn]] = {
     "format": format_reward,
     "length": length_reward,
     "exact_match": exact_match,
+    "r3": r3_reward,
 }
 
 
@@ -413,6 +445,7 @@ __all__ = [
     "lsc_combine",
     "lsc_transform",
     "overlong_penalty",
+    "r3_reward",
     "rewards_from_config",
     "scale_rewards",
     "score_rule_rewards",
@@ -436,13 +469,35 @@ def _reward_model_scores(model_config, params, rows):
     T = rows["segment_ids"].shape[1]
     last = T - 1 - jnp.argmax(rows["segment_ids"][:, ::-1] > 0, axis=1)
     h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    return heads.apply_scalar_head(params[heads.REWARD_HEAD], h)
+    return heads.apply_head(params[heads.REWARD_HEAD], h)
 
 
-def reward_model_scores(model_config, params, rows) -> HostSeq:
+def check_direction(params, direction) -> None:
+    """A direction fits the reward model: k numbers for a k-output head, none for one output;
+    ConfigError otherwise."""
+    k = heads.head_outputs(params[heads.REWARD_HEAD])
+    if direction is None and k != 1:
+        raise ConfigError(
+            f"the reward model has {k} objectives: rl.reward_direction must give {k} numbers"
+        )
+    if direction is not None and len(direction) != k:
+        raise ConfigError(
+            f"rl.reward_direction {tuple(direction)} has {len(direction)} numbers; the reward "
+            f"model has {k} objectives"
+        )
+
+
+def reward_model_scores(model_config, params, rows, direction=None) -> HostSeq:
     """A reward model's score of each rollout row (`jaxalign.rl.rollout.rollout_rows`): its head
     on the hidden state of the row's last real input, whose target is the completion's last token
     (the EOS for a completion that stopped), as the reward trainer scores a sequence. float32
-    [R], on the host."""
+    [R], on the host.
+
+    A multi-objective model (k outputs, trainer reward_multi) needs the user's `direction` v
+    (unit length, `jaxalign.losses.unit_direction`) and scores r_v = v . r (Wang et al., 2024,
+    DPA); a one-output model takes none. Anything else is a ConfigError."""
+    check_direction(params, direction)
     arrays = {k: rows[k] for k in ("tokens", "positions", "segment_ids")}
-    return np.asarray(_reward_model_scores(model_config, params, arrays), np.float32)
+    r = np.asarray(_reward_model_scores(model_config, params, arrays), np.float64)
+    scores = r[:, 0] if direction is None else r @ np.asarray(direction, np.float64)
+    return scores.astype(np.float32)

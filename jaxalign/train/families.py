@@ -8,6 +8,7 @@ cache. Nothing else chooses by the family's name.
 | `unpaired` | kto / bco / npo (+ retain)    | unpaired (kto, bco), |               | offline |
 |            |                               | sft (npo forget set) |               |         |
 | `reward`   | Bradley-Terry reward model    | pair                 | `reward_head` | offline |
+| `reward_multi` | k-objective MSE reward model | ratings          | `reward_head` | offline |
 | `ppo`      | clipped PG + value loss, GAE  | prompts              | `value_head`  | online  |
 | `grpo`     | clipped PG, group advantages  | prompts              |               | online  |
 | `rloo`     | clipped PG, leave-one-out     | prompts              |               | online  |
@@ -31,7 +32,13 @@ import jax
 from ml_collections import ConfigDict
 
 from jaxalign import losses
-from jaxalign.data import layout, make_batches, make_prompt_pipeline, make_ref_join
+from jaxalign.data import (
+    layout,
+    make_batches,
+    make_direction_system,
+    make_prompt_pipeline,
+    make_ref_join,
+)
 from jaxalign.errors import ConfigError
 from jaxalign.losses import policy as policy_losses
 from jaxalign.models import heads
@@ -47,7 +54,8 @@ class Family:
     objective: (config, model_config, mesh) -> Objective (its `batch` is the batch spec).
     batches: (run, path, *, train) -> the batch iterator of one split (prompt batches for the
       online families).
-    head: the name of a scalar head in the params tree (`jaxalign.models.heads`), or None.
+    head: the name of a head in the params tree (`jaxalign.models.heads`), or None.
+    head_outputs: (config) -> k, the head's outputs (1 when None).
     takes_ref_cache: `data.ref_logps` (`jaxalign cache-ref`) applies.
     ref_cache_fields: the batch fields the reference cache fills (pairs: `CACHE_FIELDS`; single
       responses: `SINGLE_CACHE_FIELDS`).
@@ -60,6 +68,7 @@ class Family:
     objective: Callable[..., Objective]
     batches: Callable
     head: str | None = None
+    head_outputs: Callable[[ConfigDict], int] | None = None
     takes_ref_cache: bool = False
     ref_cache_fields: tuple[str, ...] = layout.CACHE_FIELDS
     loop: str = "offline"
@@ -181,7 +190,43 @@ def unpaired(config: ConfigDict, model_config, mesh) -> Objective:
 
 def reward_model(config: ConfigDict, model_config, mesh) -> Objective:
     del mesh  # the reward head reads hidden states; no log-prob kernel
+    if config.reward.num_objectives != 1:
+        raise ConfigError(
+            f"reward.num_objectives={config.reward.num_objectives}: trainer reward trains a "
+            "Bradley-Terry scalar reward on pairs; a k-objective model is trainer reward_multi"
+        )
     return _with_loss(reward.reward_objective, config, model_config)
+
+
+def num_objectives(config: ConfigDict) -> int:
+    k = config.reward.num_objectives
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"reward.num_objectives={k!r}: expected an int >= 1")
+    return k
+
+
+def reward_multi(config: ConfigDict, model_config, mesh) -> Objective:
+    del mesh  # the reward head reads hidden states; no log-prob kernel
+    return _with_loss(
+        reward.ratings_objective, config, model_config, num_ratings=num_objectives(config)
+    )
+
+
+def record_transforms(config: ConfigDict) -> tuple:
+    """The configured record transforms: DPA's direction system message when
+    `data.direction_objectives` is set (`jaxalign.data.transforms.direction_system`)."""
+    data = config.data
+    if not data.direction_objectives:
+        return ()
+    if "{weighted}" not in data.direction_template:
+        raise ConfigError(
+            f"data.direction_template {data.direction_template!r} has no {{weighted}} field"
+        )
+    return (
+        make_direction_system(
+            objectives=tuple(data.direction_objectives), template=data.direction_template
+        ),
+    )
 
 
 def offline_batches(run, path: str, *, train: bool):
@@ -191,7 +236,7 @@ def offline_batches(run, path: str, *, train: bool):
     config = run.config
     data = config.data
     spec = run.objective.batch
-    transforms = (ref_join(config),) if data.ref_logps else ()
+    transforms = record_transforms(config) + ((ref_join(config),) if data.ref_logps else ())
     return make_batches(
         spec,
         path,
@@ -229,6 +274,7 @@ def prompt_batches(run, path: str, *, train: bool):
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         num_epochs=None if train else 1,
+        transforms=record_transforms(run.config),
     )
 
 
@@ -314,6 +360,9 @@ FAMILIES: dict[str, Family] = {
         ref_cache_fields=layout.SINGLE_CACHE_FIELDS,
     ),
     "reward": Family(reward_model, offline_batches, head=heads.REWARD_HEAD),
+    "reward_multi": Family(
+        reward_multi, offline_batches, head=heads.REWARD_HEAD, head_outputs=num_objectives
+    ),
     "ppo": _online(
         _policy(kl_in_loss=False, value_head=True, family="ppo"), None, head=heads.VALUE_HEAD
     ),

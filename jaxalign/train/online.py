@@ -32,6 +32,7 @@ from ml_collections import ConfigDict
 from jaxalign import sampling, sharding
 from jaxalign.checkpoint import manager as ckpt
 from jaxalign.errors import ConfigError, DataError, TrainingError
+from jaxalign.losses import unit_direction
 from jaxalign.models import heads
 from jaxalign.rl import rewards as rl_rewards
 from jaxalign.rl.rollout import rollout_rows
@@ -58,12 +59,15 @@ def sampling_options(run: Run, *, greedy: bool = False, n: int | None = None):
 
 class Scorer:
     """The configured rewards of completions: the rule rewards of `rl.rewards` and, with
-    `rl.reward_model`, a reward model's score weighted by `rl.reward_model_weight`."""
+    `rl.reward_model`, a reward model's score weighted by `rl.reward_model_weight` (a
+    multi-objective model's r_v = v . r along `rl.reward_direction`, DPA)."""
 
     def __init__(self, run: Run):
         rl = run.config.rl
         self.specs = rl_rewards.rewards_from_config(rl.rewards)
         self.model = None
+        if rl.reward_direction and not rl.reward_model:
+            raise ConfigError("rl.reward_direction is set but rl.reward_model is not")
         if rl.reward_model:
             from jaxalign.train.reward import load_reward_model
 
@@ -79,6 +83,14 @@ class Scorer:
             self.model = load_reward_model(rl.reward_model)
             self.path = rl.reward_model
             self.weight = rl.reward_model_weight
+            self.direction = None
+            if rl.reward_direction:
+                try:
+                    self.direction = unit_direction(rl.reward_direction)
+                except ValueError as e:
+                    raise ConfigError(f"rl.reward_direction: {e}") from None
+            # A direction of the wrong length, or a missing one, fails now, not at step 0.
+            rl_rewards.check_direction(self.model[1], self.direction)
 
     def __call__(self, records, texts, rows, step) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         try:
@@ -87,7 +99,7 @@ class Scorer:
             raise TrainingError(f"step {step}: {e}; the step is refused, nothing saved") from None
         total, per_fn = np.asarray(total, np.float32), {k: np.asarray(v) for k, v in per_fn.items()}
         if self.model is not None:
-            scores = np.asarray(rl_rewards.reward_model_scores(*self.model, rows))
+            scores = rl_rewards.reward_model_scores(*self.model, rows, self.direction)
             if not np.isfinite(scores).all():
                 raise TrainingError(
                     f"step {step}: rl.reward_model={self.path} gave a non-finite score (record "

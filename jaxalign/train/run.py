@@ -257,8 +257,9 @@ def setup(config: ConfigDict, *, devices=None, read_files: bool = True, model_co
         abstract_params = models.attach({}, models.abstract_adapters(model_config))
         logical_axes = models.attach({}, models.adapter_logical_axes(model_config))
     if family.head:
-        abstract_params[family.head] = heads.abstract_scalar_head(model_config)
-        logical_axes[family.head] = heads.scalar_head_logical_axes()
+        outputs = family.head_outputs(config) if family.head_outputs else 1
+        abstract_params[family.head] = heads.abstract_head(model_config, outputs)
+        logical_axes[family.head] = heads.head_logical_axes()
     param_shardings = sharding.named_shardings(mesh, rules, logical_axes, abstract_params)
     # An online step makes rl.epochs x rl.minibatches optimizer updates; the schedule is in steps.
     updates_per_step = config.rl.epochs * config.rl.minibatches if family.loop == "online" else 1
@@ -304,8 +305,9 @@ def init_params(run: Run):
     else:
         params = _decoder_params(config.model.init_from, config.seed, run.model_config, shardings)
     if run.family.head:
-        init = jax.jit(heads.init_scalar_head, static_argnums=0, out_shardings=head_sharding)
-        params[run.family.head] = init(run.model_config)
+        outputs = heads.head_outputs(run.abstract_state["params"][run.family.head])
+        init = jax.jit(heads.init_head, static_argnums=(0, 1), out_shardings=head_sharding)
+        params[run.family.head] = init(run.model_config, outputs)
     if run.family.head == heads.VALUE_HEAD and config.rl.value_init:
         # PPO's critic starts as the reward model's head (trained on the same decoder start).
         from jaxalign.train.reward import load_reward_model
