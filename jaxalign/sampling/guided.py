@@ -52,6 +52,7 @@ ROLES = {
     "eft": ("large_base", "small_tuned", "small_base"),
     "nudging": ("base", "aligned"),
     "genarm": ("base", "arms"),
+    "search": ("policy", "value"),  # jaxalign.sampling.search
 }
 
 

@@ -67,9 +67,7 @@ def candidate_values(
     ``positions`` with the candidate appended to what ``cache`` holds (the C candidates run as
     one chunk of alternatives; the cache is left as it was)."""
     at = jnp.broadcast_to(positions[:, None], candidates.shape)
-    hidden, _ = M.bind(config, params).call_with_cache(
-        candidates, at, cache, alternatives=True
-    )
+    hidden, _ = M.bind(config, params).call_with_cache(candidates, at, cache, alternatives=True)
     return heads.apply_scalar_head(head, hidden)
 
 

@@ -4,11 +4,18 @@ prefix followed by each of its top-k candidates (right-padded, no cache), scores
 l(c) + alpha V(c) in float64 NumPy, then the greedy token, the candidate set and the per-step
 log-probs compared with what the loop returned (left-padded prompts of different lengths, n = 2)."""
 
+import dataclasses
+import json
+import pathlib
+
 import jax
 import numpy as np
 import pytest
 
+from jaxalign import cli
 from jaxalign import models as M
+from jaxalign.checkpoint import manager as ckpt
+from jaxalign.config import apply_overrides, load_config, to_dict
 from jaxalign.errors import ConfigError
 from jaxalign.models import heads
 from jaxalign.sampling import SamplingOptions, generate, prompts_from_ids
@@ -81,7 +88,9 @@ def _reference(policy, value, result, alpha, k):
     z = _last_hidden(pc, pp, flat) @ np.asarray(M.unembedding(pc, pp), np.float64)
     logps = (z - _logsumexp(z)).reshape(R, STEPS, -1)
     candidates = np.argsort(-logps, axis=-1, kind="stable")[..., :k]
-    extended = [s + [int(c)] for s, cs in zip(flat, candidates.reshape(-1, k)) for c in cs]
+    extended = [
+        s + [int(c)] for s, cs in zip(flat, candidates.reshape(-1, k), strict=True) for c in cs
+    ]
     hidden = _last_hidden(vc, heads.decoder_params(vp), extended)
     head = vp[heads.VALUE_HEAD]
     kernel = np.asarray(head["kernel"], np.float64)[:, 0]
@@ -141,7 +150,9 @@ def test_search_equals_full_forwards_per_candidate(policy, value, temperature):
 def test_alpha_zero_is_the_policy_greedy_decode(policy, value):
     prompts = prompts_from_ids(PROMPTS, PAD)
     options = _options(temperature=0.0)
-    searched = search(policy, value, prompts, alpha=0.0, k=K, rng=jax.random.key(0), options=options)
+    searched = search(
+        policy, value, prompts, alpha=0.0, k=K, rng=jax.random.key(0), options=options
+    )
     plain = generate(*policy, prompts, rng=jax.random.key(0), options=options)
     np.testing.assert_array_equal(searched.tokens, plain.tokens)
     np.testing.assert_allclose(searched.policy_logprobs, plain.policy_logprobs, atol=1e-6)
@@ -167,3 +178,66 @@ def test_bad_search_settings_raise_config_errors(policy, value, kw, message):
             options=_options(),
             **kw,
         )
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TOKENIZER = str(ROOT / "data/demo/tokenizer.model")
+PROMPT_FILE = ROOT / "data/demo/prompts_eval.jsonl"
+
+
+def _run_dir(workdir, model):
+    """A run directory at step 0 of the SFT tiny config holding ``model``'s params (a value
+    model's with its head)."""
+    config = apply_overrides(
+        load_config(f"{ROOT / 'configs/sft/tiny.py'}:smoke=True"), [f"tokenizer={TOKENIZER}"]
+    )
+    model_config, params = model
+    manager = ckpt.make_manager(workdir, async_save=False)
+    record = to_dict(config) | {"model_config": dataclasses.asdict(model_config)}
+    ckpt.save(manager, 0, {"step": np.int32(0), "params": params}, {"next_index": 0}, record)
+    manager.close()
+    return f"checkpoint:{workdir}"
+
+
+def _generate(capsys, *argv):
+    try:
+        cli.main([str(a) for a in argv])
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr().err
+
+
+def test_generate_config_search(policy, value, tmp_path, capsys):
+    """`jaxalign generate --config configs/generate/search.py`: alpha 0 writes the policy's own
+    greedy completions; alpha 2 changes some; a bad head is one line, exit 2."""
+    run_policy, run_value = _run_dir(tmp_path / "p", policy), _run_dir(tmp_path / "v", value)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(PROMPT_FILE.read_text().splitlines(keepends=True)[:4]))
+    common = ["generate", "--prompts", prompts, "--max_new_tokens", 5, "--temperature", 0]
+    alone = tmp_path / "alone.jsonl"
+    assert _generate(capsys, *common, "--out", alone, "--model", run_policy)[0] == 0
+    search_flags = [
+        "--config",
+        ROOT / "configs/generate/search.py",
+        f"--config.models.policy={run_policy}",
+        f"--config.models.value={run_value}",
+        "--config.head=value_head",
+    ]
+    outs = {}
+    for alpha in (0.0, 2.0):
+        outs[alpha] = tmp_path / f"search{alpha}.jsonl"
+        flags = [*search_flags, f"--config.alpha={alpha}"]
+        status, err = _generate(capsys, *common, "--out", outs[alpha], *flags)
+        assert status == 0, err
+    lines = {k: [json.loads(x) for x in v.read_text().splitlines()] for k, v in outs.items()}
+    want = [json.loads(x) for x in alone.read_text().splitlines()]
+    assert [x["method"] for x in lines[0.0]] == ["search"] * 4
+    assert [x["completion"] for x in lines[0.0]] == [x["completion"] for x in want]
+    assert [x["completion"] for x in lines[2.0]] != [x["completion"] for x in want]
+    bad = tmp_path / "bad.jsonl"
+    status, err = _generate(
+        capsys, *common, "--out", bad, *search_flags, "--config.head=reward_head"
+    )
+    assert status == 2 and err.startswith("jaxalign: ") and err.count("\n") == 1, err
+    assert "reward_head" in err and not bad.exists()
