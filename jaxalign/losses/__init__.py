@@ -3,6 +3,7 @@ the token-level policy-gradient losses of online RL (``jaxalign.losses.policy``,
 registry: they return a token loss ``[B, T]``)."""
 
 from jaxalign.losses import policy
+from jaxalign.losses.grao import grao_pairwise
 from jaxalign.losses.policy import (
     AGGREGATIONS,
     aggregate,
@@ -80,6 +81,7 @@ __all__ = [
     "exo_pair",
     "f_dpo",
     "get",
+    "grao_pairwise",
     "gspo_policy_loss",
     "hinge",
     "hyperparameters",
