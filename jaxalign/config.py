@@ -197,6 +197,10 @@ def base_config() -> ConfigDict:
     c.rl.kl_horizon = 10000
     c.rl.entropy_coef = 0.0  # entropy bonus
     c.rl.tis_cap = 0.0  # truncated importance sampling of sampler/trainer differences (0 = off)
+    # GRAO (grpo family, losses.grao): + pair_coef * mean over groups of the pairwise term
+    # -logsig(pair_beta (l_i - l_j)) over (better, worse) pairs, l = length-normalised logp.
+    c.rl.pair_coef = 0.0
+    c.rl.pair_beta = 1.0
     # PPO: GAE, a value head on the policy's hidden states (value loss weighted by value_coef),
     # advantage whitening; value_init: a reward run whose head initialises the value head.
     c.rl.gamma = 1.0

@@ -3,6 +3,7 @@ the token-level policy-gradient losses of online RL (``jaxalign.losses.policy``,
 registry: they return a token loss ``[B, T]``)."""
 
 from jaxalign.losses import policy
+from jaxalign.losses.grao import grao_pairwise
 from jaxalign.losses.policy import (
     AGGREGATIONS,
     aggregate,
@@ -91,6 +92,7 @@ __all__ = [
     "f_dpo",
     "genarm_bt",
     "get",
+    "grao_pairwise",
     "gspo_policy_loss",
     "hinge",
     "hyperparameters",

@@ -446,8 +446,16 @@ class Transformer(nnx.Module):
         positions: Int[Array, "B T"],
         cache: dict[str, Array],
         segment_ids: Int[Array, "B T"] | None = None,
+        *,
+        alternatives: bool = False,
     ) -> tuple[Float[Array, "B T D"], dict[str, Array]]:
-        """Runs T new tokens against the KV cache (see ``jaxalign.models.cache``)."""
+        """Runs T new tokens against the KV cache (see ``jaxalign.models.cache``).
+
+        ``alternatives``: the T tokens are candidates for one next position (search-time
+        decoding scores each one): each attends to the slots before ``index`` and to itself,
+        never to another candidate, and ``index`` is not advanced (the slots written past it are
+        rewritten by the next real token before any query can see them). The cache needs T - 1
+        slots to spare past the last real token (``dynamic_update_slice`` clamps otherwise)."""
         B, T = tokens.shape
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
@@ -468,6 +476,10 @@ class Transformer(nnx.Module):
             positions,
             cache_positions,
         )
+        if alternatives:
+            q_slots, k_slots = index + jnp.arange(T), jnp.arange(S)
+            own = (k_slots[None, :] < index) | (k_slots[None, :] == q_slots[:, None])
+            masks = tuple(m & own[None, None] for m in masks)
         graphdef, layer_state = nnx.split(self.layers)
 
         def body(carry, xs):
@@ -489,6 +501,6 @@ class Transformer(nnx.Module):
             "v": v,
             "segment_ids": cache_segments,
             "positions": cache_positions,
-            "index": index + T,
+            "index": index if alternatives else index + T,
         }
         return self.final_norm(h), new_cache

@@ -13,6 +13,8 @@ A variant is only a set of `rl.*` values (nothing reads its name), applied by a 
 |           | replacing groups of equal rewards), soft overlong penalty over the last quarter   |
 |           | of the new tokens (Yu et al., 2025)                                               |
 | `gspo`    | sequence-level ratio with clip 3e-4 / 4e-4 (Zheng et al., 2025)                   |
+| `grao`    | GRPO plus the pairwise term of `jaxalign.losses.grao` (pair_coef 1, beta 1; Wang  |
+|           | et al., 2025; published form unverified, jaxalign's choice documented there)      |
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ GRPO_VARIANTS: dict[str, dict] = {
         "clip_high": 4e-4,
         "aggregation": "seq-mean-token-mean",
     },
+    "grao": {"pair_coef": 1.0, "pair_beta": 1.0},
 }
 
 

@@ -7,6 +7,7 @@
         --reward demo_judge
     jaxalign generate --config configs/generate/eft.py[:alpha=2.0] --prompts FILE --out FILE \\
         [--config.models.large_base=hf:DIR] [--temperature 0.7]
+    jaxalign generate --config configs/generate/search.py --prompts FILE --out FILE
 
 - ``--model checkpoint:RUN_DIR`` loads the latest params of a run (or converted checkpoint) and
   its architecture; the tokenizer and template default to the ones the run recorded in its
@@ -24,7 +25,8 @@
 - ``--samples_field NAME``: one line per prompt record instead, the record itself (every field
   kept) with its ``--n`` completion texts as a list under NAME, e.g. D2O's negatives records
   from preference pairs: ``--prompts pairs.jsonl --n 2 --samples_field samples``.
-- ``--config CFG`` (instead of ``--model``): guided decoding (`jaxalign.sampling.guided`) by a
+- ``--config CFG`` (instead of ``--model``): guided decoding (`jaxalign.sampling.guided`,
+  search-time decoding `jaxalign.sampling.search`) by a
   config built on `guided_config`: the method, its models by role (each distinct spec loaded
   once), its weights, a ``sampling`` section; ``--config.KEY=VALUE`` overrides any key and the
   sampling flags override ``sampling``. Records gain ``"method"``.
@@ -47,11 +49,12 @@ from tqdm import tqdm
 
 from jaxalign import models as M
 from jaxalign.checkpoint import load_hf
-from jaxalign.checkpoint.convert import load_model_params, read_record
+from jaxalign.checkpoint.convert import load_model_params, read_model_config, read_record
 from jaxalign.config import apply_overrides, load_config
 from jaxalign.data import load_tokenizer, make_prompt_pipeline
 from jaxalign.errors import ConfigError
-from jaxalign.sampling import guided
+from jaxalign.models import heads
+from jaxalign.sampling import guided, search
 from jaxalign.sampling.best_of_n import best_of_n, get_reward
 from jaxalign.sampling.engine import check_prompt_lengths, generate
 from jaxalign.sampling.options import OPTION_NAMES, SamplingOptions, options_from_dict
@@ -59,17 +62,24 @@ from jaxalign.sampling.options import OPTION_NAMES, SamplingOptions, options_fro
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
-def load_model(spec: str) -> tuple[M.ModelConfig, M.Params, str | None, str | None]:
+def load_model(
+    spec: str, head: str | None = None
+) -> tuple[M.ModelConfig, M.Params, str | None, str | None]:
     """``hf:DIR`` or ``checkpoint:RUN_DIR`` -> (config, params on one device, the recorded or
-    bundled tokenizer path or None, the recorded template or None)."""
+    bundled tokenizer path or None, the recorded template or None). ``head``: a scalar head the
+    run's checkpoint holds besides the decoder ("value_head", "reward_head"), loaded into the
+    params under its name (an hf directory holds none)."""
     kind, _, where = spec.partition(":")
+    if head is not None and kind == "hf":
+        raise ConfigError(f"{spec}: a Hugging Face directory holds no {head}; use checkpoint:RUN")
     if kind == "hf" and where:
         config, params = load_hf(where)
         has_tokenizer = any((pathlib.Path(where) / f).is_file() for f in _TOKENIZER_FILES)
         return config, params, where if has_tokenizer else None, None
     if kind == "checkpoint" and where:
         record = read_record(where)
-        config, params = load_model_params(where)  # a LoRA run: merged into its base
+        head_tree = {head: heads.abstract_scalar_head(read_model_config(where))} if head else None
+        config, params = load_model_params(where, heads=head_tree)  # LoRA: merged into its base
         template = record.get("data", {}).get("template")
         return config, params, record.get("tokenizer"), template
     raise ConfigError(f"--model {spec!r}: expected hf:DIR or checkpoint:RUN_DIR")
@@ -94,14 +104,17 @@ def guided_config() -> ConfigDict:
     """Every key a guided-decoding config (``configs/generate/*.py``) may set, with its default;
     a config starts from this and sets ``method`` and ``models``."""
     c = ConfigDict()
-    c.method = ""  # eft | nudging | genarm (jaxalign.sampling.guided)
+    c.method = ""  # eft | nudging | genarm (jaxalign.sampling.guided) | search (.search)
     # role -> "checkpoint:RUN_DIR" | "hf:DIR": eft large_base, small_tuned, small_base;
-    # nudging base, aligned; genarm base, arms (a tuple of specs).
+    # nudging base, aligned; genarm base, arms (a tuple of specs); search policy, value (a run
+    # whose checkpoint holds `head`).
     c.models = ConfigDict()
-    c.alpha = 1.0  # eft: l_large_base + alpha (l_small_tuned - l_small_base)
+    c.alpha = 1.0  # eft: l_large_base + alpha (l_small_tuned - l_small_base); search: l + alpha V
     c.gamma = 0.4  # nudging: the aligned model emits a token where base top-1 p < gamma
     c.beta = 1.0  # genarm: l_base + (1 / beta) sum_i w_i l_arm_i
     c.weights = ()  # genarm: w_i, one per arm (empty: 1 each)
+    c.k = 4  # search: the policy's top-k tokens scored per step
+    c.head = "value_head"  # search: the value model's head (value_head: PPO; reward_head: RM)
     c.tokenizer = ""  # default: the one recorded with the first model
     c.template = ""  # default: the first model's recorded template, else plain
     # SamplingOptions fields (None: its default; EOS and padding come from the tokenizer); the
@@ -183,13 +196,18 @@ def _guided_sampler(args, overrides):
         guided.nudging_state(config.gamma)
     roles = guided.ROLES[config.method]
     # role -> its specs (a list: genarm's arms are several) -> loaded once per distinct spec
+    # (search's value model with its head: a spec of its own)
     specs = {
         role: list(spec) if isinstance(spec, tuple | list) else [spec]
         for role, spec in ((r, config.models[r]) for r in roles)
     }
+    if config.method == "search":
+        if config.head not in search.HEADS:
+            raise ConfigError(f"{source}: head={config.head!r}: expected one of {search.HEADS}")
+        specs["value"] = [(specs["value"][0], config.head)]
     cache = {spec: None for role in roles for spec in specs[role]}
     for spec in cache:
-        cache[spec] = load_model(spec)
+        cache[spec] = load_model(*spec) if isinstance(spec, tuple) else load_model(spec)
     if config.method == "genarm":
         guided.genarm_state(config.beta, tuple(config.weights) or None, len(specs["arms"]))
     guided.check_vocabularies(
@@ -212,6 +230,11 @@ def _guided_sampler(args, overrides):
         elif config.method == "nudging":
             base, aligned = (models[r][0] for r in roles)
             result = guided.nudging(base, aligned, batch, gamma=config.gamma, **kw)
+        elif config.method == "search":
+            policy, value = (models[r][0] for r in roles)
+            result = search.search(
+                policy, value, batch, alpha=config.alpha, k=config.k, head=config.head, **kw
+            )
         else:
             weights = tuple(config.weights) or None
             result = guided.genarm(

@@ -2,9 +2,12 @@
 
 ``decode(models, combine, prompts, ...)`` runs one or several models side by side, each with its
 own params and KV cache: per step every model gives its next-token logits z_m ``[R, V]`` and
-``combine(logps, state) -> (logits, state)`` turns their log-probs ``log_softmax(z_m)`` into the
-logits c the token is chosen from (guided decoding: EFT, nudging, GenARM plug in here; ``state``
-is any pytree carried through the loop, e.g. per-row flags or traced weights). ``combine=None``
+``combine(logps, state, step) -> (logits, state)`` turns their log-probs ``log_softmax(z_m)``
+into the logits c the token is chosen from (guided decoding: EFT, nudging, GenARM, search-time
+decoding plug in here; ``state`` is any pytree carried through the loop, e.g. per-row flags or
+traced weights; ``step`` = {"configs", "params", "caches", "positions"}: the models, their
+caches holding every token before the one being chosen, and its position ``[R]``, for rules
+that run candidate tokens through a model). ``combine=None``
 is the identity on model 0: c = z_0, its raw logits (the same distribution as log_softmax(z_0),
 and the numbers the CTRL repetition penalty is defined on). ``generate`` is one model with
 ``combine=None``.
@@ -67,7 +70,7 @@ from jaxalign.sampling.result import GenerateResult, detokenize
 from jaxalign.sampling.token_choice import choose_tokens
 from jaxalign.sharding import ShardingRules, logical_to_spec, to_global, with_logical_constraint
 
-Combine = Callable[[list[Float[Array, "R V"]], Any], tuple[Float[Array, "R V"], Any]]
+Combine = Callable[[list[Float[Array, "R V"]], Any, dict], tuple[Float[Array, "R V"], Any]]
 PROMPT_KEYS = ("prompt_tokens", "prompt_segment_ids", "prompt_positions", "prompt_lengths")
 _CACHE_AXES = {
     "k": ("layers", "batch", None, "kv_heads", "head_dim"),
@@ -151,7 +154,8 @@ def _log_prob(z: Float[Array, "R V"], tokens: Array) -> Float[Array, " R"]:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("configs", "combine", "max_new_tokens", "n", "mesh", "rules")
+    jax.jit,
+    static_argnames=("configs", "combine", "max_new_tokens", "n", "cache_margin", "mesh", "rules"),
 )
 def _decode_loop(
     params: tuple,
@@ -164,6 +168,7 @@ def _decode_loop(
     combine: Combine | None,
     max_new_tokens: int,
     n: int,
+    cache_margin: int = 0,
     mesh: Mesh | None,
     rules: ShardingRules,
 ) -> dict[str, Array]:
@@ -178,7 +183,7 @@ def _decode_loop(
 
     caches, first = [], []
     for config, p, model in zip(configs, params, bound, strict=True):
-        cache = _constrain_cache(M.init_cache(config, B, Tp + steps), mesh, rules)
+        cache = _constrain_cache(M.init_cache(config, B, Tp + steps + cache_margin), mesh, rules)
         hidden, cache = model.call_with_cache(
             tokens, prompts["prompt_positions"], cache, prompts["prompt_segment_ids"]
         )
@@ -204,7 +209,13 @@ def _decode_loop(
         combined, combine_state = logits[0], state["combine_state"]
         if combine is not None:
             logps = [jax.nn.log_softmax(z, axis=-1) for z in logits]
-            combined, combine_state = combine(logps, combine_state)
+            step = {
+                "configs": configs,
+                "params": params,
+                "caches": state["caches"],
+                "positions": prompt_lengths + t,
+            }
+            combined, combine_state = combine(logps, combine_state, step)
         token = choose_tokens(
             jax.random.fold_in(rng, t), combined, prompt_seen, state["seen"], knobs
         )
@@ -336,6 +347,7 @@ def decode(
     rng: Array,
     options: SamplingOptions,
     combine_state: Any = (),
+    cache_margin: int = 0,
     tokenizer=None,
     mesh: Mesh | None = None,
     rules: ShardingRules | None = None,
@@ -344,10 +356,12 @@ def decode(
 
     ``models``: ``((config, params), ...)``, each with its own KV cache; they share the prompt
     tokens (one tokenizer). ``combine(logps, state) -> (logits, state)`` gets the list of
-    ``[R, V]`` log_softmax rows of every model and the carried ``state`` (initially
+    ``[R, V]`` log_softmax rows of every model, the carried ``state`` (initially
     ``combine_state``; keep numeric weights there, since ``combine`` itself is a static argument:
-    pass the same function object to reuse the compiled loop); ``None`` chooses from model 0's
-    own logits. ``policy_logprobs`` are always model 0's.
+    pass the same function object to reuse the compiled loop) and the ``step`` dict (module
+    docstring); ``None`` chooses from model 0's own logits. ``policy_logprobs`` are always model
+    0's. ``cache_margin``: KV slots every cache gets past the prompt and the generated tokens
+    (for candidate tokens a rule runs through a cache: `jaxalign.sampling.search`).
     ``prompts``: the batch layout of `jaxalign.data.make_prompt_pipeline` (other keys such as
     "records" and "example_mask" are ignored). ``tokenizer``: needed for ``stop_strings``; when
     given, the result carries ``text``. ``mesh``/``rules``: where to run (default: the mesh of
@@ -381,6 +395,7 @@ def decode(
         combine=combine,
         max_new_tokens=options.max_new_tokens,
         n=n,
+        cache_margin=cache_margin,
         mesh=mesh,
         rules=rules,
     )

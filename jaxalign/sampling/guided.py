@@ -52,6 +52,7 @@ ROLES = {
     "eft": ("large_base", "small_tuned", "small_base"),
     "nudging": ("base", "aligned"),
     "genarm": ("base", "arms"),
+    "search": ("policy", "value"),  # jaxalign.sampling.search
 }
 
 
@@ -80,15 +81,15 @@ def genarm_logprobs(
 
 
 # The combine rules `decode` runs: module-level functions, so the compiled loop is reused.
-def _eft(logps: list[LogProbs], state: dict) -> tuple[LogProbs, dict]:
+def _eft(logps: list[LogProbs], state: dict, _step: dict) -> tuple[LogProbs, dict]:
     return eft_logprobs(*logps, state["alpha"]), state
 
 
-def _nudging(logps: list[LogProbs], state: dict) -> tuple[LogProbs, dict]:
+def _nudging(logps: list[LogProbs], state: dict, _step: dict) -> tuple[LogProbs, dict]:
     return nudging_logprobs(logps[0], logps[1], state["gamma"]), state
 
 
-def _genarm(logps: list[LogProbs], state: dict) -> tuple[LogProbs, dict]:
+def _genarm(logps: list[LogProbs], state: dict, _step: dict) -> tuple[LogProbs, dict]:
     return genarm_logprobs(logps[0], logps[1:], state["coefs"]), state
 
 

@@ -296,6 +296,26 @@ def _splits(config: ConfigDict, examples: int, what: str) -> None:
         )
 
 
+def _grao_groups(config: ConfigDict, family: str) -> None:
+    """GRAO's pairwise term (rl.pair_coef) compares the rows of one prompt: only grpo carries it,
+    and the rows must stay in order (one minibatch, one epoch; a micro-batch of
+    `optimizer.grad_accum` always holds whole prompts, since data.batch_size divides by it)."""
+    rl = config.rl
+    if family != "grpo":
+        raise ConfigError(f"rl.pair_coef={rl.pair_coef}: GRAO's pairwise term is a grpo option")
+    if rl.pair_coef < 0 or rl.pair_beta <= 0:
+        raise ConfigError(
+            f"rl.pair_coef={rl.pair_coef}, rl.pair_beta={rl.pair_beta}: expected >= 0 and > 0"
+        )
+    if rl.minibatches != 1 or rl.epochs != 1:
+        raise ConfigError(
+            f"rl.pair_coef={rl.pair_coef}: GRAO compares the {rl.group_size} rows of a prompt, so "
+            f"it needs the rows in order: rl.minibatches=1 and rl.epochs=1 (got "
+            f"minibatches={rl.minibatches}, epochs={rl.epochs}; micro-batches of "
+            "optimizer.grad_accum hold whole prompts)"
+        )
+
+
 def _policy(*, kl_in_loss: bool, value_head: bool, family: str, compares: bool = False):
     def build(config: ConfigDict, model_config, mesh) -> Objective:
         if compares:
@@ -315,6 +335,8 @@ def _policy(*, kl_in_loss: bool, value_head: bool, family: str, compares: bool =
             )
         if config.rl.ratio not in ("token", "sequence"):
             raise ConfigError(f'rl.ratio "{config.rl.ratio}": expected "token" or "sequence"')
+        if config.rl.pair_coef:
+            _grao_groups(config, family)
         place = _placement(config, mesh)
         return policy.policy_objective(
             model_config,

@@ -21,7 +21,9 @@ against that untruncated distribution, as the sampler reports it):
     token_loss = pg(ratio, A) [* TIS weight] + kl_coef * k3(logp, ref_logp) - entropy_coef * H
                (+ value_coef * value_loss with a value head)
 
-reduced by `jaxalign.losses.policy.aggregate` (`rl.aggregation`); pg is the clipped surrogate
+reduced by `jaxalign.losses.policy.aggregate` (`rl.aggregation`), plus, with `rl.pair_coef` > 0
+(GRAO, `jaxalign.losses.grao`), pair_coef times the mean over the micro-batch's groups of the
+pairwise term (rows in contiguous groups of `rl.group_size`); pg is the clipped surrogate
 (`rl.ratio="token"`) or GSPO's sequence ratio (`"sequence"`). The loss sum and its weight add up
 over micro-batches, so gradient accumulation gives the whole minibatch's gradient.
 """
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 from jaxalign import kernels, models
 from jaxalign.data.layout import BatchSpec
 from jaxalign.losses import policy
+from jaxalign.losses.grao import grao_pairwise
 from jaxalign.models import heads
 from jaxalign.train.objectives import Objective
 
@@ -189,6 +192,17 @@ def policy_objective(
         # sum by the total weight): exact for one micro-batch, a weighted mean of means else.
         tokens = jnp.maximum(mask.sum(), 1.0)
         sums = {k: jnp.where(mask > 0, v, 0.0).sum() / tokens * weight for k, v in metrics.items()}
+        if rl.pair_coef:
+            lengths = jnp.maximum(mask.sum(1), 1.0)
+            share, pair_metrics = grao_pairwise(
+                (logps * mask).sum(1) / lengths,
+                (adv * mask).sum(1) / lengths,
+                (mask.sum(1) > 0).astype(jnp.float32),
+                group_size=rl.group_size,
+                beta=rl.pair_beta,
+            )
+            loss_sum = loss_sum + rl.pair_coef * share.mean() * weight
+            sums |= {k: v.mean() * weight for k, v in pair_metrics.items()}
         return loss_sum, weight, sums
 
     fields = ["advantages", "sampler_logps"] + ([] if own_old else ["old_logps"])

@@ -108,7 +108,10 @@ def test_guided_configs_reduce_to_one_model_and_flags_override(runs, prompts, tm
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--config.method=eftt"], "unknown guided method 'eftt' (known: eft, genarm, nudging)"),
+        (
+            ["--config.method=eftt"],
+            "unknown guided method 'eftt' (known: eft, genarm, nudging, search)",
+        ),
         (["--config.models.small_base="], "method eft needs models.small_base (checkpoint:"),
         (["--config.models.large=x"], 'unknown key "models.large"'),
         (["--config.models.small_tuned=WIDE"], "vocabulary sizes differ (large_base ("),
