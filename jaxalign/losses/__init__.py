@@ -3,6 +3,7 @@ the token-level policy-gradient losses of online RL (``jaxalign.losses.policy``,
 registry: they return a token loss ``[B, T]``)."""
 
 from jaxalign.losses import policy
+from jaxalign.losses.judgments import aft, asft, cut, realign
 from jaxalign.losses.policy import (
     AGGREGATIONS,
     aggregate,
@@ -63,11 +64,13 @@ __all__ = [
     "Bound",
     "LOSSES",
     "Mix",
+    "aft",
     "aggregate",
     "aot",
     "aot_unpaired",
     "apo_down",
     "apo_zero",
+    "asft",
     "bco",
     "bco_pair",
     "bind",
@@ -75,6 +78,7 @@ __all__ = [
     "call",
     "clipped_policy_loss",
     "cpo",
+    "cut",
     "discopop",
     "dpo",
     "exo_pair",
@@ -102,6 +106,7 @@ __all__ = [
     "npo",
     "orpo",
     "policy",
+    "realign",
     "required_inputs",
     "robust",
     "rpo",

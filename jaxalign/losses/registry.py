@@ -23,7 +23,7 @@ from typing import Any
 
 from jaxtyping import Array
 
-from jaxalign.losses import preference, reward, sft, unpaired
+from jaxalign.losses import judgments, preference, reward, sft, unpaired
 
 LossFn = Callable[..., tuple[Array, dict[str, Array]]]
 
@@ -56,6 +56,10 @@ LOSSES: dict[str, LossFn] = {
     "npo": unpaired.npo,
     "sft": sft.sft,
     "bradley_terry": reward.bradley_terry,
+    "cut": judgments.cut,
+    "asft": judgments.asft,
+    "aft": judgments.aft,
+    "realign": judgments.realign,
 }
 
 CHOSEN_SIDE: dict[str, str] = {
