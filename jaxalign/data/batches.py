@@ -2,6 +2,7 @@
 
 - records "sft": `make_sft_pipeline` (SFT records; also NPO's forget set);
 - records "pair": `make_pair_pipeline`;
+- records "judgment": `make_judgment_pipeline` (CUT's `{prompt, response, judgment}`);
 - records "unpaired": `make_unpaired_pipeline` (`{prompt, completion, label}`), with KTO's
   mismatched KL sequences when ``spec.kl_sequences``;
 - ``spec.retain``: an SFT file read alongside, a batch of the same size per step, its arrays under
@@ -15,6 +16,7 @@ from __future__ import annotations
 from jaxalign.data.layout import RETAIN_PREFIX, BatchSpec
 from jaxalign.data.pipeline import (
     BatchIterator,
+    make_judgment_pipeline,
     make_pair_pipeline,
     make_sft_pipeline,
     make_unpaired_pipeline,
@@ -68,6 +70,8 @@ def make_batches(
     extra_fields = spec.fields
     if spec.records == "pair":
         pipeline = make_pair_pipeline(path, tokenizer, extra_fields=extra_fields, **options)
+    elif spec.records == "judgment":
+        pipeline = make_judgment_pipeline(path, tokenizer, extra_fields=extra_fields, **options)
     elif spec.records == "unpaired":
         pipeline = make_unpaired_pipeline(
             path, tokenizer, extra_fields=extra_fields, kl_sequences=spec.kl_sequences, **options

@@ -14,13 +14,15 @@ record adds a per-example system message, see `jaxalign.data.templates`):
   prompt is their longest common beginning that ends with ``"\\n\\nAssistant:"``.
 - Unpaired: ``{"prompt": ..., "completion": ..., "label": bool}`` (True = desirable).
 - Prompt (RL / evaluation): ``{"prompt": str | messages, ...}``; other fields are kept.
+- Judgment (CUT): ``{"prompt": str | messages, "response": str, "judgment": str}``; the response
+  is read after the prompt and after the prompt with the judgment appended (`parse_judgment`).
 
 A response message list that begins with the prompt's turns is the whole conversation in every
 format (SFT and unpaired ``completion`` too).
 
 A parser returns a normalised example ``{"messages": prefix, "system": str | None, "responses":
-[...]}`` (one response for SFT / unpaired, [chosen, rejected] for pairs) or raises `RecordError`
-naming the field.
+[...]}`` (one response for SFT / unpaired, [chosen, rejected] for pairs; with ``"prompts"``, one
+prefix per response) or raises `RecordError` naming the field.
 
 Tokenisation (`tokenize_example`) and the truncation policy, with N = max_len + 1 tokens per
 sequence (a sequence of n + 1 tokens fills n model positions: inputs ids[:-1], targets ids[1:]):
@@ -187,6 +189,46 @@ def parse_unpaired(rec: dict, extra_fields: tuple[str, ...] = ()) -> dict:
         "system": _system(rec),
         "responses": [text],
         "label": float(label),
+    }
+    out.update(_extras(rec, extra_fields))
+    return out
+
+
+# CUT records: the judgment is appended to the prompt's last (user) message after this.
+JUDGMENT_PREFIX = "\n\nJudgment: "
+
+
+def _text(rec: dict, field: str) -> str:
+    value = _get(rec, field, "a non-empty string")
+    if not isinstance(value, str):
+        raise RecordError(field, f"has type {type(value).__name__}", "a non-empty string")
+    if not value.strip():
+        raise RecordError(field, "is empty", "a non-empty string")
+    return value
+
+
+def parse_judgment(rec: dict, extra_fields: tuple[str, ...] = ()) -> dict:
+    """A judged response ``{"prompt": str | messages, "response": str, "judgment": str}`` (CUT)
+    -> the same response after two prompts: ``"prompts": [x, x + j]``, where x + j is the prompt
+    with ``JUDGMENT_PREFIX + judgment`` appended to its last message (which must be the user's),
+    and ``"same_response": True`` (the pipeline keeps the two response tokenisations equal)."""
+    prompt = _prompt_messages(_get(rec, "prompt"))
+    response = _text(rec, "response")
+    judgment = _text(rec, "judgment")
+    last = prompt[-1]
+    if last["role"] != "user":
+        raise RecordError(
+            "prompt",
+            f'ends with a "{last["role"]}" message',
+            "a user message last (the judgment is appended to it)",
+        )
+    judged = [*prompt[:-1], last | {"content": last["content"] + JUDGMENT_PREFIX + judgment}]
+    out = {
+        "messages": prompt,
+        "system": _system(rec),
+        "responses": [response, response],
+        "prompts": [prompt, judged],
+        "same_response": True,
     }
     out.update(_extras(rec, extra_fields))
     return out

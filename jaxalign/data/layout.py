@@ -10,7 +10,8 @@ Dimensions (letters used across the codebase):
     R  rows of a batch,  T  tokens per row
     E  examples of a batch (pairs for pair batches: P = E)
     B  sequences of a batch: B = E, or 2E for pairs (sequence i is the chosen response of pair i,
-       sequence E + i the rejected one) and for KTO's mismatched-pair KL sequences (sequence E + i
+       sequence E + i the rejected one; for judgments, sequence E + i is example i's response after
+       the prompt with the judgment) and for KTO's mismatched-pair KL sequences (sequence E + i
        is example i's prompt with another example's completion)
     M  values per example of a list-valued data field (e.g. modpo's margins)
 
@@ -80,7 +81,9 @@ class BatchSpec:
     """What a family's batches hold beyond the row arrays.
 
     records: the record format they are read from ("sft" `{prompt, completion}` or messages,
-      "pair" `{prompt, chosen, rejected}`, "unpaired" `{prompt, completion, label}`), or
+      "pair" `{prompt, chosen, rejected}`, "unpaired" `{prompt, completion, label}`, "judgment"
+      `{prompt, response, judgment}`: the response after the prompt, then after the prompt with
+      the judgment), or
       "rollout" (built from sampled completions, `jaxalign.rl.rollout`).
     kl_sequences: unpaired batches also carry each example's mismatched KL sequence (KTO).
     fields: per-example float32 data fields beside `example_mask` (labels excluded: they follow
@@ -89,7 +92,7 @@ class BatchSpec:
     token_fields: float32 [R, T] fields aligned with the targets (rollout batches).
     """
 
-    records: Literal["sft", "pair", "unpaired", "rollout"]
+    records: Literal["sft", "pair", "unpaired", "judgment", "rollout"]
     kl_sequences: bool = False
     fields: tuple[str, ...] = ()
     retain: bool = False
@@ -97,7 +100,7 @@ class BatchSpec:
 
     @property
     def sequences_per_example(self) -> int:
-        return 2 if self.records == "pair" or self.kl_sequences else 1
+        return 2 if self.records in ("pair", "judgment") or self.kl_sequences else 1
 
 
 def row_arrays(R: int, T: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -17,6 +17,9 @@ Batch layout: `jaxalign.data.layout` (every key, its dimensions and dtype). Sequ
   the last example of finite data), cut to max_len like any sequence: the mismatched pairs
   (x_i, y_j) whose log-ratios estimate KL (Ethayarajh et al., 2024; TRL shifts completions within
   a batch the same way). It depends only on the example's index, so resumption stays exact.
+- Judgments (CUT, `make_judgment_pipeline`): B = 2E; sequence i is example i's response after
+  its prompt, sequence E + i the same response after the prompt with the judgment appended. Both
+  hold the same response tokens (the longer is cut to the shorter's length).
 - ``train_on_prompt=True``: loss_mask also covers the prompt tokens (every target but the first
   token), e.g. the joint preference objective (DOVE / JPO ``joint=True``) where logp counts the
   prompt.
@@ -61,7 +64,8 @@ from jaxalign.data.sources import RecordTransform, Source, open_source
 from jaxalign.data.templates import Template, get_template
 from jaxalign.data.tokenizers import Tokenizer, load_tokenizer
 
-_KINDS = ("sft", "pair", "unpaired")
+# Sequences per example of each kind (the unpaired kind with KTO's KL sequences has 2).
+_SEQUENCES = {"sft": 1, "pair": 2, "unpaired": 1, "judgment": 2}
 
 
 def default_length_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
@@ -101,13 +105,17 @@ def _tokenize(
     add_bos: bool,
 ) -> dict:
     """Normalised example -> {"seqs": [(ids, prompt_len), ...], "truncated": bool, **scalar
-    fields}."""
+    fields}. Response k follows ``example["prompts"][k]`` when the example has one prefix per
+    response; with ``same_response`` every sequence keeps the same response tokens (cut to the
+    shortest, which truncation may have shortened)."""
     seqs, truncated = [], False
-    for r in example["responses"]:
+    responses = example["responses"]
+    prompts = example.get("prompts") or [example["messages"]] * len(responses)
+    for messages, r in zip(prompts, responses, strict=True):
         ids, prompt_len, cut = formats.tokenize_example(
             tokenizer,
             template,
-            example["messages"],
+            messages,
             example["system"],
             r,
             max_len=max_len,
@@ -116,8 +124,24 @@ def _tokenize(
         )
         seqs.append((ids, prompt_len))
         truncated |= cut
-    out = {k: v for k, v in example.items() if k not in ("messages", "system", "responses")}
+    if example.get("same_response"):
+        seqs = _same_response(seqs, example)
+    own = ("messages", "system", "responses", "prompts", "same_response")
+    out = {k: v for k, v in example.items() if k not in own}
     return out | {"seqs": seqs, "truncated": truncated}
+
+
+def _same_response(seqs: list, example: dict) -> list:
+    """The sequences cut to their shortest response, which must be the same tokens in each."""
+    tails = [ids[plen:] for ids, plen in seqs]
+    n = min(len(t) for t in tails)
+    if any(not np.array_equal(t[:n], tails[0][:n]) for t in tails):
+        raise DataError(
+            f"the response {example['responses'][0][:40]!r} tokenises differently after its "
+            "prompts (the template joins prompt and response tokens); a judgment record needs "
+            "the same response tokens after the prompt with and without the judgment"
+        )
+    return [(ids[: plen + n], plen) for ids, plen in seqs]
 
 
 class _ResumableIterator:
@@ -211,12 +235,12 @@ class BatchIterator(_ResumableIterator):
         # Examples whose prompt or response was cut to max_prompt_len / max_len, counted as
         # batches are built (this iterator's lifetime, not saved).
         self.num_truncated = 0
-        self._seqs_per_example = 2 if kind == "pair" or kl_sequences else 1
+        self._seqs_per_example = 2 if kl_sequences else _SEQUENCES[kind]
         self.num_sequences = batch_size * self._seqs_per_example
 
     def _slots(self, j: int) -> list[int]:
         """Sequence slots of the j-th example of a batch."""
-        return [j] if self._seqs_per_example == 1 else [j, self.batch_size + j]
+        return [k * self.batch_size + j for k in range(self._seqs_per_example)]
 
     def _example(self, index: int) -> dict:
         """Example `index`, with its mismatched KL sequence appended when asked for."""
@@ -332,7 +356,7 @@ def _make_pipeline(
     kl_sequences: bool = False,
     train_on_prompt: bool = False,
 ) -> BatchIterator:
-    if kind not in _KINDS:
+    if kind not in _SEQUENCES:
         raise ValueError(f"unknown pipeline kind {kind!r}")
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
@@ -341,7 +365,7 @@ def _make_pipeline(
     formats.check_lengths(max_len, max_prompt_len)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    seqs_per_example = 2 if kind == "pair" or kl_sequences else 1
+    seqs_per_example = 2 if kl_sequences else _SEQUENCES[kind]
     if pack:
         pack_rows = pack_rows or max(1, batch_size * seqs_per_example // 2)
         if pack_rows < seqs_per_example:  # so that any one example fits an empty batch
@@ -491,6 +515,36 @@ def make_pair_pipeline(
     """
     parse = functools.partial(formats.parse_pair, extra_fields=tuple(extra_fields))
     return _make_pipeline("pair", parse, path, tokenizer, **_kw(locals()))
+
+
+def make_judgment_pipeline(
+    path: str,
+    tokenizer: Tokenizer | str,
+    *,
+    batch_size: int,
+    max_len: int,
+    max_prompt_len: int | None = None,
+    pack: bool = False,
+    pack_rows: int | None = None,
+    length_buckets: Sequence[int] | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    template: str | Template = "plain",
+    add_bos: bool = True,
+    skip_bad_records: bool = False,
+    transforms: Sequence[RecordTransform] = (),
+    extra_fields: Sequence[str] = (),
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    train_on_prompt: bool = False,
+) -> BatchIterator:
+    """Judged-response batches (CUT) from ``{prompt, response, judgment}`` records: E =
+    batch_size examples, B = 2E sequences; sequence i is the response after the prompt x,
+    sequence E + i the same response tokens after x with the judgment appended
+    (`jaxalign.data.formats.parse_judgment`). Arguments as in `make_sft_pipeline`."""
+    parse = functools.partial(formats.parse_judgment, extra_fields=tuple(extra_fields))
+    return _make_pipeline("judgment", parse, path, tokenizer, **_kw(locals()))
 
 
 def make_unpaired_pipeline(

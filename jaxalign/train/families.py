@@ -8,6 +8,7 @@ cache. Nothing else chooses by the family's name.
 | `unpaired` | kto / bco / npo (+ retain)    | unpaired (kto, bco), |               | offline |
 |            |                               | sft (npo forget set) |               |         |
 | `reward`   | Bradley-Terry reward model    | pair                 | `reward_head` | offline |
+| `cut`      | CUT: unlikelihood on flagged tokens, NLL elsewhere | judgment |     | offline |
 | `ppo`      | clipped PG + value loss, GAE  | prompts              | `value_head`  | online  |
 | `grpo`     | clipped PG, group advantages  | prompts              |               | online  |
 | `rloo`     | clipped PG, leave-one-out     | prompts              |               | online  |
@@ -169,6 +170,12 @@ def unpaired(config: ConfigDict, model_config, mesh) -> Objective:
     )
 
 
+def cut(config: ConfigDict, model_config, mesh) -> Objective:
+    return _with_loss(
+        objectives.judgment_objective, config, model_config, **_placement(config, mesh)
+    )
+
+
 def reward_model(config: ConfigDict, model_config, mesh) -> Objective:
     del mesh  # the reward head reads hidden states; no log-prob kernel
     return _with_loss(reward.reward_objective, config, model_config)
@@ -299,6 +306,7 @@ FAMILIES: dict[str, Family] = {
     "paired": Family(paired, offline_batches, takes_ref_cache=True),
     "unpaired": Family(unpaired, offline_batches),
     "reward": Family(reward_model, offline_batches, head=heads.REWARD_HEAD),
+    "cut": Family(cut, offline_batches),
     "ppo": _online(
         _policy(kl_in_loss=False, value_head=True, family="ppo"), None, head=heads.VALUE_HEAD
     ),

@@ -9,7 +9,8 @@ so any split into micro-batches gives the gradient of the whole batch. Every met
 sum divided the same way.
 
 Objectives: `sft_objective` (token-mean NLL), `paired_objective` (any paired loss or mix on pair
-batches), `unpaired_objective` (kto / bco / npo on single responses) and
+batches), `unpaired_objective` (kto / bco / npo on single responses), `judgment_objective` (CUT
+on a response read with and without its judgment) and
 `jaxalign.train.reward.reward_objective` (Bradley-Terry reward model).
 
 Sequences. A batch holds B sequences in R rows (layout: `jaxalign.data.layout`); `seq_index`
@@ -174,9 +175,11 @@ def sequence_logps(
 
 
 def split_pairs(x, num_groups: int):
-    """[G * 2P] per-sequence values (block g: P chosen then P rejected) -> ([G*P], [G*P])."""
-    x = x.reshape(num_groups, 2, -1)
-    return x[:, 0].reshape(-1), x[:, 1].reshape(-1)
+    """[G * 2P, ...] per-sequence values (block g: P chosen then P rejected) -> ([G*P, ...],
+    [G*P, ...])."""
+    rest = x.shape[1:]
+    x = x.reshape(num_groups, 2, -1, *rest)
+    return x[:, 0].reshape(-1, *rest), x[:, 1].reshape(-1, *rest)
 
 
 def paired_logps(
@@ -423,3 +426,71 @@ def unpaired_objective(
     records = "unpaired" if labelled else "sft"
     batch = BatchSpec(records, kl_sequences=kl, fields=tuple(fields), retain=retain)
     return Objective(fn, batch, needs_ref, delta_state(loss))
+
+
+def response_tokens(values, loss_mask, index, total: int):
+    """[R, T] values on counted tokens -> [B, T] per sequence, its k-th response token in column
+    k - 1 and 0 after its end (padded or packed rows alike)."""
+    T = loss_mask.shape[1]
+    ordinals = response_ordinals(loss_mask, index, total).astype(jnp.int32)
+    column = jnp.where(loss_mask > 0, ordinals - 1, T)
+    out = jnp.zeros((total + 1, T + 1), values.dtype).at[index, column].add(values * loss_mask)
+    return out[:total, :T]
+
+
+JUDGMENT_INPUTS = ("policy_token_logps", "judged_token_logps", "response_mask")
+
+
+def judgment_objective(
+    model_config,
+    loss,
+    loss_kwargs: dict | None = None,
+    *,
+    num_groups: int = 1,
+    mesh=None,
+    rules=None,
+    implementation=None,
+    fields=(),
+) -> Objective:
+    """CUT (`jaxalign.losses.cut`) on judgment batches: sequence i is example i's response y
+    after the prompt x, sequence E + i the same response tokens after x with the judgment j.
+
+    One forward of the policy over both: the token log-probs of the first are
+    `policy_token_logps` [E, T] (differentiated), of the second `judged_token_logps` (under
+    stop-gradient: p(y_t | x, j, y_<t) only decides which tokens are flagged), aligned by
+    response position (`response_tokens`), with `response_mask`; the data fields by name.
+    Examples weigh by their response length, so the batch loss is a token mean as in SFT.
+    Metrics: the loss's, and `nll/judged` (token-mean NLL with the judgment).
+    """
+    loss = as_loss(loss, loss_kwargs)
+    missing = set(loss.required_inputs) - set(JUDGMENT_INPUTS) - set(fields)
+    if missing:
+        raise ValueError(
+            f"judgment batches supply {', '.join(JUDGMENT_INPUTS)}; the loss also needs "
+            f"{sorted(missing)} (use the `cut` loss)"
+        )
+
+    def fn(params, ref_params, micro, loss_state=None):
+        del ref_params, loss_state
+        per_group = 2 * micro["example_mask"].shape[0] // num_groups
+        index, total = sequence_index(micro, per_group, num_groups)
+        mask = micro["loss_mask"]
+        logps = token_logps(
+            model_config, params, micro, mesh=mesh, rules=rules, implementation=implementation
+        )
+        plain, judged = split_pairs(response_tokens(logps, mask, index, total), num_groups)
+        response_mask, _ = split_pairs(response_tokens(mask, mask, index, total), num_groups)
+        inputs = layout.data_fields(micro)
+        inputs["policy_token_logps"] = plain
+        inputs["judged_token_logps"] = jax.lax.stop_gradient(judged)
+        inputs["response_mask"] = response_mask
+        per_example, metrics = loss(inputs)
+        lengths = response_mask.sum(-1)
+        metrics = dict(metrics)
+        metrics["nll/judged"] = jax.lax.stop_gradient(
+            -(judged * response_mask).sum(-1) / jnp.maximum(lengths, 1.0)
+        )
+        weight = lengths * micro["example_mask"]
+        return (per_example * weight).sum(), weight.sum(), weighted(metrics, weight)
+
+    return Objective(fn, BatchSpec("judgment", fields=tuple(fields)))
