@@ -6,6 +6,8 @@
   answer judged "wrong, the answer is <right>.", odd records the right answer judged "correct."
   (words the demo tokenizer spells; it has no "J" or ":", so the judgment prefix it reads as
   unknown tokens).
+- contrast_train.jsonl (Re-Align): the pairs with ``contrast_prompt``, the next pair's prompt (the
+  last record's: the first one's), a context under which the chosen answer is wrong.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ def judgments(pairs: list[dict]) -> list[dict]:
     return out
 
 
+def contrasts(pairs: list[dict]) -> list[dict]:
+    return [
+        p | {"contrast_prompt": pairs[(i + 1) % len(pairs)]["prompt"]} for i, p in enumerate(pairs)
+    ]
+
+
 def _write(path: pathlib.Path, records: list[dict]) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -44,7 +52,11 @@ def main() -> None:
     demo = pathlib.Path(args.demo)
     lines = (demo / "pairs_train.jsonl").read_text().splitlines()[:RECORDS]
     pairs = [json.loads(line) for line in lines]
-    for name, records in (("judgments_train.jsonl", judgments(pairs)),):
+    outputs = (
+        ("judgments_train.jsonl", judgments(pairs)),
+        ("contrast_train.jsonl", contrasts(pairs)),
+    )
+    for name, records in outputs:
         _write(demo / name, records)
         print(f"{demo / name} ({len(records)} records)")
 

@@ -2,6 +2,7 @@
 
 - records "sft": `make_sft_pipeline` (SFT records; also NPO's forget set);
 - records "pair": `make_pair_pipeline`;
+- records "contrast": `make_contrast_pipeline` (Re-Align's pairs with a `contrast_prompt`);
 - records "judgment": `make_judgment_pipeline` (CUT's `{prompt, response, judgment}`);
 - records "unpaired": `make_unpaired_pipeline` (`{prompt, completion, label}`), with KTO's
   mismatched KL sequences when ``spec.kl_sequences``;
@@ -16,6 +17,7 @@ from __future__ import annotations
 from jaxalign.data.layout import RETAIN_PREFIX, BatchSpec
 from jaxalign.data.pipeline import (
     BatchIterator,
+    make_contrast_pipeline,
     make_judgment_pipeline,
     make_pair_pipeline,
     make_sft_pipeline,
@@ -70,6 +72,8 @@ def make_batches(
     extra_fields = spec.fields
     if spec.records == "pair":
         pipeline = make_pair_pipeline(path, tokenizer, extra_fields=extra_fields, **options)
+    elif spec.records == "contrast":
+        pipeline = make_contrast_pipeline(path, tokenizer, extra_fields=extra_fields, **options)
     elif spec.records == "judgment":
         pipeline = make_judgment_pipeline(path, tokenizer, extra_fields=extra_fields, **options)
     elif spec.records == "unpaired":

@@ -14,6 +14,8 @@ record adds a per-example system message, see `jaxalign.data.templates`):
   prompt is their longest common beginning that ends with ``"\\n\\nAssistant:"``.
 - Unpaired: ``{"prompt": ..., "completion": ..., "label": bool}`` (True = desirable).
 - Prompt (RL / evaluation): ``{"prompt": str | messages, ...}``; other fields are kept.
+- Contrast (Re-Align): a pair with ``"contrast_prompt": str | messages``, an alternative context
+  under which the chosen response is read as well (`parse_contrast`).
 - Judgment (CUT): ``{"prompt": str | messages, "response": str, "judgment": str}``; the response
   is read after the prompt and after the prompt with the judgment appended (`parse_judgment`).
 
@@ -192,6 +194,19 @@ def parse_unpaired(rec: dict, extra_fields: tuple[str, ...] = ()) -> dict:
     }
     out.update(_extras(rec, extra_fields))
     return out
+
+
+def parse_contrast(rec: dict, extra_fields: tuple[str, ...] = ()) -> dict:
+    """A pair with an alternative context ``{"prompt", "chosen", "rejected", "contrast_prompt":
+    str | messages}`` (Re-Align) -> three responses: chosen and rejected after the prompt, then
+    chosen after ``contrast_prompt`` (``"prompts"``: one prefix per response)."""
+    out = parse_pair(rec, extra_fields)
+    contrast = _prompt_messages(_get(rec, "contrast_prompt"), "contrast_prompt")
+    chosen, rejected = out["responses"]
+    return out | {
+        "responses": [chosen, rejected, chosen],
+        "prompts": [out["messages"], out["messages"], contrast],
+    }
 
 
 # CUT records: the judgment is appended to the prompt's last (user) message after this.

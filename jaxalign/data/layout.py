@@ -11,7 +11,8 @@ Dimensions (letters used across the codebase):
     E  examples of a batch (pairs for pair batches: P = E)
     B  sequences of a batch: B = E, or 2E for pairs (sequence i is the chosen response of pair i,
        sequence E + i the rejected one; for judgments, sequence E + i is example i's response after
-       the prompt with the judgment) and for KTO's mismatched-pair KL sequences (sequence E + i
+       the prompt with the judgment; for contrast pairs B = 3E, sequence 2E + i the chosen response
+       after the contrast prompt) and for KTO's mismatched-pair KL sequences (sequence E + i
        is example i's prompt with another example's completion)
     M  values per example of a list-valued data field (e.g. modpo's margins)
 
@@ -83,7 +84,8 @@ class BatchSpec:
     records: the record format they are read from ("sft" `{prompt, completion}` or messages,
       "pair" `{prompt, chosen, rejected}`, "unpaired" `{prompt, completion, label}`, "judgment"
       `{prompt, response, judgment}`: the response after the prompt, then after the prompt with
-      the judgment), or
+      the judgment; "contrast" `{prompt, chosen, rejected, contrast_prompt}`: a pair, then the
+      chosen response after the contrast prompt), or
       "rollout" (built from sampled completions, `jaxalign.rl.rollout`).
     kl_sequences: unpaired batches also carry each example's mismatched KL sequence (KTO).
     fields: per-example float32 data fields beside `example_mask` (labels excluded: they follow
@@ -92,7 +94,7 @@ class BatchSpec:
     token_fields: float32 [R, T] fields aligned with the targets (rollout batches).
     """
 
-    records: Literal["sft", "pair", "unpaired", "judgment", "rollout"]
+    records: Literal["sft", "pair", "unpaired", "judgment", "contrast", "rollout"]
     kl_sequences: bool = False
     fields: tuple[str, ...] = ()
     retain: bool = False
@@ -100,6 +102,8 @@ class BatchSpec:
 
     @property
     def sequences_per_example(self) -> int:
+        if self.records == "contrast":
+            return 3
         return 2 if self.records in ("pair", "judgment") or self.kl_sequences else 1
 
 

@@ -20,6 +20,8 @@ Batch layout: `jaxalign.data.layout` (every key, its dimensions and dtype). Sequ
 - Judgments (CUT, `make_judgment_pipeline`): B = 2E; sequence i is example i's response after
   its prompt, sequence E + i the same response after the prompt with the judgment appended. Both
   hold the same response tokens (the longer is cut to the shorter's length).
+- Contrast pairs (Re-Align, `make_contrast_pipeline`): B = 3P; sequences i and P + i as for pairs,
+  sequence 2P + i the chosen response of pair i after its ``contrast_prompt``.
 - ``train_on_prompt=True``: loss_mask also covers the prompt tokens (every target but the first
   token), e.g. the joint preference objective (DOVE / JPO ``joint=True``) where logp counts the
   prompt.
@@ -65,7 +67,7 @@ from jaxalign.data.templates import Template, get_template
 from jaxalign.data.tokenizers import Tokenizer, load_tokenizer
 
 # Sequences per example of each kind (the unpaired kind with KTO's KL sequences has 2).
-_SEQUENCES = {"sft": 1, "pair": 2, "unpaired": 1, "judgment": 2}
+_SEQUENCES = {"sft": 1, "pair": 2, "unpaired": 1, "judgment": 2, "contrast": 3}
 
 
 def default_length_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
@@ -515,6 +517,35 @@ def make_pair_pipeline(
     """
     parse = functools.partial(formats.parse_pair, extra_fields=tuple(extra_fields))
     return _make_pipeline("pair", parse, path, tokenizer, **_kw(locals()))
+
+
+def make_contrast_pipeline(
+    path: str,
+    tokenizer: Tokenizer | str,
+    *,
+    batch_size: int,
+    max_len: int,
+    max_prompt_len: int | None = None,
+    pack: bool = False,
+    pack_rows: int | None = None,
+    length_buckets: Sequence[int] | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    template: str | Template = "plain",
+    add_bos: bool = True,
+    skip_bad_records: bool = False,
+    transforms: Sequence[RecordTransform] = (),
+    extra_fields: Sequence[str] = (),
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    train_on_prompt: bool = False,
+) -> BatchIterator:
+    """Pairs with an alternative context (Re-Align) from ``{prompt, chosen, rejected,
+    contrast_prompt}`` records: P = batch_size pairs, B = 3P sequences; i chosen, P + i rejected,
+    2P + i the chosen response after the contrast prompt. Arguments as in `make_sft_pipeline`."""
+    parse = functools.partial(formats.parse_contrast, extra_fields=tuple(extra_fields))
+    return _make_pipeline("contrast", parse, path, tokenizer, **_kw(locals()))
 
 
 def make_judgment_pipeline(

@@ -182,20 +182,36 @@ def split_pairs(x, num_groups: int):
     return x[:, 0].reshape(-1, *rest), x[:, 1].reshape(-1, *rest)
 
 
+def split_sides(x, num_groups: int, sides: int):
+    """[G * kP] per-sequence values (block g: P of each side in turn) -> k arrays [G*P]."""
+    x = x.reshape(num_groups, sides, -1)
+    return tuple(x[:, k].reshape(-1) for k in range(sides))
+
+
 def paired_logps(
-    model_config, params, micro, num_groups: int, *, with_prefix, mesh=None, rules=None, impl=None
+    model_config,
+    params,
+    micro,
+    num_groups: int,
+    *,
+    with_prefix,
+    sides: int = 2,
+    mesh=None,
+    rules=None,
+    impl=None,
 ):
-    """Per pair ([G*P], [G*P]) chosen and rejected sums of a pair batch: {"logps": ...} and, with
-    `with_prefix`, {"prefix_logps": ...} over the first min(|y_w|, |y_l|) response tokens of each
-    side (LD-DPO, `prefix_mask`). Also returns the per-side lengths under "lengths"."""
-    per_group = 2 * micro["example_mask"].shape[0] // num_groups
+    """Per pair ([G*P], [G*P]) chosen and rejected sums of a pair batch (and the chosen response
+    after the contrast prompt with `sides=3`): {"logps": ...} and, with `with_prefix`,
+    {"prefix_logps": ...} over the first min(|y_w|, |y_l|) response tokens of each side (LD-DPO,
+    `prefix_mask`). Also returns the per-side lengths under "lengths"."""
+    per_group = sides * micro["example_mask"].shape[0] // num_groups
     index, total = sequence_index(micro, per_group, num_groups)
     mask = micro["loss_mask"]
     lengths = sequence_sums(mask, index, total)
     logps = token_logps(model_config, params, micro, mesh=mesh, rules=rules, implementation=impl)
     out = {
-        "lengths": split_pairs(lengths, num_groups),
-        "logps": split_pairs(sequence_sums(logps * mask, index, total), num_groups),
+        "lengths": split_sides(lengths, num_groups, sides),
+        "logps": split_sides(sequence_sums(logps * mask, index, total), num_groups, sides),
     }
     if with_prefix:
         prefix = prefix_mask(mask, index, total, pair_min_lengths(lengths, num_groups))
@@ -303,14 +319,26 @@ def paired_objective(
     `CACHE_FIELDS`, else one reference forward); `*_prefix_logps` when a term takes them (LD-DPO:
     sums over the first min(|y_w|, |y_l|) response tokens of each side); `delta` from `loss_state`
     (BCO); and every data field of the batch under its own name (e.g. `margin`, `beta_feature`,
-    `chosen_margins`).
+    `chosen_margins`). When a term takes `policy_contrast_logps` (Re-Align's `realign`) the
+    batches are contrast pairs (records "contrast") and `{policy,ref}_contrast_logps`,
+    `contrast_lengths` are the chosen response's after the contrast prompt.
     """
     loss = as_loss(loss, loss_kwargs)
-    with_prefix = any(n.endswith("_prefix_logps") for n in loss_inputs(loss))
+    names = loss_inputs(loss)
+    with_prefix = any(n.endswith("_prefix_logps") for n in names)
     cached = set(layout.CACHE_FIELDS) <= set(fields)
+    contrast = "policy_contrast_logps" in names
+    if contrast and (with_prefix or cached):
+        raise ValueError(
+            "the contrast term (policy_contrast_logps) takes no prefix log-probs and no cached "
+            "reference log-probs (data.ref_logps)"
+        )
+    kinds = ("chosen", "rejected", "contrast") if contrast else ("chosen", "rejected")
     needs_ref = loss.needs_reference and not cached
     sides = {"policy": False, "ref": True} if needs_ref else {"policy": False}
-    kw = dict(with_prefix=with_prefix, mesh=mesh, rules=rules, impl=implementation)
+    kw = dict(
+        with_prefix=with_prefix, sides=len(kinds), mesh=mesh, rules=rules, impl=implementation
+    )
 
     def fn(params, ref_params, micro, loss_state=None):
         inputs = layout.data_fields(micro)
@@ -321,10 +349,11 @@ def paired_objective(
             lengths = values.pop("lengths")
             if frozen:
                 values = jax.lax.stop_gradient(values)
-            for what, (chosen, rejected) in values.items():
-                inputs[f"{who}_chosen_{what}"] = chosen
-                inputs[f"{who}_rejected_{what}"] = rejected
-        inputs["chosen_lengths"], inputs["rejected_lengths"] = lengths
+            for what, per_side in values.items():
+                for kind, value in zip(kinds, per_side, strict=True):
+                    inputs[f"{who}_{kind}_{what}"] = value
+        for kind, value in zip(kinds, lengths, strict=True):
+            inputs[f"{kind}_lengths"] = value
         if loss_state:
             inputs["delta"] = loss_state["delta"]
         per_pair, metrics = loss(inputs)
@@ -339,7 +368,7 @@ def paired_objective(
         weight = micro["example_mask"]
         return (per_pair * weight).sum(), weight.sum(), weighted(metrics, weight)
 
-    batch = BatchSpec("pair", fields=tuple(fields))
+    batch = BatchSpec("contrast" if contrast else "pair", fields=tuple(fields))
     return Objective(fn, batch, needs_ref, delta_state(loss))
 
 

@@ -12,7 +12,12 @@ from ml_collections import ConfigDict
 
 from jaxalign import losses, models
 from jaxalign.config import apply_overrides, load_config
-from jaxalign.data import DataError, load_tokenizer, make_judgment_pipeline
+from jaxalign.data import (
+    DataError,
+    load_tokenizer,
+    make_contrast_pipeline,
+    make_judgment_pipeline,
+)
 from jaxalign.data.formats import JUDGMENT_PREFIX, encode_prompt
 from jaxalign.data.templates import get_template
 from jaxalign.errors import ConfigError
@@ -150,5 +155,78 @@ def test_cut_errors_name_the_record_and_the_key(tmp_path):
     config = _config("cut/tiny.py")
     with config.unlocked():
         config.loss = ConfigDict({"name": "dpo", "beta": 0.1})
-    with pytest.raises(ConfigError, match=r"loss: judgment batches supply .*\(use the `cut` loss\)"):
+    with pytest.raises(
+        ConfigError, match=r"loss: judgment batches supply .*\(use the `cut` loss\)"
+    ):
+        setup(config, read_files=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Re-Align
+
+CONTRASTS = ROOT / "data/demo/contrast_train.jsonl"
+
+
+def _sequence_logps(model_config, params, batch):
+    """float64 NumPy sums of response-token log-probs per row, from full logits."""
+    hidden = models.forward(
+        model_config, params, batch["tokens"], batch["positions"], batch["segment_ids"]
+    )
+    logits = np.asarray(hidden, np.float64) @ np.asarray(
+        models.unembedding(model_config, params), np.float64
+    )
+    token = np.take_along_axis(_log_softmax(logits), batch["targets"][..., None], -1)[..., 0]
+    return (token * batch["loss_mask"]).sum(-1)
+
+
+def test_contrast_objective_matches_numpy_dpo_plus_realign():
+    """Rows: chosen | x, rejected | x, chosen | x' (the record's contrast_prompt); the mix
+    dpo + realign against NumPy sums of full float64 logits, with a reference of its own."""
+    model_config = models.PRESETS["tiny-64"]
+    params = models.init_params(model_config, jax.random.key(0))
+    ref_params = models.init_params(model_config, jax.random.key(1))
+    tokenizer = load_tokenizer(str(ROOT / "data/demo/tokenizer.model"))
+    options = dict(batch_size=4, max_len=48, max_prompt_len=32, shuffle=False)
+    batch = next(make_contrast_pipeline(str(CONTRASTS), tokenizer, **options))
+    records = [json.loads(x) for x in CONTRASTS.read_text().splitlines()[:4]]
+    for i, rec in enumerate(records):  # the contrast row: chosen tokens after the other prompt
+        plain, other = batch["loss_mask"][i] > 0, batch["loss_mask"][8 + i] > 0
+        np.testing.assert_array_equal(batch["targets"][i][plain], batch["targets"][8 + i][other])
+        assert rec["contrast_prompt"] != rec["prompt"]
+    loss = losses.mix([("dpo", 1.0, {"beta": 0.5}), ("realign", 0.7, {"beta": 0.3})])
+    objective = objectives.paired_objective(model_config, loss)
+    assert objective.batch.records == "contrast" and objective.needs_ref
+    pol, ref = (
+        _sequence_logps(model_config, params, batch),
+        _sequence_logps(model_config, ref_params, batch),
+    )
+    s = (pol - ref).reshape(3, 4)  # chosen, rejected, contrast
+    # -logsig(z) = log(1 + exp(-z))
+    expected = np.logaddexp(0, -0.5 * (s[0] - s[1])) + 0.7 * np.logaddexp(0, -0.3 * (s[0] - s[2]))
+    loss_sum, weight, metrics = jax.jit(objective.fn)(params, ref_params, batch)
+    np.testing.assert_allclose(float(loss_sum / weight), expected.mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(metrics["realign/realign/margin"] / weight), (0.3 * (s[0] - s[2])).mean(), rtol=1e-4
+    )
+
+
+def test_realign_smoke(tmp_path):
+    config = _config("realign/tiny.py")
+    result = train(config, tmp_path)
+    metrics = result["train"]
+    assert np.isfinite(metrics["loss"])
+    assert {"realign/realign/accuracy", "realign/realign/margin", "dpo/rewards/margin"} <= set(
+        metrics
+    )
+    assert _checkpoints(tmp_path)[-1] == 4
+
+
+def test_realign_errors_name_the_record_and_the_key(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "What is 1+1?", "chosen": "2", "rejected": "3"}\n')
+    tokenizer = load_tokenizer(str(ROOT / "data/demo/tokenizer.model"))
+    with pytest.raises(DataError, match=r'bad.jsonl line 1: field "contrast_prompt" is missing'):
+        next(make_contrast_pipeline(str(bad), tokenizer, batch_size=1, max_len=48))
+    config = _config("realign/tiny.py", "data.ref_logps=/tmp/ref.jsonl")
+    with pytest.raises(ConfigError, match=r"loss: the contrast term .* no cached reference"):
         setup(config, read_files=False)
