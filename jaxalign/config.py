@@ -23,7 +23,8 @@ def base_config() -> ConfigDict:
     # The trainer family (jaxalign.train.families): sft | paired (any paired loss or mix, pair
     # data; "dpo" is an alias) | unpaired (kto, bco, npo: {prompt, completion, label} or
     # forget-set SFT records) | reward (scalar-head reward model, Bradley-Terry on pairs) |
-    # reward_multi (k-output reward model regressed on rated responses)
+    # reward_multi (k-output reward model regressed on rated responses) | cut (CUT on
+    # {prompt, response, judgment} records)
     c.trainer = "paired"
     c.seed = 0  # parameter init and any sampling
     c.steps = 1000  # optimizer updates

@@ -4,6 +4,8 @@
 - records "pair": `make_pair_pipeline`;
 - records "negatives": `make_negatives_pipeline` (D2O, `{prompt, rejected, samples}`);
 - records "ratings": `make_ratings_pipeline` (`{prompt, response, ratings}`, k = spec.num_ratings);
+- records "contrast": `make_contrast_pipeline` (Re-Align's pairs with a `contrast_prompt`);
+- records "judgment": `make_judgment_pipeline` (CUT's `{prompt, response, judgment}`);
 - records "unpaired": `make_unpaired_pipeline` (`{prompt, completion, label}`), with KTO's
   mismatched KL sequences when ``spec.kl_sequences``;
 - ``spec.retain``: an SFT file read alongside, a batch of the same size per step, its arrays under
@@ -17,6 +19,8 @@ from __future__ import annotations
 from jaxalign.data.layout import RETAIN_PREFIX, BatchSpec
 from jaxalign.data.pipeline import (
     BatchIterator,
+    make_contrast_pipeline,
+    make_judgment_pipeline,
     make_negatives_pipeline,
     make_pair_pipeline,
     make_ratings_pipeline,
@@ -76,6 +80,10 @@ def make_batches(
         pipeline = make_negatives_pipeline(
             path, tokenizer, num_samples=spec.num_samples, extra_fields=extra_fields, **options
         )
+    elif spec.records == "contrast":
+        pipeline = make_contrast_pipeline(path, tokenizer, extra_fields=extra_fields, **options)
+    elif spec.records == "judgment":
+        pipeline = make_judgment_pipeline(path, tokenizer, extra_fields=extra_fields, **options)
     elif spec.records == "unpaired":
         pipeline = make_unpaired_pipeline(
             path, tokenizer, extra_fields=extra_fields, kl_sequences=spec.kl_sequences, **options

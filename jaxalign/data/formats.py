@@ -19,13 +19,17 @@ record adds a per-example system message, see `jaxalign.data.templates`):
 - Ratings (multi-objective reward models): ``{"prompt": ..., "response": ..., "ratings": [k
   numbers]}``, k fixed by the reader (`reward.num_objectives`).
 - Prompt (RL / evaluation): ``{"prompt": str | messages, ...}``; other fields are kept.
+- Contrast (Re-Align): a pair with ``"contrast_prompt": str | messages``, an alternative context
+  under which the chosen response is read as well (`parse_contrast`).
+- Judgment (CUT): ``{"prompt": str | messages, "response": str, "judgment": str}``; the response
+  is read after the prompt and after the prompt with the judgment appended (`parse_judgment`).
 
 A response message list that begins with the prompt's turns is the whole conversation in every
 format (SFT and unpaired ``completion`` too).
 
 A parser returns a normalised example ``{"messages": prefix, "system": str | None, "responses":
-[...]}`` (one response for SFT / unpaired, [chosen, rejected] for pairs) or raises `RecordError`
-naming the field.
+[...]}`` (one response for SFT / unpaired, [chosen, rejected] for pairs; with ``"prompts"``, one
+prefix per response) or raises `RecordError` naming the field.
 
 Tokenisation (`tokenize_example`) and the truncation policy, with N = max_len + 1 tokens per
 sequence (a sequence of n + 1 tokens fills n model positions: inputs ids[:-1], targets ids[1:]):
@@ -242,6 +246,59 @@ def parse_ratings(rec: dict, num_ratings: int, extra_fields: tuple[str, ...] = (
         "system": _system(rec),
         "responses": [text],
         "ratings": [float(x) for x in ratings],
+    }
+    out.update(_extras(rec, extra_fields))
+    return out
+
+
+def parse_contrast(rec: dict, extra_fields: tuple[str, ...] = ()) -> dict:
+    """A pair with an alternative context ``{"prompt", "chosen", "rejected", "contrast_prompt":
+    str | messages}`` (Re-Align) -> three responses: chosen and rejected after the prompt, then
+    chosen after ``contrast_prompt`` (``"prompts"``: one prefix per response)."""
+    out = parse_pair(rec, extra_fields)
+    contrast = _prompt_messages(_get(rec, "contrast_prompt"), "contrast_prompt")
+    chosen, rejected = out["responses"]
+    return out | {
+        "responses": [chosen, rejected, chosen],
+        "prompts": [out["messages"], out["messages"], contrast],
+    }
+
+
+# CUT records: the judgment is appended to the prompt's last (user) message after this.
+JUDGMENT_PREFIX = "\n\nJudgment: "
+
+
+def _text(rec: dict, field: str) -> str:
+    value = _get(rec, field, "a non-empty string")
+    if not isinstance(value, str):
+        raise RecordError(field, f"has type {type(value).__name__}", "a non-empty string")
+    if not value.strip():
+        raise RecordError(field, "is empty", "a non-empty string")
+    return value
+
+
+def parse_judgment(rec: dict, extra_fields: tuple[str, ...] = ()) -> dict:
+    """A judged response ``{"prompt": str | messages, "response": str, "judgment": str}`` (CUT)
+    -> the same response after two prompts: ``"prompts": [x, x + j]``, where x + j is the prompt
+    with ``JUDGMENT_PREFIX + judgment`` appended to its last message (which must be the user's),
+    and ``"same_response": True`` (the pipeline keeps the two response tokenisations equal)."""
+    prompt = _prompt_messages(_get(rec, "prompt"))
+    response = _text(rec, "response")
+    judgment = _text(rec, "judgment")
+    last = prompt[-1]
+    if last["role"] != "user":
+        raise RecordError(
+            "prompt",
+            f'ends with a "{last["role"]}" message',
+            "a user message last (the judgment is appended to it)",
+        )
+    judged = [*prompt[:-1], last | {"content": last["content"] + JUDGMENT_PREFIX + judgment}]
+    out = {
+        "messages": prompt,
+        "system": _system(rec),
+        "responses": [response, response],
+        "prompts": [prompt, judged],
+        "same_response": True,
     }
     out.update(_extras(rec, extra_fields))
     return out

@@ -10,8 +10,10 @@ Dimensions (letters used across the codebase):
     R  rows of a batch,  T  tokens per row
     E  examples of a batch (pairs for pair batches: P = E)
     B  sequences of a batch: B = E, or 2E for pairs (sequence i is the chosen response of pair i,
-       sequence E + i the rejected one) and for KTO's mismatched-pair KL sequences (sequence E + i
-       is example i's prompt with another example's completion), or (1 + K) E for D2O's negatives
+       sequence E + i the rejected one; for judgments, sequence E + i is example i's response after
+       the prompt with the judgment; for contrast pairs B = 3E, sequence 2E + i the chosen response
+       after the contrast prompt) and for KTO's mismatched-pair KL sequences (sequence E + i is
+       example i's prompt with another example's completion), or (1 + K) E for D2O's negatives
        records (sequence i the rejected response of example i, sequence (1 + k) E + i its sample
        k, K = `num_samples`)
     M  values per example of a list-valued data field (e.g. modpo's margins)
@@ -88,8 +90,11 @@ class BatchSpec:
 
     records: the record format they are read from ("sft" `{prompt, completion}` or messages,
       "pair" `{prompt, chosen, rejected}`, "unpaired" `{prompt, completion, label}`, "negatives"
-      `{prompt, rejected, samples}`, "ratings" `{prompt, response, ratings}`), or "rollout"
-      (built from sampled completions, `jaxalign.rl.rollout`).
+      `{prompt, rejected, samples}`, "ratings" `{prompt, response, ratings}`, "judgment"
+      `{prompt, response, judgment}`: the response after the prompt, then after the prompt with
+      the judgment; "contrast" `{prompt, chosen, rejected, contrast_prompt}`: a pair, then the
+      chosen response after the contrast prompt), or
+      "rollout" (built from sampled completions, `jaxalign.rl.rollout`).
     kl_sequences: unpaired batches also carry each example's mismatched KL sequence (KTO).
     fields: per-example float32 data fields beside `example_mask` (labels excluded: they follow
       from `records`), e.g. `data.extra_fields` and the cached reference log-probs.
@@ -98,7 +103,9 @@ class BatchSpec:
     num_samples: K, the self-generated responses per negatives record (D2O).
     """
 
-    records: Literal["sft", "pair", "unpaired", "negatives", "ratings", "rollout"]
+    records: Literal[
+        "sft", "pair", "unpaired", "negatives", "ratings", "judgment", "contrast", "rollout"
+    ]
     kl_sequences: bool = False
     fields: tuple[str, ...] = ()
     retain: bool = False
@@ -110,7 +117,9 @@ class BatchSpec:
     def sequences_per_example(self) -> int:
         if self.records == "negatives":
             return 1 + self.num_samples
-        return 2 if self.records == "pair" or self.kl_sequences else 1
+        if self.records == "contrast":
+            return 3
+        return 2 if self.records in ("pair", "judgment") or self.kl_sequences else 1
 
 
 def row_arrays(R: int, T: int, pad_id: int) -> dict[str, np.ndarray]:

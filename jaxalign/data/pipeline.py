@@ -20,6 +20,11 @@ Batch layout: `jaxalign.data.layout` (every key, its dimensions and dtype). Sequ
   the last example of finite data), cut to max_len like any sequence: the mismatched pairs
   (x_i, y_j) whose log-ratios estimate KL (Ethayarajh et al., 2024; TRL shifts completions within
   a batch the same way). It depends only on the example's index, so resumption stays exact.
+- Judgments (CUT, `make_judgment_pipeline`): B = 2E; sequence i is example i's response after
+  its prompt, sequence E + i the same response after the prompt with the judgment appended. Both
+  hold the same response tokens (the longer is cut to the shorter's length).
+- Contrast pairs (Re-Align, `make_contrast_pipeline`): B = 3P; sequences i and P + i as for pairs,
+  sequence 2P + i the chosen response of pair i after its ``contrast_prompt``.
 - ``train_on_prompt=True``: loss_mask also covers the prompt tokens (every target but the first
   token), e.g. the joint preference objective (DOVE / JPO ``joint=True``) where logp counts the
   prompt.
@@ -64,14 +69,17 @@ from jaxalign.data.sources import RecordTransform, Source, open_source
 from jaxalign.data.templates import Template, get_template
 from jaxalign.data.tokenizers import Tokenizer, load_tokenizer
 
-_KINDS = ("sft", "pair", "unpaired", "negatives", "ratings")
+_KINDS = ("sft", "pair", "unpaired", "negatives", "ratings", "judgment", "contrast")
 
 
 def sequences_per_example(kind: str, kl_sequences: bool, num_samples: int) -> int:
-    """2 for pairs and KTO's KL sequences, 1 + K for negatives records, else 1."""
+    """2 for pairs, judgments and KTO's KL sequences, 3 for contrast pairs, 1 + K for negatives
+    records, else 1."""
     if kind == "negatives":
         return 1 + num_samples
-    return 2 if kind == "pair" or kl_sequences else 1
+    if kind == "contrast":
+        return 3
+    return 2 if kind in ("pair", "judgment") or kl_sequences else 1
 
 
 def default_length_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
@@ -111,13 +119,17 @@ def _tokenize(
     add_bos: bool,
 ) -> dict:
     """Normalised example -> {"seqs": [(ids, prompt_len), ...], "truncated": bool, **scalar
-    fields}."""
+    fields}. Response k follows ``example["prompts"][k]`` when the example has one prefix per
+    response; with ``same_response`` every sequence keeps the same response tokens (cut to the
+    shortest, which truncation may have shortened)."""
     seqs, truncated = [], False
-    for r in example["responses"]:
+    responses = example["responses"]
+    prompts = example.get("prompts") or [example["messages"]] * len(responses)
+    for messages, r in zip(prompts, responses, strict=True):
         ids, prompt_len, cut = formats.tokenize_example(
             tokenizer,
             template,
-            example["messages"],
+            messages,
             example["system"],
             r,
             max_len=max_len,
@@ -126,8 +138,24 @@ def _tokenize(
         )
         seqs.append((ids, prompt_len))
         truncated |= cut
-    out = {k: v for k, v in example.items() if k not in ("messages", "system", "responses")}
+    if example.get("same_response"):
+        seqs = _same_response(seqs, example)
+    own = ("messages", "system", "responses", "prompts", "same_response")
+    out = {k: v for k, v in example.items() if k not in own}
     return out | {"seqs": seqs, "truncated": truncated}
+
+
+def _same_response(seqs: list, example: dict) -> list:
+    """The sequences cut to their shortest response, which must be the same tokens in each."""
+    tails = [ids[plen:] for ids, plen in seqs]
+    n = min(len(t) for t in tails)
+    if any(not np.array_equal(t[:n], tails[0][:n]) for t in tails):
+        raise DataError(
+            f"the response {example['responses'][0][:40]!r} tokenises differently after its "
+            "prompts (the template joins prompt and response tokens); a judgment record needs "
+            "the same response tokens after the prompt with and without the judgment"
+        )
+    return [(ids[: plen + n], plen) for ids, plen in seqs]
 
 
 class _ResumableIterator:
@@ -509,6 +537,65 @@ def make_pair_pipeline(
     """
     parse = functools.partial(formats.parse_pair, extra_fields=tuple(extra_fields))
     return _make_pipeline("pair", parse, path, tokenizer, **_kw(locals()))
+
+
+def make_contrast_pipeline(
+    path: str,
+    tokenizer: Tokenizer | str,
+    *,
+    batch_size: int,
+    max_len: int,
+    max_prompt_len: int | None = None,
+    pack: bool = False,
+    pack_rows: int | None = None,
+    length_buckets: Sequence[int] | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    template: str | Template = "plain",
+    add_bos: bool = True,
+    skip_bad_records: bool = False,
+    transforms: Sequence[RecordTransform] = (),
+    extra_fields: Sequence[str] = (),
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    train_on_prompt: bool = False,
+) -> BatchIterator:
+    """Pairs with an alternative context (Re-Align) from ``{prompt, chosen, rejected,
+    contrast_prompt}`` records: P = batch_size pairs, B = 3P sequences; i chosen, P + i rejected,
+    2P + i the chosen response after the contrast prompt. Arguments as in `make_sft_pipeline`."""
+    parse = functools.partial(formats.parse_contrast, extra_fields=tuple(extra_fields))
+    return _make_pipeline("contrast", parse, path, tokenizer, **_kw(locals()))
+
+
+def make_judgment_pipeline(
+    path: str,
+    tokenizer: Tokenizer | str,
+    *,
+    batch_size: int,
+    max_len: int,
+    max_prompt_len: int | None = None,
+    pack: bool = False,
+    pack_rows: int | None = None,
+    length_buckets: Sequence[int] | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    template: str | Template = "plain",
+    add_bos: bool = True,
+    skip_bad_records: bool = False,
+    transforms: Sequence[RecordTransform] = (),
+    extra_fields: Sequence[str] = (),
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    train_on_prompt: bool = False,
+) -> BatchIterator:
+    """Judged-response batches (CUT) from ``{prompt, response, judgment}`` records: E =
+    batch_size examples, B = 2E sequences; sequence i is the response after the prompt x,
+    sequence E + i the same response tokens after x with the judgment appended
+    (`jaxalign.data.formats.parse_judgment`). Arguments as in `make_sft_pipeline`."""
+    parse = functools.partial(formats.parse_judgment, extra_fields=tuple(extra_fields))
+    return _make_pipeline("judgment", parse, path, tokenizer, **_kw(locals()))
 
 
 def make_unpaired_pipeline(

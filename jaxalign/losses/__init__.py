@@ -4,6 +4,7 @@ registry: they return a token loss ``[B, T]``)."""
 
 from jaxalign.losses import policy
 from jaxalign.losses.grao import grao_pairwise
+from jaxalign.losses.judgments import aft, asft, cut, realign
 from jaxalign.losses.policy import (
     AGGREGATIONS,
     aggregate,
@@ -72,11 +73,13 @@ __all__ = [
     "Bound",
     "LOSSES",
     "Mix",
+    "aft",
     "aggregate",
     "aot",
     "aot_unpaired",
     "apo_down",
     "apo_zero",
+    "asft",
     "bco",
     "bco_pair",
     "bind",
@@ -86,6 +89,7 @@ __all__ = [
     "cpo",
     "d2o",
     "directional_reward",
+    "cut",
     "discopop",
     "dpo",
     "exo_pair",
@@ -117,6 +121,7 @@ __all__ = [
     "orpo",
     "poft",
     "policy",
+    "realign",
     "required_inputs",
     "robust",
     "rpo",

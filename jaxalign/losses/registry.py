@@ -23,7 +23,7 @@ from typing import Any
 
 from jaxtyping import Array
 
-from jaxalign.losses import preference, reward, sft, unpaired
+from jaxalign.losses import judgments, preference, reward, sft, unpaired
 
 LossFn = Callable[..., tuple[Array, dict[str, Array]]]
 
@@ -60,6 +60,10 @@ LOSSES: dict[str, LossFn] = {
     "bradley_terry": reward.bradley_terry,
     "genarm_bt": reward.genarm_bt,
     "multi_objective_mse": reward.multi_objective_mse,
+    "cut": judgments.cut,
+    "asft": judgments.asft,
+    "aft": judgments.aft,
+    "realign": judgments.realign,
 }
 
 CHOSEN_SIDE: dict[str, str] = {

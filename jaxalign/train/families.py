@@ -9,6 +9,7 @@ cache. Nothing else chooses by the family's name.
 |            |                               | sft (npo forget set) |               |         |
 | `reward`   | Bradley-Terry reward model    | pair                 | `reward_head` | offline |
 | `reward_multi` | k-objective MSE reward model | ratings          | `reward_head` | offline |
+| `cut`      | CUT: unlikelihood on flagged tokens, NLL elsewhere | judgment |     | offline |
 | `ppo`      | clipped PG + value loss, GAE  | prompts              | `value_head`  | online  |
 | `grpo`     | clipped PG, group advantages  | prompts              |               | online  |
 | `rloo`     | clipped PG, leave-one-out     | prompts              |               | online  |
@@ -185,6 +186,12 @@ def unpaired(config: ConfigDict, model_config, mesh) -> Objective:
         model_config,
         retain=bool(config.data.retain),
         **_placement(config, mesh),
+    )
+
+
+def cut(config: ConfigDict, model_config, mesh) -> Objective:
+    return _with_loss(
+        objectives.judgment_objective, config, model_config, **_placement(config, mesh)
     )
 
 
@@ -385,6 +392,7 @@ FAMILIES: dict[str, Family] = {
     "reward_multi": Family(
         reward_multi, offline_batches, head=heads.REWARD_HEAD, head_outputs=num_objectives
     ),
+    "cut": Family(cut, offline_batches),
     "ppo": _online(
         _policy(kl_in_loss=False, value_head=True, family="ppo"), None, head=heads.VALUE_HEAD
     ),

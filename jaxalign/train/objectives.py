@@ -9,7 +9,8 @@ so any split into micro-batches gives the gradient of the whole batch. Every met
 sum divided the same way.
 
 Objectives: `sft_objective` (token-mean NLL), `paired_objective` (any paired loss or mix on pair
-batches), `unpaired_objective` (kto / bco / npo on single responses) and
+batches), `unpaired_objective` (kto / bco / npo on single responses), `judgment_objective` (CUT
+on a response read with and without its judgment) and
 `jaxalign.train.reward.reward_objective` (Bradley-Terry reward model).
 
 Sequences. A batch holds B sequences in R rows (layout: `jaxalign.data.layout`); `seq_index`
@@ -174,25 +175,43 @@ def sequence_logps(
 
 
 def split_pairs(x, num_groups: int):
-    """[G * 2P] per-sequence values (block g: P chosen then P rejected) -> ([G*P], [G*P])."""
-    x = x.reshape(num_groups, 2, -1)
-    return x[:, 0].reshape(-1), x[:, 1].reshape(-1)
+    """[G * 2P, ...] per-sequence values (block g: P chosen then P rejected) -> ([G*P, ...],
+    [G*P, ...])."""
+    rest = x.shape[1:]
+    x = x.reshape(num_groups, 2, -1, *rest)
+    return x[:, 0].reshape(-1, *rest), x[:, 1].reshape(-1, *rest)
+
+
+def split_sides(x, num_groups: int, sides: int):
+    """[G * kP] per-sequence values (block g: P of each side in turn) -> k arrays [G*P]."""
+    x = x.reshape(num_groups, sides, -1)
+    return tuple(x[:, k].reshape(-1) for k in range(sides))
 
 
 def paired_logps(
-    model_config, params, micro, num_groups: int, *, with_prefix, mesh=None, rules=None, impl=None
+    model_config,
+    params,
+    micro,
+    num_groups: int,
+    *,
+    with_prefix,
+    sides: int = 2,
+    mesh=None,
+    rules=None,
+    impl=None,
 ):
-    """Per pair ([G*P], [G*P]) chosen and rejected sums of a pair batch: {"logps": ...} and, with
-    `with_prefix`, {"prefix_logps": ...} over the first min(|y_w|, |y_l|) response tokens of each
-    side (LD-DPO, `prefix_mask`). Also returns the per-side lengths under "lengths"."""
-    per_group = 2 * micro["example_mask"].shape[0] // num_groups
+    """Per pair ([G*P], [G*P]) chosen and rejected sums of a pair batch (and the chosen response
+    after the contrast prompt with `sides=3`): {"logps": ...} and, with `with_prefix`,
+    {"prefix_logps": ...} over the first min(|y_w|, |y_l|) response tokens of each side (LD-DPO,
+    `prefix_mask`). Also returns the per-side lengths under "lengths"."""
+    per_group = sides * micro["example_mask"].shape[0] // num_groups
     index, total = sequence_index(micro, per_group, num_groups)
     mask = micro["loss_mask"]
     lengths = sequence_sums(mask, index, total)
     logps = token_logps(model_config, params, micro, mesh=mesh, rules=rules, implementation=impl)
     out = {
-        "lengths": split_pairs(lengths, num_groups),
-        "logps": split_pairs(sequence_sums(logps * mask, index, total), num_groups),
+        "lengths": split_sides(lengths, num_groups, sides),
+        "logps": split_sides(sequence_sums(logps * mask, index, total), num_groups, sides),
     }
     if with_prefix:
         prefix = prefix_mask(mask, index, total, pair_min_lengths(lengths, num_groups))
@@ -336,18 +355,30 @@ def paired_objective(
     `CACHE_FIELDS`, else one reference forward); `*_prefix_logps` when a term takes them (LD-DPO:
     sums over the first min(|y_w|, |y_l|) response tokens of each side); `delta` from `loss_state`
     (BCO); and every data field of the batch under its own name (e.g. `margin`, `beta_feature`,
-    `chosen_margins`).
+    `chosen_margins`). When a term takes `policy_contrast_logps` (Re-Align's `realign`) the
+    batches are contrast pairs (records "contrast") and `{policy,ref}_contrast_logps`,
+    `contrast_lengths` are the chosen response's after the contrast prompt.
     """
     loss = as_loss(loss, loss_kwargs)
-    with_prefix = any(n.endswith("_prefix_logps") for n in loss_inputs(loss))
+    names = loss_inputs(loss)
+    with_prefix = any(n.endswith("_prefix_logps") for n in names)
     cached = set(layout.CACHE_FIELDS) <= set(fields)
+    contrast = "policy_contrast_logps" in names
+    if contrast and (with_prefix or cached):
+        raise ValueError(
+            "the contrast term (policy_contrast_logps) takes no prefix log-probs and no cached "
+            "reference log-probs (data.ref_logps)"
+        )
+    kinds = ("chosen", "rejected", "contrast") if contrast else ("chosen", "rejected")
     needs_ref = loss.needs_reference and not cached
     sides = {"policy": False, "ref": True} if needs_ref else {"policy": False}
-    kw = dict(with_prefix=with_prefix, mesh=mesh, rules=rules, impl=implementation)
-    if "policy_samples_logps" in loss_inputs(loss):
+    if "policy_samples_logps" in names:
         return _negatives_objective(
             model_config, loss, num_groups, num_samples, cached, fields, mesh, rules, implementation
         )
+    kw = dict(
+        with_prefix=with_prefix, sides=len(kinds), mesh=mesh, rules=rules, impl=implementation
+    )
 
     def fn(params, ref_params, micro, loss_state=None):
         inputs = layout.data_fields(micro)
@@ -358,10 +389,11 @@ def paired_objective(
             lengths = values.pop("lengths")
             if frozen:
                 values = jax.lax.stop_gradient(values)
-            for what, (chosen, rejected) in values.items():
-                inputs[f"{who}_chosen_{what}"] = chosen
-                inputs[f"{who}_rejected_{what}"] = rejected
-        inputs["chosen_lengths"], inputs["rejected_lengths"] = lengths
+            for what, per_side in values.items():
+                for kind, value in zip(kinds, per_side, strict=True):
+                    inputs[f"{who}_{kind}_{what}"] = value
+        for kind, value in zip(kinds, lengths, strict=True):
+            inputs[f"{kind}_lengths"] = value
         if loss_state:
             inputs["delta"] = loss_state["delta"]
         per_pair, metrics = loss(inputs)
@@ -376,7 +408,7 @@ def paired_objective(
         weight = micro["example_mask"]
         return (per_pair * weight).sum(), weight.sum(), weighted(metrics, weight)
 
-    batch = BatchSpec("pair", fields=tuple(fields))
+    batch = BatchSpec("contrast" if contrast else "pair", fields=tuple(fields))
     return Objective(fn, batch, needs_ref, delta_state(loss))
 
 
@@ -507,3 +539,71 @@ def unpaired_objective(
     records = "unpaired" if labelled else "sft"
     batch = BatchSpec(records, kl_sequences=kl, fields=tuple(fields), retain=retain)
     return Objective(fn, batch, needs_ref, delta_state(loss))
+
+
+def response_tokens(values, loss_mask, index, total: int):
+    """[R, T] values on counted tokens -> [B, T] per sequence, its k-th response token in column
+    k - 1 and 0 after its end (padded or packed rows alike)."""
+    T = loss_mask.shape[1]
+    ordinals = response_ordinals(loss_mask, index, total).astype(jnp.int32)
+    column = jnp.where(loss_mask > 0, ordinals - 1, T)
+    out = jnp.zeros((total + 1, T + 1), values.dtype).at[index, column].add(values * loss_mask)
+    return out[:total, :T]
+
+
+JUDGMENT_INPUTS = ("policy_token_logps", "judged_token_logps", "response_mask")
+
+
+def judgment_objective(
+    model_config,
+    loss,
+    loss_kwargs: dict | None = None,
+    *,
+    num_groups: int = 1,
+    mesh=None,
+    rules=None,
+    implementation=None,
+    fields=(),
+) -> Objective:
+    """CUT (`jaxalign.losses.cut`) on judgment batches: sequence i is example i's response y
+    after the prompt x, sequence E + i the same response tokens after x with the judgment j.
+
+    One forward of the policy over both: the token log-probs of the first are
+    `policy_token_logps` [E, T] (differentiated), of the second `judged_token_logps` (under
+    stop-gradient: p(y_t | x, j, y_<t) only decides which tokens are flagged), aligned by
+    response position (`response_tokens`), with `response_mask`; the data fields by name.
+    Examples weigh by their response length, so the batch loss is a token mean as in SFT.
+    Metrics: the loss's, and `nll/judged` (token-mean NLL with the judgment).
+    """
+    loss = as_loss(loss, loss_kwargs)
+    missing = set(loss.required_inputs) - set(JUDGMENT_INPUTS) - set(fields)
+    if missing:
+        raise ValueError(
+            f"judgment batches supply {', '.join(JUDGMENT_INPUTS)}; the loss also needs "
+            f"{sorted(missing)} (use the `cut` loss)"
+        )
+
+    def fn(params, ref_params, micro, loss_state=None):
+        del ref_params, loss_state
+        per_group = 2 * micro["example_mask"].shape[0] // num_groups
+        index, total = sequence_index(micro, per_group, num_groups)
+        mask = micro["loss_mask"]
+        logps = token_logps(
+            model_config, params, micro, mesh=mesh, rules=rules, implementation=implementation
+        )
+        plain, judged = split_pairs(response_tokens(logps, mask, index, total), num_groups)
+        response_mask, _ = split_pairs(response_tokens(mask, mask, index, total), num_groups)
+        inputs = layout.data_fields(micro)
+        inputs["policy_token_logps"] = plain
+        inputs["judged_token_logps"] = jax.lax.stop_gradient(judged)
+        inputs["response_mask"] = response_mask
+        per_example, metrics = loss(inputs)
+        lengths = response_mask.sum(-1)
+        metrics = dict(metrics)
+        metrics["nll/judged"] = jax.lax.stop_gradient(
+            -(judged * response_mask).sum(-1) / jnp.maximum(lengths, 1.0)
+        )
+        weight = lengths * micro["example_mask"]
+        return (per_example * weight).sum(), weight.sum(), weighted(metrics, weight)
+
+    return Objective(fn, BatchSpec("judgment", fields=tuple(fields)))
