@@ -121,9 +121,7 @@ def _recorded_tokenizer(workdir) -> str | None:
     return None if recorded is None else recorded.get("tokenizer")
 
 
-def _rollout(
-    run: Run, params, prompts: dict, key, options, scorer: Scorer, step: int, costs=None
-):
+def _rollout(run: Run, params, prompts: dict, key, options, scorer: Scorer, step: int, costs=None):
     """Sample, score and lay out one prompt batch: (rows with "rewards" (and "costs" with a cost
     `Scorer`), per-reward values, the generation result)."""
     arrays = {k: prompts[k] for k in (*PROMPT_ARRAYS, "example_mask")}
@@ -189,9 +187,7 @@ def rollout_step(run: Run, params, pipeline, key, options, scorer, step, costs=N
     many further prompt batches (fixed shapes: as many groups as one batch; groups still equal
     when the rounds run out are kept). Returns rows, per-reward values, results, statistics."""
     G = run.config.rl.group_size
-    rows, per_fn, result = _rollout(
-        run, params, next(pipeline), key, options, scorer, step, costs
-    )
+    rows, per_fn, result = _rollout(run, params, next(pipeline), key, options, scorer, step, costs)
     stats = {"frac_reward_zero_std": 1.0 - _informative(_all_hosts(rows["rewards"]), G).mean()}
     rounds = run.config.rl.dynamic_sampling
     for extra in range(rounds):

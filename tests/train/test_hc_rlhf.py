@@ -39,9 +39,7 @@ def _records(workdir, split):
     return [r for r in lines if r["split"] == split]
 
 
-def test_the_smoke_config_trains_under_the_constraint_and_runs_the_safety_test(
-    tmp_path, capsys
-):
+def test_the_smoke_config_trains_under_the_constraint_and_runs_the_safety_test(tmp_path, capsys):
     # No held-out evaluation (the demo's evaluations report the cost): the safety test's prompts.
     held_out = [f"rl.safety.prompts={ROOT / 'data/demo/prompts_eval.jsonl'}", "data.eval="]
     config = apply_overrides(load_config(f"{CONFIG}:smoke=True"), [*DATA, *held_out])
@@ -157,7 +155,9 @@ def test_hc_rlhf_lowers_the_held_out_cost_and_passes_a_reachable_safety_test(sft
     reward_diff, reward_se = online_loop.paired_difference(
         start["reward/sampled"], end["reward/sampled"]
     )
-    print(f"held-out cost {np.mean(start['cost/sampled']):.3f} -> {np.mean(end['cost/sampled']):.3f}")
+    print(
+        f"held-out cost {np.mean(start['cost/sampled']):.3f} -> {np.mean(end['cost/sampled']):.3f}"
+    )
     print(f"reward {np.mean(start['reward/sampled']):.3f} -> {np.mean(end['reward/sampled']):.3f}")
     print("safety", summary["safety"])
     print("train", [(r["cost"], r["lambda"], r["bound"]) for r in _records(tmp_path, "train")])
@@ -178,3 +178,41 @@ def test_hc_rlhf_lowers_the_held_out_cost_and_passes_a_reachable_safety_test(sft
     )
     print("tau 0", unreachable)
     assert not unreachable["passed"] and unreachable["ucb"] > 0
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.slow  # three smoke runs; the fast sibling checks the checkpointed multiplier
+def test_a_crash_after_a_checkpoint_resumes_bit_identically(tmp_path, monkeypatch):
+    """The multiplier is loop state: a run that dies after checkpoint 2 and resumes logs the
+    same numbers (timings aside), ends with the same multiplier and the same safety test."""
+    held_out = [f"rl.safety.prompts={ROOT / 'data/demo/prompts_eval.jsonl'}", "data.eval="]
+
+    def config():
+        return apply_overrides(load_config(f"{CONFIG}:smoke=True"), [*DATA, *held_out])
+
+    train(config(), tmp_path / "straight")
+    save = ckpt.save
+
+    def save_until_3(manager, step, *args, **kw):
+        if step == 3:  # step 3's metrics are logged; the process dies before saving it
+            raise _Crash
+        return save(manager, step, *args, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt, "save", save_until_3)
+        with pytest.raises(_Crash):
+            train(config(), tmp_path / "crashed")
+    train(config(), tmp_path / "crashed")
+    timing = {"time/rollout_s", "time/update_s", "rollout_tokens_per_s"}
+    got, want = (_records(tmp_path / d, "train") for d in ("crashed", "straight"))
+    assert [{k: v for k, v in r.items() if k not in timing} for r in got] == [
+        {k: v for k, v in r.items() if k not in timing} for r in want
+    ]
+    assert len({r["lambda"] for r in want}) == 3  # the multiplier moved at every step
+    safety = [
+        json.loads((tmp_path / d / "safety.json").read_text()) for d in ("crashed", "straight")
+    ]
+    assert safety[0] == safety[1]
