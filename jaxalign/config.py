@@ -212,6 +212,19 @@ def base_config() -> ConfigDict:
     c.rl.whiten_advantages = True
     # rft: fine-tune on each prompt's best completion when its reward reaches this.
     c.rl.rft_min_reward = 0.5
+    # hc_rlhf (safety-constrained RLHF, jaxalign.rl.constrained): maximise the reward subject to
+    # E[cost] <= safety.tau. Costs: rule terms in rl.rewards syntax (summed) and/or the score of a
+    # reward-trainer run trained on cost pairs (chosen = the costlier response).
+    c.rl.costs = ()
+    c.rl.cost_model = ""
+    c.rl.safety = ConfigDict()
+    c.rl.safety.tau = 0.0  # the cost limit
+    c.rl.safety.delta = 0.1  # the tests' confidence is 1 - delta
+    c.rl.safety.c1 = 4.0  # pessimistic bound: weight of the batch's own t-interval
+    c.rl.safety.c2 = 2.0  # ... and of the safety test's
+    c.rl.safety.n = 100  # safety test: one sampled completion on each of the first n prompts
+    c.rl.safety.prompts = ""  # held-out prompts of the safety test ("" = data.eval)
+    c.rl.safety.lambda_lr = 0.1  # multiplier step: lambda <- max(0, lambda + lr * bound)
 
     c.checkpoint = ConfigDict()
     c.checkpoint.every = 100  # save every N steps (and at the end, and on SIGTERM)

@@ -16,6 +16,8 @@ cache. Nothing else chooses by the family's name.
 | `reinforce_pp` | clipped PG, REINFORCE++   | prompts              |               | online  |
 | `online_dpo` | any paired loss on (best, worst) of a group | prompts |            | online  |
 | `rft`      | SFT on each group's best      | prompts              |               | online  |
+| `hc_rlhf`  | clipped PG, leave-one-out of  | prompts              |               | online  |
+|            | r - lambda cost, safety test  |                      |               |         |
 
 `trainer="dpo"` is an alias of `paired` (it runs any paired loss, not only DPO).
 """
@@ -64,6 +66,9 @@ class Family:
       update, `jaxalign.train.online`).
     to_batch: online families: (run) -> the rollout-to-update-batch function
       (`jaxalign.train.updates`).
+    constrained: the family trains under a cost constraint (`jaxalign.rl.constrained`): costs
+      are scored (`rl.costs`, `rl.cost_model`), the multiplier is loop state, and the safety
+      test runs after training.
     """
 
     objective: Callable[..., Objective]
@@ -74,6 +79,7 @@ class Family:
     ref_cache_fields: tuple[str, ...] = layout.CACHE_FIELDS
     loop: str = "offline"
     to_batch: Callable | None = None
+    constrained: bool = False
 
 
 def make_loss(config: ConfigDict) -> losses.Bound | losses.Mix:
@@ -369,13 +375,16 @@ def rft(config: ConfigDict, model_config, mesh) -> Objective:
     return sft(config, model_config, mesh)
 
 
-def _online(objective, estimator, *, kl_in_loss=False, head=None) -> Family:
+def _online(objective, estimator, *, kl_in_loss=False, head=None, constrained=False) -> Family:
     return Family(
         objective,
         prompt_batches,
         head=head,
         loop="online",
-        to_batch=lambda run: updates.policy_batch(run, estimator, kl_in_loss=kl_in_loss),
+        to_batch=lambda run: updates.policy_batch(
+            run, estimator, kl_in_loss=kl_in_loss, constrained=constrained
+        ),
+        constrained=constrained,
     )
 
 
@@ -411,8 +420,53 @@ FAMILIES: dict[str, Family] = {
     ),
     "online_dpo": Family(online_dpo, prompt_batches, loop="online", to_batch=updates.pair_batch),
     "rft": Family(rft, prompt_batches, loop="online", to_batch=updates.best_batch),
+    "hc_rlhf": _online(
+        _policy(kl_in_loss=False, value_head=False, family="hc_rlhf", compares=True),
+        updates.rloo_advantages,
+        constrained=True,
+    ),
 }
 ALIASES = {"dpo": "paired"}
+
+
+def check_costs(config: ConfigDict, family: Family) -> None:
+    """A constrained family (hc_rlhf) needs costs, held-out prompts for its safety test and sane
+    `rl.safety` settings; the other families take no costs."""
+    rl, trainer = config.rl, config.trainer
+    has_costs = bool(rl.costs) or bool(rl.cost_model)
+    if not family.constrained:
+        if has_costs:
+            raise ConfigError(
+                f'rl.costs / rl.cost_model: trainer "{trainer}" trains no cost constraint '
+                '(trainer "hc_rlhf" does)'
+            )
+        return
+    safety = rl.safety
+    problems = (
+        (
+            not has_costs,
+            "no costs: set rl.costs (rule terms, rl.rewards syntax) or rl.cost_model (a reward-"
+            "trainer run trained on cost pairs)",
+        ),
+        (
+            not (safety.prompts or config.data.eval),
+            "the safety test needs held-out prompts: set rl.safety.prompts or data.eval",
+        ),
+        (safety.n < 2, f"rl.safety.n={safety.n}: expected an int >= 2"),
+        (
+            not 0 < safety.delta < 1,
+            f"rl.safety.delta={safety.delta}: expected 0 < delta < 1",
+        ),
+        (safety.c1 < 0, f"rl.safety.c1={safety.c1}: expected >= 0"),
+        (safety.c2 < 0, f"rl.safety.c2={safety.c2}: expected >= 0"),
+        (
+            not safety.lambda_lr > 0,
+            f"rl.safety.lambda_lr={safety.lambda_lr}: expected > 0",
+        ),
+    )
+    for bad, message in problems:
+        if bad:
+            raise ConfigError(f"trainer {trainer}: {message}")
 
 
 def get(name: str) -> Family:

@@ -1,4 +1,5 @@
-"""The online loop (ppo, grpo, rloo, reinforce_pp, online_dpo, rft), one straight line per step:
+"""The online loop (ppo, grpo, rloo, reinforce_pp, online_dpo, rft, hc_rlhf), one straight line
+per step:
 
     prompts (checkpointable Grain pipeline) -> sample n completions each with the current params
     (`jaxalign.sampling.generate`, same process, same shardings: nothing is copied or synced) ->
@@ -12,6 +13,10 @@ the params, the optimizer state, the loop state (KL controller, reward statistic
 iterator's position. Evaluation answers `data.eval`'s prompts greedily and `rl.eval_samples`
 times at the sampling temperature and reports their rewards (means, and per prompt in
 WORKDIR/eval/step_N.json).
+
+A constrained family (hc_rlhf) also scores each completion's cost (`rl.costs`, `rl.cost_model`),
+carries the Lagrange multiplier in the loop state, and after the last step runs the safety test
+on held-out prompts (`safety_test`), written to WORKDIR/safety.json and the summary.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from jaxalign.checkpoint import manager as ckpt
 from jaxalign.errors import ConfigError, DataError, TrainingError
 from jaxalign.losses import unit_direction
 from jaxalign.models import heads
+from jaxalign.rl import constrained
 from jaxalign.rl import rewards as rl_rewards
 from jaxalign.rl.rollout import rollout_rows
 from jaxalign.train.run import Run, Session, check_finite, checkpoint_due, session
@@ -60,31 +66,40 @@ def sampling_options(run: Run, *, greedy: bool = False, n: int | None = None):
 class Scorer:
     """The configured rewards of completions: the rule rewards of `rl.rewards` and, with
     `rl.reward_model`, a reward model's score weighted by `rl.reward_model_weight` (a
-    multi-objective model's r_v = v . r along `rl.reward_direction`, DPA)."""
+    multi-objective model's r_v = v . r along `rl.reward_direction`, DPA). With `costs=True`
+    the costs of a constrained family instead: the rule terms of `rl.costs` (the same syntax)
+    and, with `rl.cost_model`, a cost model's score (weight 1)."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, *, costs: bool = False):
         rl = run.config.rl
-        self.specs = rl_rewards.rewards_from_config(rl.rewards)
-        self.model = None
+        key, terms, model, weight = (
+            ("rl.cost_model", rl.costs, rl.cost_model, 1.0)
+            if costs
+            else ("rl.reward_model", rl.rewards, rl.reward_model, rl.reward_model_weight)
+        )
+        try:
+            self.specs = rl_rewards.rewards_from_config(terms) if terms or not costs else []
+        except ConfigError as e:
+            raise ConfigError(f"rl.costs: {e}" if costs else str(e)) from None
+        self.model, self.key, self.direction = None, key, None
         if rl.reward_direction and not rl.reward_model:
             raise ConfigError("rl.reward_direction is set but rl.reward_model is not")
-        if rl.reward_model:
+        if model:
             from jaxalign.train.reward import load_reward_model
 
-            recorded = _recorded_tokenizer(rl.reward_model)
+            recorded = _recorded_tokenizer(model)
             if (
                 recorded
                 and pathlib.Path(recorded).resolve() != pathlib.Path(run.config.tokenizer).resolve()
             ):
                 raise ConfigError(
-                    f"rl.reward_model={rl.reward_model} was trained with tokenizer {recorded}, "
+                    f"{key}={model} was trained with tokenizer {recorded}, "
                     f"the policy uses {run.config.tokenizer}: it would score other tokens"
                 )
-            self.model = load_reward_model(rl.reward_model)
-            self.path = rl.reward_model
-            self.weight = rl.reward_model_weight
-            self.direction = None
-            if rl.reward_direction:
+            self.model = load_reward_model(model)
+            self.path = model
+            self.weight = weight
+            if rl.reward_direction and not costs:
                 try:
                     self.direction = unit_direction(rl.reward_direction)
                 except ValueError as e:
@@ -102,7 +117,7 @@ class Scorer:
             scores = rl_rewards.reward_model_scores(*self.model, rows, self.direction)
             if not np.isfinite(scores).all():
                 raise TrainingError(
-                    f"step {step}: rl.reward_model={self.path} gave a non-finite score (record "
+                    f"step {step}: {self.key}={self.path} gave a non-finite score (record "
                     f"{int(np.argmin(np.isfinite(scores)))}); the step is refused, nothing saved"
                 )
             per_fn["reward_model"] = scores
@@ -117,9 +132,9 @@ def _recorded_tokenizer(workdir) -> str | None:
     return None if recorded is None else recorded.get("tokenizer")
 
 
-def _rollout(run: Run, params, prompts: dict, key, options, scorer: Scorer, step: int):
-    """Sample, score and lay out one prompt batch: (rows with "rewards", per-reward values,
-    the generation result)."""
+def _rollout(run: Run, params, prompts: dict, key, options, scorer: Scorer, step: int, costs=None):
+    """Sample, score and lay out one prompt batch: (rows with "rewards" (and "costs" with a cost
+    `Scorer`), per-reward values, the generation result)."""
     arrays = {k: prompts[k] for k in (*PROMPT_ARRAYS, "example_mask")}
     result = sampling.generate(
         run.model_config,
@@ -144,7 +159,11 @@ def _rollout(run: Run, params, prompts: dict, key, options, scorer: Scorer, step
     for name, values in scored_fn.items():
         per_fn[name] = np.zeros(len(records), np.float32)
         per_fn[name][real] = values
-    return rows | {"rewards": rewards}, per_fn, result
+    rows = rows | {"rewards": rewards}
+    if costs is not None:
+        rows["costs"] = np.zeros(len(records), np.float32)
+        rows["costs"][real] = costs([r for r in records if r is not None], texts, picked, step)[0]
+    return rows, per_fn, result
 
 
 def _pad_left(rows: dict, T: int) -> dict:
@@ -172,13 +191,14 @@ def _informative(rewards: np.ndarray, G: int) -> np.ndarray:
     return r.max(axis=1) > r.min(axis=1)
 
 
-def rollout_step(run: Run, params, pipeline, key, options, scorer, step):
-    """One step's rollout: the next prompt batch sampled and scored; with `rl.dynamic_sampling`
+def rollout_step(run: Run, params, pipeline, key, options, scorer, step, costs=None):
+    """One step's rollout: the next prompt batch sampled and scored (and its costs with a cost
+    `Scorer`); with `rl.dynamic_sampling`
     (DAPO) groups whose rewards are all equal are replaced by informative groups of up to that
     many further prompt batches (fixed shapes: as many groups as one batch; groups still equal
     when the rounds run out are kept). Returns rows, per-reward values, results, statistics."""
     G = run.config.rl.group_size
-    rows, per_fn, result = _rollout(run, params, next(pipeline), key, options, scorer, step)
+    rows, per_fn, result = _rollout(run, params, next(pipeline), key, options, scorer, step, costs)
     stats = {"frac_reward_zero_std": 1.0 - _informative(_all_hosts(rows["rewards"]), G).mean()}
     rounds = run.config.rl.dynamic_sampling
     for extra in range(rounds):
@@ -186,7 +206,14 @@ def rollout_step(run: Run, params, pipeline, key, options, scorer, step):
         if _all_hosts(keep).all():  # every host samples as many rounds (generate is collective)
             break
         more, more_fn, more_result = _rollout(
-            run, params, next(pipeline), jax.random.fold_in(key, extra + 1), options, scorer, step
+            run,
+            params,
+            next(pipeline),
+            jax.random.fold_in(key, extra + 1),
+            options,
+            scorer,
+            step,
+            costs,
         )
         useful = np.nonzero(_informative(more["rewards"], G))[0]
         slots = np.nonzero(~keep)[0][: len(useful)]
@@ -219,6 +246,8 @@ def rollout_metrics(rows, per_fn, result, G: int) -> dict[str, float]:
         "completions/clipped_ratio": float(np.mean(_all_hosts(result.finish_reason == "length"))),
     }
     out |= {f"rewards/{name}": float(np.mean(_all_hosts(v))) for name, v in per_fn.items()}
+    if "costs" in rows:
+        out["cost"] = float(np.mean(_all_hosts(rows["costs"])))
     return out
 
 
@@ -264,9 +293,10 @@ def _take(run: Run):
     return jax.jit(take)
 
 
-def make_evaluator(run: Run, scorer: Scorer, workdir: pathlib.Path):
+def make_evaluator(run: Run, scorer: Scorer, workdir: pathlib.Path, costs=None):
     """`evaluate(params, step) -> {reward/greedy, reward/sampled, rewards/<fn>/...}` on
-    `data.eval`'s prompts (at most `eval_batches` batches), None without an eval file.
+    `data.eval`'s prompts (at most `eval_batches` batches), None without an eval file; with a
+    cost `Scorer` also {cost/greedy, cost/sampled}.
 
     Each prompt is answered greedily once and sampled `rl.eval_samples` times at
     `rl.temperature`; its sampled score is the mean of its samples' rewards. The evaluation keys
@@ -294,11 +324,15 @@ def make_evaluator(run: Run, scorer: Scorer, workdir: pathlib.Path):
             real = np.asarray(prompts["example_mask"]) > 0
             for name, options in modes:
                 key = jax.random.fold_in(jax.random.key(config.seed + 1), i)
-                rows, per_fn, result = _rollout(run, params, prompts, key, options, scorer, step)
+                rows, per_fn, result = _rollout(
+                    run, params, prompts, key, options, scorer, step, costs
+                )
                 per_prompt = {  # [B * n] -> [real prompts], the mean of each prompt's samples
                     f"reward/{name}": rows["rewards"],
                     f"completions/mean_length/{name}": result.lengths,
                 } | {f"rewards/{fn}/{name}": v for fn, v in per_fn.items()}
+                if costs is not None:
+                    per_prompt[f"cost/{name}"] = rows["costs"]
                 for k, v in per_prompt.items():
                     v = np.asarray(v, np.float64).reshape(-1, options.n).mean(axis=1)[real]
                     values.setdefault(k, []).extend(v)
@@ -306,13 +340,66 @@ def make_evaluator(run: Run, scorer: Scorer, workdir: pathlib.Path):
             scores = {
                 k: [float(x) for x in v]
                 for k, v in values.items()
-                if k.startswith(("reward/", "rewards/"))
+                if k.startswith(("reward/", "rewards/", "cost/"))
             }
             (workdir / "eval").mkdir(exist_ok=True)
             write_atomic(workdir / "eval" / f"step_{step}.json", json.dumps(scores))
         return {k: float(np.mean(v)) for k, v in values.items()}
 
     return evaluate
+
+
+def safety_batches(run: Run) -> list[dict]:
+    """The safety test's held-out prompt batches: enough of `rl.safety.prompts` (else
+    `data.eval`) for `rl.safety.n` prompts, read when the run starts, so a short file is refused
+    before any training."""
+    safety = run.config.rl.safety
+    path = safety.prompts or run.config.data.eval
+    batches, count = [], 0
+    for prompts in run.family.batches(run, path, train=False):
+        batches.append(prompts)
+        count += int((_all_hosts(prompts["example_mask"]) > 0).sum())
+        if count >= safety.n:
+            return batches
+    raise ConfigError(
+        f"rl.safety.n={safety.n}: {path} holds {count} prompts; the safety test samples one "
+        "completion on each of n held-out prompts"
+    )
+
+
+def safety_test(run: Run, params, batches, scorer: Scorer, costs: Scorer, writer) -> dict:
+    """HC-RLHF's safety test of the trained policy (`jaxalign.rl.constrained.safety_test`): one
+    completion sampled at `rl.temperature` on each of the `rl.safety.n` held-out prompts of
+    `batches` (`safety_batches`) and its cost scored; passed when the (1 - delta) Student-t upper
+    confidence bound on the mean cost is <= tau, else "no solution": the policy should not be
+    deployed (its checkpoint is written all the same). Returns {passed, ucb, tau, n, delta,
+    cost, reward} (the last two: the means over the n completions)."""
+    config, safety = run.config, run.config.rl.safety
+    options = sampling_options(run, n=1)
+    got = {"costs": [], "rewards": []}
+    for i, prompts in enumerate(batches):
+        key = jax.random.fold_in(jax.random.key(config.seed + 2), i)
+        rows, _, _ = _rollout(run, params, prompts, key, options, scorer, config.steps, costs)
+        real = _all_hosts(rows["example_mask"]) > 0
+        for k, values in got.items():
+            values.extend(_all_hosts(rows[k])[real])
+    sample = {k: np.asarray(v[: safety.n], np.float64) for k, v in got.items()}
+    passed, ucb = constrained.safety_test(sample["costs"], tau=safety.tau, delta=safety.delta)
+    result = {
+        "passed": bool(passed),
+        "ucb": float(ucb),
+        "tau": float(safety.tau),
+        "n": int(safety.n),
+        "delta": float(safety.delta),
+        "cost": float(sample["costs"].mean()),
+        "reward": float(sample["rewards"].mean()),
+    }
+    verdict = "passed" if passed else "no solution (do not deploy this policy)"
+    writer.print(
+        f"safety test: upper {1 - safety.delta:.0%} bound on the mean cost {result['ucb']:.4f} "
+        f"{'<=' if passed else '>'} tau {safety.tau:g} over {safety.n} held-out prompts: {verdict}"
+    )
+    return result
 
 
 def paired_difference(
@@ -338,11 +425,13 @@ def _loop(s: Session) -> dict:
     run, config, rl = s.run, s.run.config, s.run.config.rl
     state, ref_params, writer, stop = s.state, s.ref_params, s.writer, s.stop
     scorer = Scorer(run)
+    costs = Scorer(run, costs=True) if run.family.constrained else None
+    safety = safety_batches(run) if run.family.constrained else None
     options = sampling_options(run)
     to_batch = run.family.to_batch(run)
     train_step = run.jit_train_step()
     take = _take(run)
-    evaluate = make_evaluator(run, scorer, s.workdir)
+    evaluate = make_evaluator(run, scorer, s.workdir, costs)
     last_train, last_eval, saved = {}, None, None
     started, total_tokens = time.perf_counter(), 0.0
     if s.first == 0 and config.data.eval:
@@ -355,7 +444,7 @@ def _loop(s: Session) -> dict:
         tick = time.perf_counter()
         policy = run.policy_params(state["params"], ref_params)  # LoRA: base + adapters
         rows, per_fn, result, stats = rollout_step(
-            run, policy, s.pipeline, key, options, scorer, step
+            run, policy, s.pipeline, key, options, scorer, step, costs
         )
         generated = float(np.sum(_all_hosts(result.lengths)))
         batch, prepared, rl_state = to_batch(state, ref_params, rows)
@@ -395,10 +484,17 @@ def _loop(s: Session) -> dict:
     if not stop and config.data.eval:
         last_eval = evaluate(run.policy_params(state["params"], ref_params), config.steps)
         writer.write(config.steps, last_eval, split="eval")
+    extra = {}
+    if safety is not None and not stop:
+        policy = run.policy_params(state["params"], ref_params)
+        extra["safety"] = safety_test(run, policy, safety, scorer, costs, writer)
+        if jax.process_index() == 0:
+            write_atomic(s.workdir / "safety.json", json.dumps(extra["safety"], indent=1))
     return s.finish(
         saved=saved,
         wall=time.perf_counter() - started,
         tokens=total_tokens,
         train=last_train,
         eval=last_eval,
+        **extra,
     )

@@ -5,10 +5,10 @@ host's rollout rows (`jaxalign.rl.rollout.rollout_rows`, plus "rewards" [R], the
 rewards), `batch` the global update batch (rows sharded, no micro-batch axis), `metrics` scalars
 about the rollout, `rl_state` the loop state after this step (KL controller, reward statistics).
 
-- `policy_batch` (ppo, grpo, rloo, reinforce_pp): on device, once per rollout before any update,
-  with the params that sampled it: the old log-probs (the ratio's denominator, so the first
-  minibatch's ratio is exactly 1), the reference's log-probs, PPO's values, then the family's
-  advantages.
+- `policy_batch` (ppo, grpo, rloo, reinforce_pp, hc_rlhf): on device, once per rollout before
+  any update, with the params that sampled it: the old log-probs (the ratio's denominator, so the
+  first minibatch's ratio is exactly 1), the reference's log-probs, PPO's values, then the
+  family's advantages.
 - `pair_batch` (online_dpo): per prompt, the completion with the higher reward is chosen and the
   other rejected (pairs of equal reward carry no preference and are masked out), laid out as pair
   batches for any paired loss; returned as the list of the update's minibatches (in order).
@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxalign.errors import ConfigError
 from jaxalign.rl import advantages as adv
+from jaxalign.rl import constrained as hc
 from jaxalign.rl import kl_control
 from jaxalign.rl import rewards as rl_rewards
 from jaxalign.train import policy
@@ -54,13 +55,16 @@ def reinforce_pp_advantages(rl, rewards, mask, kl, kl_coef):
     return adv.reinforce_pp_advantages(rewards, kl, mask, kl_coef=kl_coef, gamma=rl.gamma)
 
 
-def policy_batch(run, estimator: Callable | None, *, kl_in_loss: bool):
+def policy_batch(run, estimator: Callable | None, *, kl_in_loss: bool, constrained: bool = False):
     """`to_batch` for the policy-gradient families; `estimator(rl, rewards [R], mask, kl [R, T],
     kl_coef) -> advantages [R, T]` is the family's; None: PPO's GAE on the value head.
 
     Rewards are transformed first: DAPO's overlong penalty (`rl.overlong_buffer`), then PPO-max's
     division by the running std (`rl.reward_scale`, statistics in the loop state) and clipping
-    (`rl.reward_clip`)."""
+    (`rl.reward_clip`). `constrained` (HC-RLHF, `jaxalign.rl.constrained`): the estimator sees
+    the Lagrangian reward r - lambda c with the multiplier of the loop state, which then moves by
+    the rollout's pessimistic cost bound (metrics `lambda`, the value the advantages used, and
+    `bound`)."""
     value_head = estimator is None
     rl = run.config.rl
     mc, mesh, rules = run.model_config, run.mesh, run.rules
@@ -102,6 +106,21 @@ def policy_batch(run, estimator: Callable | None, *, kl_in_loss: bool):
             )
         elif rl.reward_clip:
             rewards = jnp.clip(rewards, -rl.reward_clip, rl.reward_clip)
+        hc_metrics = {}
+        if constrained:
+            safety = rl.safety
+            lam = rl_state["lambda"]
+            bound = hc.pessimistic_bound(
+                rows["costs"],
+                n_safety=safety.n,
+                delta=safety.delta,
+                c1=safety.c1,
+                c2=safety.c2,
+                tau=safety.tau,
+            )
+            rewards = hc.lagrangian_rewards(rewards, rows["costs"], lam)
+            new_state["lambda"] = hc.update_multiplier(lam, bound, lr=safety.lambda_lr)
+            hc_metrics = {"lambda": lam, "bound": bound}
         batch = {k: rows[k] for k in (*ROLLOUT_ROW_KEYS, "example_mask", "sampler_logps")}
         if not own_old:  # else the update's own forward gives them (`policy.old_from_update`)
             batch["old_logps"] = old = logps(params, rows)
@@ -133,7 +152,7 @@ def policy_batch(run, estimator: Callable | None, *, kl_in_loss: bool):
             "kl_coef": kl_coef,
             "advantages/mean": batch["advantages"].sum() / tokens,
             "reward/transformed": rewards.mean(),
-        }
+        } | hc_metrics
         if not (own_old and rl.kl_coef > 0):  # else the update reports it (k3, its loss term)
             metrics["kl"] = (kl * mask).sum() / tokens
         if value_head:
@@ -166,9 +185,13 @@ def kl_settings(rl) -> dict:
 
 
 def initial_rl_state(config) -> dict:
-    """The loop state an online run carries in its checkpoints."""
+    """The loop state an online run carries in its checkpoints; with costs (hc_rlhf) also the
+    Lagrange multiplier, starting at 0."""
     _, kl = kl_control.init_kl_controller(**kl_settings(config.rl))
-    return {"kl": kl, "reward_stats": rl_rewards.init_reward_stats()}
+    state = {"kl": kl, "reward_stats": rl_rewards.init_reward_stats()}
+    if config.rl.costs or config.rl.cost_model:
+        state["lambda"] = jnp.zeros((), jnp.float32)
+    return state
 
 
 def _groups(rows, G):
