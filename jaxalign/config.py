@@ -141,10 +141,10 @@ def base_config() -> ConfigDict:
     c.metrics.wandb.name = ""  # run name ("" = the workdir's name)
     c.metrics.wandb.mode = ""  # online | offline | disabled ("" = $WANDB_MODE, else online)
 
-    # Online RL (trainers ppo, grpo, rloo, reinforce_pp, online_dpo, rft). data.train holds prompt
-    # records ({"prompt": ..., more fields the rewards read, e.g. "answer"}); data.batch_size is
-    # the prompts per step (global), each sampled rl.group_size times; data.eval's prompts are
-    # scored the same way (greedy and sampled) at every evaluation.
+    # Online RL (trainers ppo, grpo, rloo, reinforce_pp, online_dpo, rft, spa). data.train holds
+    # prompt records ({"prompt": ..., more fields the rewards read, e.g. "answer"});
+    # data.batch_size is the prompts per step (global), each sampled rl.group_size times;
+    # data.eval's prompts are scored the same way (greedy and sampled) at every evaluation.
     c.rl = ConfigDict()
     c.rl.group_size = 4  # completions per prompt (G); groups of a prompt are contiguous rows
     c.rl.max_new_tokens = 32
@@ -187,6 +187,9 @@ def base_config() -> ConfigDict:
     c.rl.whiten_advantages = True
     # rft: fine-tune on each prompt's best completion when its reward reaches this.
     c.rl.rft_min_reward = 0.5
+    # spa: a self-labelled pair trains when its confidence |sigmoid(loss.beta * (s_1 - s_2)) - 0.5|
+    # exceeds this (s = the policy's implicit reward log pi - log pi_ref); rl.rewards are logged.
+    c.rl.spa_min_confidence = 0.1
 
     c.checkpoint = ConfigDict()
     c.checkpoint.every = 100  # save every N steps (and at the end, and on SIGTERM)

@@ -14,6 +14,7 @@ cache. Nothing else chooses by the family's name.
 | `reinforce_pp` | clipped PG, REINFORCE++   | prompts              |               | online  |
 | `online_dpo` | any paired loss on (best, worst) of a group | prompts |            | online  |
 | `rft`      | SFT on each group's best      | prompts              |               | online  |
+| `spa`      | any paired loss on pairs the policy's implicit reward labels | prompts |  | online |
 
 `trainer="dpo"` is an alias of `paired` (it runs any paired loss, not only DPO).
 """
@@ -274,7 +275,7 @@ def _policy(*, kl_in_loss: bool, value_head: bool, family: str, compares: bool =
 
 
 def online_dpo(config: ConfigDict, model_config, mesh) -> Objective:
-    _group_of_two(config, "online_dpo")
+    _group_of_two(config, config.trainer)  # online_dpo, spa
     _splits(config, config.data.batch_size, "data.batch_size pairs")
     return paired(config, model_config, mesh)
 
@@ -317,6 +318,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "online_dpo": Family(online_dpo, prompt_batches, loop="online", to_batch=updates.pair_batch),
     "rft": Family(rft, prompt_batches, loop="online", to_batch=updates.best_batch),
+    "spa": Family(online_dpo, prompt_batches, loop="online", to_batch=updates.spa_pair_batch),
 }
 ALIASES = {"dpo": "paired"}
 
