@@ -141,3 +141,21 @@ def test_spa_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         run = setup(_spa_config(override))
         run.family.to_batch(run)
+
+
+# --- RL from the base model ---------------------------------------------------------------
+
+
+def test_grpo_from_base_smoke(tmp_path):
+    """The RL-zero recipe starts from the random init (no SFT) and logs both of its rewards."""
+    config = apply_overrides(
+        load_config(f"{ROOT / 'configs/grpo/from_base_tiny.py'}:smoke=True"),
+        [TOKENIZER, f"data.train={ROOT / 'data/demo/sft_train.jsonl'}", "data.eval=", "steps=2"],
+    )
+    assert config.model.init_from == ""
+    summary = train(config, tmp_path)
+    records = _records(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert np.isfinite(r["loss"]) and {"rewards/demo_judge", "rewards/format"} <= set(r)
+    assert summary["steps"] == [0, 2] and pathlib.Path(summary["checkpoint"]).is_dir()
