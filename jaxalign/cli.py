@@ -13,6 +13,8 @@ plot.
     jaxalign merge --config configs/merge/ties.py --out DIR [--config.lam=0.8]
     jaxalign bench logprobs|generate [-- benchmark flags]
     jaxalign data inspect FILE --config CFG [--config.key=value] [--show 3] [--out lengths.png]
+    jaxalign data select --in FILE --out FILE --budget N [--max-similarity 0.9]
+        [--embedding-field F | --model SPEC [--text-fields prompt completion]]    # deita
     jaxalign plot RUN [RUN ...] --out curves.png
 
 Errors a user can act on print one line, `jaxalign: ...`, and exit with status 2. A run stopped by
@@ -206,6 +208,34 @@ def _cmd_data_inspect(args, overrides):
         print(f"wrote {args.out}")
 
 
+def _cmd_data_select(args, overrides):
+    from jaxalign.data import select
+
+    if overrides:
+        _usage("data select takes no --config overrides")
+    if bool(args.embedding_field) == bool(args.model):
+        _usage("data select needs one of --embedding-field and --model")
+    records = select.read_records(args.input)
+    scores = select.deita_scores(
+        select.record_numbers(args.input, records, args.complexity_field),
+        select.record_numbers(args.input, records, args.quality_field),
+    )
+    if args.embedding_field:
+        embeddings = select.record_embeddings(args.input, records, args.embedding_field)
+    else:
+        from jaxalign.sampling.cli_generate import _tokenizer, load_model
+
+        config, params, tokenizer_path, _ = load_model(args.model)
+        tokenizer = _tokenizer(args.tokenizer or tokenizer_path, config)
+        texts = select.record_texts(args.input, records, tuple(args.text_fields))
+        embeddings = select.mean_hidden(config, params, [tokenizer.encode(t) for t in texts])
+    kept = select.greedy_select(
+        scores, embeddings, budget=args.budget, max_similarity=args.max_similarity
+    )
+    select.write_selection(args.out, records, kept)
+    print(f"wrote {args.out}: {len(kept)} of {len(records)} records")
+
+
 def _cmd_plot(args, overrides):
     from jaxalign.plot import plot_runs
 
@@ -351,6 +381,32 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--show", type=int, default=3, help="examples to render (default 3)")
     inspect.add_argument("--out", help="also draw the length histograms to this PNG")
     inspect.set_defaults(run=_cmd_data_inspect)
+    select = data_sub.add_parser(
+        "select",
+        help="deita: keep the best-scored (complexity x quality) diverse records of a JSONL file",
+    )
+    select.add_argument("--in", dest="input", required=True, help="the JSONL records")
+    select.add_argument("--out", required=True, help="the JSONL file to write (atomically)")
+    select.add_argument("--budget", type=int, required=True, help="records to keep (at most)")
+    select.add_argument(
+        "--max-similarity",
+        type=float,
+        default=0.9,
+        help="keep a record only if its cosine similarity to every kept one is below this "
+        "(default 0.9)",
+    )
+    select.add_argument("--complexity-field", default="complexity", help="default complexity")
+    select.add_argument("--quality-field", default="quality", help="default quality")
+    select.add_argument("--embedding-field", help="a field holding each record's embedding")
+    select.add_argument("--model", help="hf:DIR | checkpoint:RUN: embed by mean hidden state")
+    select.add_argument("--tokenizer", help="with --model: overrides the model's own tokenizer")
+    select.add_argument(
+        "--text-fields",
+        nargs="+",
+        default=["prompt", "completion"],
+        help="with --model: the string fields embedded, joined by a newline",
+    )
+    select.set_defaults(run=_cmd_data_select)
 
     plot = sub.add_parser("plot", help="draw the training curves of runs (metrics.jsonl)")
     plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or metrics files)")

@@ -159,10 +159,10 @@ def base_config() -> ConfigDict:
     c.reward = ConfigDict()
     c.reward.num_objectives = 1  # k
 
-    # Online RL (trainers ppo, grpo, rloo, reinforce_pp, online_dpo, rft). data.train holds prompt
-    # records ({"prompt": ..., more fields the rewards read, e.g. "answer"}); data.batch_size is
-    # the prompts per step (global), each sampled rl.group_size times; data.eval's prompts are
-    # scored the same way (greedy and sampled) at every evaluation.
+    # Online RL (trainers ppo, grpo, rloo, reinforce_pp, online_dpo, rft, spa, hc_rlhf, gkd).
+    # data.train holds prompt records ({"prompt": ..., more fields the rewards read, e.g.
+    # "answer"}); data.batch_size is the prompts per step (global), each sampled rl.group_size
+    # times; data.eval's prompts are scored the same way (greedy and sampled) at every evaluation.
     c.rl = ConfigDict()
     c.rl.group_size = 4  # completions per prompt (G); groups of a prompt are contiguous rows
     c.rl.max_new_tokens = 32
@@ -225,6 +225,9 @@ def base_config() -> ConfigDict:
     c.rl.safety.n = 100  # safety test: one sampled completion on each of the first n prompts
     c.rl.safety.prompts = ""  # held-out prompts of the safety test ("" = data.eval)
     c.rl.safety.lambda_lr = 0.1  # multiplier step: lambda <- max(0, lambda + lr * bound)
+    # spa: a self-labelled pair trains when its confidence |sigmoid(loss.beta * (s_1 - s_2)) - 0.5|
+    # exceeds this (s = the policy's implicit reward log pi - log pi_ref); rl.rewards are logged.
+    c.rl.spa_min_confidence = 0.1
 
     c.checkpoint = ConfigDict()
     c.checkpoint.every = 100  # save every N steps (and at the end, and on SIGTERM)

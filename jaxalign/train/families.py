@@ -18,6 +18,7 @@ cache. Nothing else chooses by the family's name.
 | `rft`      | SFT on each group's best      | prompts              |               | online  |
 | `hc_rlhf`  | clipped PG, leave-one-out of  | prompts              |               | online  |
 |            | r - lambda cost, safety test  |                      |               |         |
+| `spa`      | any paired loss on pairs the policy's implicit reward labels | prompts |  | online |
 
 `trainer="dpo"` is an alias of `paired` (it runs any paired loss, not only DPO).
 """
@@ -365,7 +366,7 @@ def _policy(*, kl_in_loss: bool, value_head: bool, family: str, compares: bool =
 
 
 def online_dpo(config: ConfigDict, model_config, mesh) -> Objective:
-    _group_of_two(config, "online_dpo")
+    _group_of_two(config, config.trainer)  # online_dpo, spa
     _splits(config, config.data.batch_size, "data.batch_size pairs")
     return paired(config, model_config, mesh)
 
@@ -425,6 +426,7 @@ FAMILIES: dict[str, Family] = {
         updates.rloo_advantages,
         constrained=True,
     ),
+    "spa": Family(online_dpo, prompt_batches, loop="online", to_batch=updates.spa_pair_batch),
 }
 ALIASES = {"dpo": "paired"}
 

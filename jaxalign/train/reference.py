@@ -12,7 +12,9 @@ that follows the policy.
   the checkpoint (`state["ref"]`) and a resumed run continues with the reference it had.
 
 Both apply to the offline families that hold reference weights (`paired`, `unpaired` with a
-reference-based loss); `setup` refuses them elsewhere with the reason.
+reference-based loss); a soup, being fixed, also to the online families that hold one (`spa`
+starts from a DPO run and keeps the SFT model as its reference); `setup` refuses them elsewhere
+with the reason.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def check(config: ConfigDict, *, loop: str, needs_ref: bool) -> None:
     if not (update or ref.soup):
         return
     key = "reference.update" if update else "reference.soup"
-    if loop != "offline":
+    if loop != "offline" and update:  # a fixed soup reference serves online runs too (spa)
         raise ConfigError(
             f'{key}: reference schedules are for the offline families (paired, unpaired), not "'
             f'{config.trainer}"'

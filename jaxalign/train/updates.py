@@ -12,6 +12,9 @@ about the rollout, `rl_state` the loop state after this step (KL controller, rew
 - `pair_batch` (online_dpo): per prompt, the completion with the higher reward is chosen and the
   other rejected (pairs of equal reward carry no preference and are masked out), laid out as pair
   batches for any paired loss; returned as the list of the update's minibatches (in order).
+- `spa_pair_batch` (spa): as `pair_batch`, but the pair is ranked by the policy's own implicit
+  reward and kept when confident (`jaxalign.train.self_labels.spa_labels`); the configured
+  rewards are only logged.
 - `best_batch` (rft): per prompt, the completion with the highest reward, kept when it reaches
   `rl.rft_min_reward`, laid out as SFT batches; returned as a list of minibatches likewise.
 """
@@ -29,7 +32,7 @@ from jaxalign.rl import advantages as adv
 from jaxalign.rl import constrained as hc
 from jaxalign.rl import kl_control
 from jaxalign.rl import rewards as rl_rewards
-from jaxalign.train import policy
+from jaxalign.train import policy, self_labels
 
 ROLLOUT_ROW_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids", "seq_index")
 
@@ -255,5 +258,60 @@ def best_batch(run):
         kept = (rewards.max(axis=1) >= rl.rft_min_reward) & real
         minibatches = _stacked(run, rows, [best], kept)
         return minibatches, {"rft/kept": float(kept.mean())}, state["rl"]
+
+    return to_batch
+
+
+def spa_pair_batch(run):
+    """`to_batch` for SPA: per prompt, its samples' implicit rewards s = log pi - log pi_ref
+    (sequence sums at temperature 1, the DPO loss's log-probs; one jitted forward of each model
+    over the rollout) label the pair (`self_labels.spa_labels` with `loss.beta`), which is kept
+    when its confidence exceeds `rl.spa_min_confidence`. `spa/judge_agreement` is the fraction of
+    kept pairs whose configured rewards differ that the label orders as the rewards do."""
+    config, G = run.config, run.config.rl.group_size
+    beta = config.loss.get("beta")
+    if not isinstance(beta, int | float) or isinstance(beta, bool) or beta <= 0:
+        raise ConfigError(f"loss.beta={beta!r}: spa labels pairs by beta * s, expected beta > 0")
+    mc, mesh, rules = run.model_config, run.mesh, run.rules
+    impl = None if config.logprob_impl == "auto" else config.logprob_impl
+
+    def sequence_logps(params, rows):
+        logps = policy.rollout_logps(
+            mc, params, rows, temperature=1.0, mesh=mesh, rules=rules, impl=impl
+        )
+        return (logps * rows["loss_mask"]).sum(axis=1)
+
+    def both(params, ref_params, rows):
+        return sequence_logps(run.policy_params(params, ref_params), rows), sequence_logps(
+            ref_params, rows
+        )
+
+    jitted = jax.jit(both, out_shardings=(run.replicated, run.replicated))
+
+    def to_batch(state, ref_params, rows):
+        host = {k: rows[k] for k in ROLLOUT_ROW_KEYS}
+        global_rows = jax.tree.map(lambda x: x[0], run.global_batch([host]))
+        R = len(rows["rewards"])
+        mine = slice(jax.process_index() * R, (jax.process_index() + 1) * R)
+        pol, ref = (
+            np.asarray(x)[mine].reshape(-1, G)
+            for x in jitted(state["params"], ref_params, global_rows)
+        )
+        labels = jax.device_get(
+            self_labels.spa_labels(pol, ref, beta=beta, min_confidence=config.rl.spa_min_confidence)
+        )
+        base = np.arange(pol.shape[0]) * G
+        chosen, rejected = base + labels["chosen"], base + labels["rejected"]
+        kept = labels["keep"] & (np.asarray(rows["example_mask"])[chosen] > 0)
+        minibatches = _stacked(run, rows, [chosen, rejected], kept)
+        rewards = np.asarray(rows["rewards"])
+        judged = kept & (rewards[chosen] != rewards[rejected])
+        agree = (rewards[chosen] > rewards[rejected])[judged]
+        metrics = {
+            "spa/kept": float(kept.mean()),
+            "spa/confidence": float(labels["confidence"].mean()),
+            "spa/judge_agreement": float(agree.mean()) if agree.size else float("nan"),
+        }
+        return minibatches, metrics, state["rl"]
 
     return to_batch
