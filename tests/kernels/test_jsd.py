@@ -192,3 +192,19 @@ def test_mask_and_bad_inputs():
         token_jsd(hs, ws, ht, wt, temperature=0)
     with pytest.raises(ValueError, match="no implementation 'pallas_tpu'"):
         token_jsd(hs, ws, ht, wt, implementation="pallas_tpu")
+
+
+def test_memory_benchmark_quick(capsys):
+    """benchmarks/distill_memory.py --quick: the naive path's temporaries hold both [N, V]
+    logits (at least two [N, V] arrays), the kernel's well under half of that."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "distill_memory.py"
+    spec = importlib.util.spec_from_file_location("distill_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--quick"])
+    assert out["naive"] >= 2 * out["nv_bytes"]
+    assert out["kernel"] < out["naive"] / 2
+    assert "ratio naive / kernel" in capsys.readouterr().out
