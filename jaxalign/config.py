@@ -229,6 +229,16 @@ def base_config() -> ConfigDict:
     # exceeds this (s = the policy's implicit reward log pi - log pi_ref); rl.rewards are logged.
     c.rl.spa_min_confidence = 0.1
 
+    # Distillation (trainer gkd; jaxalign.train.distill). data.train holds {prompt, completion}
+    # records; rl.* sets the student's sampling (rl.group_size 1 is usual).
+    c.distill = ConfigDict()
+    # The teacher: "preset:NAME" (random init from seed + 1; tests, smoke runs),
+    # "checkpoint:DIR" (a run's workdir) or "hf:DIR"; any width, the student's vocabulary.
+    c.distill.teacher = ""
+    c.distill.beta = 0.5  # JSD_beta: 0 = forward KL(teacher || student), 1 = reverse KL
+    c.distill.lmbda = 0.5  # fraction of steps whose responses the student samples (on-policy)
+    c.distill.temperature = 1.0  # on both distributions in the JSD
+
     c.checkpoint = ConfigDict()
     c.checkpoint.every = 100  # save every N steps (and at the end, and on SIGTERM)
     c.checkpoint.keep = 3  # keep the newest K checkpoints

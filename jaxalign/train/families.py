@@ -19,6 +19,7 @@ cache. Nothing else chooses by the family's name.
 | `hc_rlhf`  | clipped PG, leave-one-out of  | prompts              |               | online  |
 |            | r - lambda cost, safety test  |                      |               |         |
 | `spa`      | any paired loss on pairs the policy's implicit reward labels | prompts |  | online |
+| `gkd`      | JSD_b to a teacher, per token | sft (prompt, completion) |           | online  |
 
 `trainer="dpo"` is an alias of `paired` (it runs any paired loss, not only DPO).
 """
@@ -37,6 +38,7 @@ from ml_collections import ConfigDict
 
 from jaxalign import losses
 from jaxalign.data import (
+    formats,
     layout,
     make_batches,
     make_direction_system,
@@ -47,7 +49,7 @@ from jaxalign.errors import ConfigError
 from jaxalign.losses import policy as policy_losses
 from jaxalign.models import heads
 from jaxalign.sharding import ShardingRules
-from jaxalign.train import objectives, policy, reward, updates
+from jaxalign.train import distill, objectives, policy, reward, updates
 from jaxalign.train.objectives import Objective
 
 
@@ -70,6 +72,9 @@ class Family:
     constrained: the family trains under a cost constraint (`jaxalign.rl.constrained`): costs
       are scored (`rl.costs`, `rl.cost_model`), the multiplier is loop state, and the safety
       test runs after training.
+    respond: online families: (run, prompts, options, step) -> the training rollout's responses
+      (a `GenerateResult`) in place of the policy's samples, or None to sample (gkd's data
+      responses).
     """
 
     objective: Callable[..., Objective]
@@ -81,6 +86,7 @@ class Family:
     loop: str = "offline"
     to_batch: Callable | None = None
     constrained: bool = False
+    respond: Callable | None = None
 
 
 def make_loss(config: ConfigDict) -> losses.Bound | losses.Mix:
@@ -271,10 +277,10 @@ def offline_batches(run, path: str, *, train: bool):
     )
 
 
-def prompt_batches(run, path: str, *, train: bool):
+def prompt_batches(run, path: str, *, train: bool, transforms=()):
     """Prompt batches (`jaxalign.data.make_prompt_pipeline`) of the online families: each host
     reads its share of `data.batch_size` prompts; endless and shuffled for training, one pass in
-    file order for evaluation."""
+    file order for evaluation. `transforms` as in `jaxalign.data.sources`."""
     data = run.config.data
     return make_prompt_pipeline(
         path,
@@ -288,7 +294,46 @@ def prompt_batches(run, path: str, *, train: bool):
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         num_epochs=None if train else 1,
-        transforms=record_transforms(run.config),
+        transforms=(*record_transforms(run.config), *transforms),
+    )
+
+
+def _with_completion(record: dict) -> list[dict]:
+    """gkd's records need a completion (the off-policy responses): a bad one is a DataError
+    naming the file and line."""
+    formats.parse_sft(record)
+    return [record]
+
+
+def gkd_batches(run, path: str, *, train: bool):
+    """Prompt batches; the training records must carry a completion (evaluation samples)."""
+    return prompt_batches(run, path, train=train, transforms=(_with_completion,) if train else ())
+
+
+def gkd(config: ConfigDict, model_config, mesh) -> Objective:
+    d = config.distill
+    _splits(config, config.data.batch_size * config.rl.group_size, "gkd rollout rows")
+    for key, value, ok, expected in (
+        ("beta", d.beta, 0.0 <= d.beta <= 1.0, "0 <= beta <= 1"),
+        ("lmbda", d.lmbda, 0.0 <= d.lmbda <= 1.0, "a fraction 0 <= lmbda <= 1"),
+        ("temperature", d.temperature, d.temperature > 0, "> 0"),
+    ):
+        if not ok:
+            raise ConfigError(f"distill.{key}={value}: expected {expected}")
+    if config.lora.rank:
+        raise ConfigError(
+            f"lora.rank={config.lora.rank}: gkd holds the teacher where a LoRA run holds its "
+            "base; distil with full fine-tuning"
+        )
+    place = _placement(config, mesh)
+    return distill.gkd_objective(
+        model_config,
+        distill.teacher(config.distill.teacher, model_config),
+        beta=d.beta,
+        temperature=d.temperature,
+        mesh=place["mesh"],
+        rules=place["rules"],
+        implementation="reference" if config.logprob_impl == "reference" else None,
     )
 
 
@@ -427,6 +472,13 @@ FAMILIES: dict[str, Family] = {
         constrained=True,
     ),
     "spa": Family(online_dpo, prompt_batches, loop="online", to_batch=updates.spa_pair_batch),
+    "gkd": Family(
+        gkd,
+        gkd_batches,
+        loop="online",
+        to_batch=distill.rollout_batch,
+        respond=distill.data_responses,
+    ),
 }
 ALIASES = {"dpo": "paired"}
 

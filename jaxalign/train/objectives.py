@@ -41,12 +41,24 @@ class Objective:
     batch: what its batches hold (`jaxalign.data.layout.BatchSpec`).
     needs_ref: whether `fn` reads `ref_params` (the run then holds frozen reference weights).
     initial_loss_state: running loss state carried in the train state (BCO's delta), or None.
+    teacher: a second, frozen model `fn` reads as `ref_params` in place of the reference
+      (distillation; `needs_ref` is then True), or None.
     """
 
     fn: Callable
     batch: BatchSpec
     needs_ref: bool = False
     initial_loss_state: dict | None = None
+    teacher: Teacher | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """A distillation teacher: its architecture and where its weights come from ("" = the random
+    init of seed + 1, "checkpoint:DIR", "hf:DIR")."""
+
+    model_config: models.ModelConfig
+    source: str
 
 
 def as_loss(loss, loss_kwargs: dict | None = None) -> losses.Bound | losses.Mix:

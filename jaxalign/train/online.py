@@ -1,5 +1,5 @@
-"""The online loop (ppo, grpo, rloo, reinforce_pp, online_dpo, rft, hc_rlhf), one straight line
-per step:
+"""The online loop (ppo, grpo, rloo, reinforce_pp, online_dpo, rft, spa, hc_rlhf, gkd), one
+straight line per step:
 
     prompts (checkpointable Grain pipeline) -> sample n completions each with the current params
     (`jaxalign.sampling.generate`, same process, same shardings: nothing is copied or synced) ->
@@ -132,20 +132,34 @@ def _recorded_tokenizer(workdir) -> str | None:
     return None if recorded is None else recorded.get("tokenizer")
 
 
-def _rollout(run: Run, params, prompts: dict, key, options, scorer: Scorer, step: int, costs=None):
+def _rollout(
+    run: Run,
+    params,
+    prompts: dict,
+    key,
+    options,
+    scorer: Scorer,
+    step: int,
+    costs=None,
+    respond=None,
+):
     """Sample, score and lay out one prompt batch: (rows with "rewards" (and "costs" with a cost
-    `Scorer`), per-reward values, the generation result)."""
+    `Scorer`), per-reward values, the generation result). `respond(run, prompts, options, step)`
+    (the family's, training only) may answer instead of the policy (a GenerateResult; None:
+    sample)."""
     arrays = {k: prompts[k] for k in (*PROMPT_ARRAYS, "example_mask")}
-    result = sampling.generate(
-        run.model_config,
-        heads.decoder_params(params),
-        arrays,
-        rng=key,
-        options=options,
-        tokenizer=run.tokenizer,
-        mesh=run.mesh,
-        rules=run.rules,
-    )
+    result = None if respond is None else respond(run, prompts, options, step)
+    if result is None:
+        result = sampling.generate(
+            run.model_config,
+            heads.decoder_params(params),
+            arrays,
+            rng=key,
+            options=options,
+            tokenizer=run.tokenizer,
+            mesh=run.mesh,
+            rules=run.rules,
+        )
     records = [prompts["records"][i] for i in result.prompt_index]
     rows = rollout_rows(arrays, result, options.pad_id)
     # Empty slots at the end of a finite prompt file (no record) get reward 0, unscored.
@@ -198,7 +212,10 @@ def rollout_step(run: Run, params, pipeline, key, options, scorer, step, costs=N
     many further prompt batches (fixed shapes: as many groups as one batch; groups still equal
     when the rounds run out are kept). Returns rows, per-reward values, results, statistics."""
     G = run.config.rl.group_size
-    rows, per_fn, result = _rollout(run, params, next(pipeline), key, options, scorer, step, costs)
+    respond = run.family.respond
+    rows, per_fn, result = _rollout(
+        run, params, next(pipeline), key, options, scorer, step, costs, respond
+    )
     stats = {"frac_reward_zero_std": 1.0 - _informative(_all_hosts(rows["rewards"]), G).mean()}
     rounds = run.config.rl.dynamic_sampling
     for extra in range(rounds):
@@ -214,6 +231,7 @@ def rollout_step(run: Run, params, pipeline, key, options, scorer, step, costs=N
             scorer,
             step,
             costs,
+            respond,
         )
         useful = np.nonzero(_informative(more["rewards"], G))[0]
         slots = np.nonzero(~keep)[0][: len(useful)]

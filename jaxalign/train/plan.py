@@ -134,9 +134,7 @@ def _compile(run):
     """The run's jitted train step, compiled for abstract (sharded, unallocated) inputs."""
     ref = None
     if run.holds_frozen:  # the reference, or a LoRA run's base (its reference too)
-        abstract, shardings = run.abstract_state["params"], run.param_shardings
-        if run.lora:
-            abstract, shardings = models.abstract_params(run.model_config), run.base_shardings
+        abstract, shardings = run.frozen_layout()
         ref = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )

@@ -196,10 +196,20 @@ class Run:
         """The family's batch iterator over one split (endless for training, one pass else)."""
         return self.family.batches(self, path, train=train)
 
-    def _ref_shardings(self):
+    def frozen_layout(self):
+        """(abstract params, shardings) of the steps' frozen weights: a LoRA run's base, a
+        distillation teacher, else the reference (laid out as the policy)."""
         if self.lora:
-            return self.base_shardings
-        return self.param_shardings if self.needs_ref else None
+            return models.abstract_params(self.model_config), self.base_shardings
+        teacher = self.objective.teacher
+        if teacher is not None:
+            abstract = models.abstract_params(teacher.model_config)
+            axes = models.param_logical_axes(teacher.model_config)
+            return abstract, sharding.named_shardings(self.mesh, self.rules, axes, abstract)
+        return self.abstract_state["params"], self.param_shardings
+
+    def _ref_shardings(self):
+        return self.frozen_layout()[1] if self.holds_frozen else None
 
 
 def setup(config: ConfigDict, *, devices=None, read_files: bool = True, model_config=None) -> Run:
@@ -363,13 +373,17 @@ def _decoder_params(source: str, seed: int, model_config, param_shardings):
 
 def frozen_params(run: Run, initial=None):
     """The steps' frozen weights (`ref_params`) as a run starts, or None when the run holds none:
-    a LoRA run's base (its reference too); else the reference: a soup (`reference.soup`) or the
-    initial policy (`initial`, copied because the train step donates the policy's buffers, or
-    loaded again)."""
+    a LoRA run's base (its reference too); a distillation teacher; else the reference: a soup
+    (`reference.soup`) or the initial policy (`initial`, copied because the train step donates
+    the policy's buffers, or loaded again)."""
     if run.lora:
         return base_params(run)
     if not run.needs_ref:
         return None
+    teacher = run.objective.teacher
+    if teacher is not None:
+        shardings = run.frozen_layout()[1]
+        return _decoder_params(teacher.source, run.config.seed + 1, teacher.model_config, shardings)
     if run.config.reference.soup:
         return reference_params(run)
     return init_params(run) if initial is None else jax.tree.map(jnp.copy, initial)
