@@ -466,6 +466,7 @@ def _loop(s: Session) -> dict:
         )
         generated = float(np.sum(_all_hosts(result.lengths)))
         batch, prepared, rl_state = to_batch(state, ref_params, rows)
+        jax.block_until_ready(batch)  # the rollout's time includes its log-prob forwards
         rollout_s = time.perf_counter() - tick
         # The train step donates what it updates (step, params, optimizer); the loop's own state
         # (KL coefficient, reward statistics) stays out of it.
