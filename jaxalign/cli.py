@@ -313,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--best_of", type=int, default=0, help="sample N, keep the best by --reward")
     gen.add_argument("--worst", action="store_true", help="with --best_of: keep the worst")
     gen.add_argument("--reward", help="with --best_of: a reward name (demo_judge)")
+    gen.add_argument("--reward_model", help="with --best_of: a reward model run directory")
+    gen.add_argument(
+        "--direction", help="with --reward_model (multi-objective): v1,v2,... (scores v . r)"
+    )
     gen.add_argument(
         "--samples_field",
         help="write each prompt record once, its --n completions as a list under this field "
