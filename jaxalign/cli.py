@@ -7,6 +7,7 @@ plot.
     jaxalign generate --model checkpoint:runs/sft-tiny --prompts FILE.jsonl --out FILE.jsonl
     jaxalign generate --config configs/generate/eft.py --prompts FILE.jsonl --out FILE.jsonl
     jaxalign diagnose branching|shift|sweep --model SPEC --prompts FILE.jsonl --out DIR
+    jaxalign diagnose honesty --records FILE.jsonl --completions FILE.jsonl --out FILE.json
     jaxalign convert from-hf --hf DIR --out CKPT
     jaxalign convert to-hf --checkpoint CKPT --out DIR [--tokenizer FILE] [--dtype bfloat16]
         [--overwrite] [--adapter]    # --adapter: a LoRA run's adapters as a PEFT directory
@@ -312,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--best_of", type=int, default=0, help="sample N, keep the best by --reward")
     gen.add_argument("--worst", action="store_true", help="with --best_of: keep the worst")
     gen.add_argument("--reward", help="with --best_of: a reward name (demo_judge)")
+    gen.add_argument("--reward_model", help="with --best_of: a reward model run directory")
+    gen.add_argument(
+        "--direction", help="with --reward_model (multi-objective): v1,v2,... (scores v . r)"
+    )
     gen.add_argument(
         "--samples_field",
         help="write each prompt record once, its --n completions as a list under this field "
@@ -321,14 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     diag = sub.add_parser(
         "diagnose",
-        help="decoding diagnostics: branching factor, token shift, decoding sweep (JSON + PNG)",
+        help="decoding diagnostics: branching factor, token shift, decoding sweep (JSON + PNG); "
+        "honesty metrics (JSON)",
     )
-    diag.add_argument("kind", choices=["branching", "shift", "sweep"])
+    diag.add_argument("kind", choices=["branching", "shift", "sweep", "honesty"])
     diag.add_argument("--model", action="append", help="hf:DIR|checkpoint:RUN (branching: repeat)")
     diag.add_argument("--base", help="shift: the base model ranking the tokens")
     diag.add_argument("--aligned", help="shift: the aligned model that decodes")
-    diag.add_argument("--prompts", required=True, help='JSONL of {"prompt": ...} records')
-    diag.add_argument("--out", required=True, help="directory for <kind>.json and <kind>.png")
+    diag.add_argument("--prompts", help='JSONL of {"prompt": ...} records (not honesty)')
+    diag.add_argument(
+        "--out", required=True, help="directory for <kind>.json and <kind>.png; honesty: the JSON"
+    )
     diag.add_argument("--tokenizer", help="default: the first model's recorded tokenizer")
     diag.add_argument("--template", help="plain | chatml | llama3 (default: the run's, or plain)")
     diag.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
@@ -336,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--temperatures", type=float, nargs="+", default=[0.1, 0.5, 1.0])
     diag.add_argument("--top_ps", type=float, nargs="+", default=[0.5, 0.9, 1.0])
     diag.add_argument("--top_ks", type=int, nargs="+", default=[0, 5, 50], help="0 = off")
+    diag.add_argument("--records", help='honesty: JSONL of {"prompt", "answer", "known"}')
+    diag.add_argument("--completions", help="honesty: jaxalign generate's output on --records")
+    diag.add_argument(
+        "--abstain_pattern",
+        action="append",
+        help="honesty: an abstention regex (repeat; replaces the default list)",
+    )
     _add_sampling_flags(diag)
     diag.set_defaults(run=_cmd_diagnose)
 

@@ -4,6 +4,12 @@ the highest (lowest) scoring one.
 A reward is a plain callable ``reward(prompt_record, completion_text) -> float``: the record is
 the prompt's raw JSONL record (so it can read reference fields such as "answer") and the text is
 the detokenised completion (cut at a stop string). Built-in rewards are in `REWARD_FUNCTIONS`.
+
+A trained reward model scores the tokens instead (`RewardModel`, `reward_model`): its head on
+the last completion token of prompt + completion, as the reward trainer scores a sequence; a
+multi-objective one (trainer reward_multi, k outputs) along the user's direction v, r_v = v . r
+(Wang et al., 2024, "Arithmetic Control of LLMs for Diverse User Preferences: Directional
+Preference Alignment with Multi-Objective Rewards"), v normalised to unit length.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ from jaxtyping import Array
 from jaxalign import models as M
 from jaxalign.data.demo_task import judge
 from jaxalign.errors import ConfigError, DataError
+from jaxalign.losses.reward import unit_direction
+from jaxalign.models import heads
+from jaxalign.rl.rewards import reward_model_scores
+from jaxalign.rl.rollout import rollout_rows
 from jaxalign.sampling.engine import generate
 from jaxalign.sampling.options import SamplingOptions
 from jaxalign.sampling.result import GenerateResult
@@ -73,6 +83,47 @@ def score_completions(
 
 
 @dataclasses.dataclass(frozen=True)
+class RewardModel:
+    """A trained reward model (params with "reward_head", `jaxalign.train.reward.
+    load_reward_model`) and the unit direction v it scores along (None for a one-output head)."""
+
+    model_config: M.ModelConfig
+    params: M.Params
+    direction: tuple[float, ...] | None
+
+
+def reward_model(
+    model_config: M.ModelConfig, params: M.Params, direction=None, *, name: str = "reward model"
+) -> RewardModel:
+    """The reward model with its direction v / |v| checked against its head: k numbers for k
+    outputs (k > 1), none for one output; `ConfigError` naming ``name`` otherwise."""
+    k = heads.head_outputs(params[heads.REWARD_HEAD])
+    if direction is None:
+        if k != 1:
+            raise ConfigError(f"{name} has {k} objectives: give a direction of {k} numbers")
+        return RewardModel(model_config, params, None)
+    try:
+        v = unit_direction(direction)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if len(v) != k:
+        raise ConfigError(
+            f"direction {tuple(direction)} has {len(v)} numbers; {name} has {k} objectives"
+        )
+    return RewardModel(model_config, params, v)
+
+
+def reward_model_rewards(
+    model: RewardModel, prompts: dict, result: GenerateResult, pad_id: int
+) -> np.ndarray:
+    """r_v(x, y) (r(x, y) for one output) of every row of ``result``, float64 [R]; NaN for rows
+    of empty batch slots."""
+    rows = rollout_rows(prompts, result, pad_id)
+    scores = reward_model_scores(model.model_config, model.params, rows, model.direction)
+    return np.where(rows["example_mask"] > 0, scores.astype(np.float64), np.nan)
+
+
+@dataclasses.dataclass(frozen=True)
 class BestOfN:
     """The kept completion of each prompt: ``result`` has one row per prompt (B rows,
     ``prompt_index`` = 0..B-1), ``sample`` [B] which of its N samples it was, ``score`` [B] its
@@ -91,7 +142,7 @@ def best_of_n(
     *,
     rng: Array,
     options: SamplingOptions,
-    reward: Reward,
+    reward: Reward | RewardModel,
     tokenizer,
     worst: bool = False,
     names: Sequence[str] | None = None,
@@ -99,9 +150,10 @@ def best_of_n(
     rules: ShardingRules | None = None,
 ) -> BestOfN:
     """Samples N = ``options.n`` completions per prompt and keeps the one with the highest reward
-    (``worst=True``: the lowest; ties: the first sample). ``prompts`` must carry "records" (the
-    raw prompt records, as `make_prompt_pipeline` gives them) for the reward to read."""
-    if "records" not in prompts:
+    (``worst=True``: the lowest; ties: the first sample). ``reward``: a `Reward` function, for
+    which ``prompts`` must carry "records" (the raw prompt records, as `make_prompt_pipeline`
+    gives them), or a `RewardModel` (`reward_model`), which scores the tokens."""
+    if not isinstance(reward, RewardModel) and "records" not in prompts:
         raise ConfigError('best_of_n needs prompts["records"] (the raw records the reward reads)')
     result = generate(
         model_config,
@@ -113,7 +165,10 @@ def best_of_n(
         mesh=mesh,
         rules=rules,
     )
-    scores = score_completions(reward, prompts["records"], result, names=names)
+    if isinstance(reward, RewardModel):
+        scores = reward_model_rewards(reward, prompts, result, options.pad_id)
+    else:
+        scores = score_completions(reward, prompts["records"], result, names=names)
     scores = scores.reshape(-1, options.n)
     ranked = np.where(np.isnan(scores), np.inf if worst else -np.inf, scores)
     sample = (np.argmin(ranked, axis=1) if worst else np.argmax(ranked, axis=1)).astype(np.int32)

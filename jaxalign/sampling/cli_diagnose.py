@@ -8,6 +8,8 @@ prompts, each written as ``OUT/<name>.json`` (the table) and ``OUT/<name>.png`` 
     jaxalign diagnose sweep --model checkpoint:runs/demo/dpo --reward demo_judge \\
         --prompts data/demo/prompts_eval.jsonl --out runs/demo/diagnostics --n 4 \\
         --temperatures 0.3 0.7 1.0 --top_ps 0.9 1.0 --top_ks 0 5
+    jaxalign diagnose honesty --records data/demo/honesty_eval.jsonl \\
+        --completions runs/honesty/completions.jsonl --out runs/honesty/honesty.json
 
 - ``branching``: n samples per prompt from each ``--model`` with the sampling flags; the
   branching factor by position and overall (``branching.json``, one line per model in
@@ -17,6 +19,10 @@ prompts, each written as ``OUT/<name>.json`` (the table) and ``OUT/<name>.png`` 
   (``shift.json``, ``shift.png``). The two models must share the vocabulary.
 - ``sweep``: n samples per prompt under every (temperature, top-p, top-k) of the grid, scored by
   ``--reward`` (``sweep.json``, ``sweep.png``); the other sampling flags apply to every setting.
+- ``honesty``: prudence, over-conservativeness and known-question accuracy
+  (`jaxalign.sampling.honesty`) of ``--completions`` (`jaxalign generate`'s output) on the
+  ``--records`` they answer; ``--out`` is the JSON file itself. ``--abstain_pattern REGEX``
+  (repeatable) replaces the default abstention patterns. No model is loaded.
 
 Tokenizer and template: the first model's recorded ones unless ``--tokenizer`` / ``--template``.
 Generation runs on one device; batch b of setting s uses ``fold_in(fold_in(key(seed), s), b)``
@@ -35,6 +41,7 @@ import numpy as np
 from jaxalign.data import make_prompt_pipeline
 from jaxalign.errors import ConfigError
 from jaxalign.sampling import diagnostics as D
+from jaxalign.sampling import honesty as H
 from jaxalign.sampling.best_of_n import get_reward
 from jaxalign.sampling.cli_generate import _tokenizer, load_model, options_from_args
 from jaxalign.sampling.engine import check_prompt_lengths, generate
@@ -167,8 +174,29 @@ def sweep(args) -> list[pathlib.Path]:
     return [out / "sweep.json", out / "sweep.png"]
 
 
+def honesty(args) -> list[pathlib.Path]:
+    if not (args.records and args.completions):
+        raise ConfigError("diagnose honesty needs --records FILE and --completions FILE")
+    patterns = args.abstain_pattern or H.DEFAULT_ABSTAIN_PATTERNS
+    records = H.read_honesty_records(args.records)
+    completions = H.read_completions(args.completions, records, args.records)
+    record = {
+        "diagnostic": "honesty",
+        "records": args.records,
+        "completions": args.completions,
+        "abstain_patterns": list(patterns),
+        **H.honesty_metrics(records, completions, patterns),
+    }
+    out = pathlib.Path(args.out)
+    D.write_json(record, out)
+    return [out]
+
+
 def run(args: argparse.Namespace) -> list[pathlib.Path]:
     """The `jaxalign diagnose` command; returns the files written."""
     if args.kind in ("branching", "sweep") and not args.model:
         raise ConfigError(f"diagnose {args.kind} needs --model SPEC")
-    return {"branching": branching, "shift": shift, "sweep": sweep}[args.kind](args)
+    if args.kind != "honesty" and not args.prompts:
+        raise ConfigError(f"diagnose {args.kind} needs --prompts FILE")
+    kinds = {"branching": branching, "shift": shift, "sweep": sweep, "honesty": honesty}
+    return kinds[args.kind](args)

@@ -5,6 +5,8 @@
     jaxalign generate --model hf:DIR --prompts FILE --out FILE --template chatml --n 4 --top_p 0.9
     jaxalign generate --model checkpoint:RUN --prompts FILE --out FILE --best_of 8 \\
         --reward demo_judge
+    jaxalign generate --model checkpoint:RUN --prompts FILE --out FILE --best_of 8 \\
+        --reward_model runs/morm-smoke --direction 0.6,0.8
     jaxalign generate --config configs/generate/eft.py[:alpha=2.0] --prompts FILE --out FILE \\
         [--config.models.large_base=hf:DIR] [--temperature 0.7]
     jaxalign generate --config configs/generate/search.py --prompts FILE --out FILE
@@ -21,7 +23,10 @@
   0)}``, plus ``"score"`` with ``--best_of``. Written to a temporary file in the output's
   directory and renamed at the end: a failure or Ctrl-C leaves nothing behind.
 - ``--best_of N [--worst] --reward NAME`` samples N per prompt, keeps the best (worst) under a
-  reward of `REWARD_FUNCTIONS`.
+  reward of `REWARD_FUNCTIONS`; ``--reward_model DIR [--direction 0.6,0.8]`` instead, under a
+  trained reward model's score (a reward_multi run's: r_v = v . r along the direction,
+  normalised to unit length, one number per objective). The run must share the policy's
+  tokenizer.
 - ``--samples_field NAME``: one line per prompt record instead, the record itself (every field
   kept) with its ``--n`` completion texts as a list under NAME, e.g. D2O's negatives records
   from preference pairs: ``--prompts pairs.jsonl --n 2 --samples_field samples``.
@@ -55,7 +60,7 @@ from jaxalign.data import load_tokenizer, make_prompt_pipeline
 from jaxalign.errors import ConfigError
 from jaxalign.models import heads
 from jaxalign.sampling import guided, search
-from jaxalign.sampling.best_of_n import best_of_n, get_reward
+from jaxalign.sampling.best_of_n import RewardModel, best_of_n, get_reward, reward_model
 from jaxalign.sampling.engine import check_prompt_lengths, generate
 from jaxalign.sampling.options import OPTION_NAMES, SamplingOptions, options_from_dict
 
@@ -185,10 +190,10 @@ def _guided_sampler(args, overrides):
     source = args.config.partition(":")[0]
     config = apply_overrides(load_config(args.config), overrides, source=source)
     _check_guided_config(config, source)
-    if args.model or args.best_of or args.reward or args.worst:
+    if args.model or args.best_of or args.reward or args.reward_model or args.worst:
         raise ConfigError(
             f"{source} names its models (override one with --config.models.ROLE=SPEC); "
-            "--model, --best_of, --reward and --worst go without --config"
+            "--model, --best_of, --reward, --reward_model and --worst go without --config"
         )
     if config.method == "eft":
         guided.eft_state(config.alpha)
@@ -255,12 +260,19 @@ def _single_sampler(args):
     template = args.template or recorded_template or "plain"
     options = options_from_args(args, tokenizer)
     reward = None
+    if args.direction and not args.reward_model:
+        raise ConfigError("--direction goes with --reward_model DIR")
     if args.best_of:
-        if not args.reward:
-            raise ConfigError("--best_of needs --reward NAME (e.g. demo_judge)")
-        reward = get_reward(args.reward)
-    elif args.worst or args.reward:
-        raise ConfigError("--worst and --reward go with --best_of N")
+        if bool(args.reward) == bool(args.reward_model):
+            raise ConfigError(
+                "--best_of needs one of --reward NAME (e.g. demo_judge) and --reward_model DIR"
+            )
+        if args.reward:
+            reward = get_reward(args.reward)
+        else:
+            reward = _reward_model(args, tokenizer)
+    elif args.worst or args.reward or args.reward_model:
+        raise ConfigError("--worst, --reward and --reward_model go with --best_of N")
 
     def sample(batch, rng, names):
         kw = dict(rng=rng, options=options, tokenizer=tokenizer)
@@ -271,6 +283,29 @@ def _single_sampler(args):
         return kept.result, kept.sample, kept.score
 
     return tokenizer, template, options, config.max_seq_len, sample, {}
+
+
+def _reward_model(args, tokenizer) -> RewardModel:
+    """``--reward_model DIR`` (a reward or reward_multi run) with ``--direction v1,v2,...``; the
+    run must have been trained with the policy's tokenizer."""
+    from jaxalign.train.reward import load_reward_model
+
+    recorded = read_record(args.reward_model).get("tokenizer")
+    if recorded and pathlib.Path(recorded).resolve() != pathlib.Path(tokenizer.path).resolve():
+        raise ConfigError(
+            f"--reward_model {args.reward_model} was trained with tokenizer {recorded}, the "
+            f"policy uses {tokenizer.path}: it would score other tokens"
+        )
+    direction = None
+    if args.direction:
+        try:
+            direction = [float(x) for x in args.direction.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"--direction {args.direction!r}: expected comma-separated numbers, e.g. 0.6,0.8"
+            ) from None
+    config, params = load_reward_model(args.reward_model)
+    return reward_model(config, params, direction, name=f"--reward_model {args.reward_model}")
 
 
 def run(args: argparse.Namespace, overrides: list[str] = ()) -> int:
