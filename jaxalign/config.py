@@ -238,6 +238,12 @@ def base_config() -> ConfigDict:
     c.distill.beta = 0.5  # JSD_beta: 0 = forward KL(teacher || student), 1 = reverse KL
     c.distill.lmbda = 0.5  # fraction of steps whose responses the student samples (on-policy)
     c.distill.temperature = 1.0  # on both distributions in the JSD
+    # ADPA (trainer adpa, pair records): the teacher's own reference (the model it was DPO-trained
+    # from; same specs as distill.teacher), DPO's beta on the student, and alpha, the weight of
+    # the token-level regression of the student's log-ratio onto the teacher's advantage.
+    c.distill.teacher_ref = ""
+    c.distill.dpo_beta = 0.1
+    c.distill.alpha = 1.0
 
     c.checkpoint = ConfigDict()
     c.checkpoint.every = 100  # save every N steps (and at the end, and on SIGTERM)

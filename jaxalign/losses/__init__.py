@@ -3,6 +3,7 @@ the token-level policy-gradient losses of online RL (``jaxalign.losses.policy``,
 registry: they return a token loss ``[B, T]``)."""
 
 from jaxalign.losses import policy
+from jaxalign.losses.distill import adpa
 from jaxalign.losses.grao import grao_pairwise
 from jaxalign.losses.judgments import aft, asft, cut, realign
 from jaxalign.losses.policy import (
@@ -73,6 +74,7 @@ __all__ = [
     "Bound",
     "LOSSES",
     "Mix",
+    "adpa",
     "aft",
     "aggregate",
     "aot",

@@ -19,6 +19,14 @@ on-policy. No gradient flows through the sampling.
 The teacher (`distill.teacher`) is a second frozen model held as the step's `ref_params`: a
 preset ("preset:NAME", random init from seed + 1), a run ("checkpoint:DIR") or a Hugging Face
 directory ("hf:DIR"); its width and depth may differ from the student's, its vocabulary may not.
+
+ADPA (Gao et al., 2025, "Advantage-Guided Distillation for Preference Alignment in Small Language
+Models"), the `adpa` trainer family: on pair records, DPO on the student plus a token-level
+regression of the student's log-ratio log pi - log pi_ref onto the teacher's advantage
+log p_T - log p_Tref on the chosen and rejected tokens (`jaxalign.losses.adpa`). It holds three
+frozen models: the student's reference, the teacher (`distill.teacher`) and the teacher's own
+reference (`distill.teacher_ref`, a preset initialised from seed + 2), as {"ref", "teacher",
+"teacher_ref"} in `ref_params`.
 """
 
 from __future__ import annotations
@@ -27,28 +35,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign import kernels, models
+from jaxalign import kernels, losses, models
 from jaxalign.data import formats
 from jaxalign.data.layout import BatchSpec
 from jaxalign.data.templates import get_template
 from jaxalign.errors import ConfigError
 from jaxalign.sampling.result import GenerateResult
+from jaxalign.train import objectives
 from jaxalign.train.objectives import Objective, Teacher
 
 ON_POLICY_STREAM = 0x474B44  # "GKD": the per-step on-policy draws
 
 
-def teacher(spec: str, student: models.ModelConfig) -> Teacher:
-    """The `distill.teacher` spec's architecture and weight source; ConfigErrors name the key."""
+def teacher(spec: str, student: models.ModelConfig, key: str = "distill.teacher") -> Teacher:
+    """The spec's architecture and weight source; ConfigErrors name the key (`distill.teacher`,
+    ADPA's `distill.teacher_ref`)."""
     kind, _, where = spec.partition(":")
     if kind not in ("preset", "checkpoint", "hf") or not where:
-        raise ConfigError(
-            f'distill.teacher="{spec}": expected "preset:NAME", "checkpoint:DIR" or "hf:DIR"'
-        )
+        raise ConfigError(f'{key}="{spec}": expected "preset:NAME", "checkpoint:DIR" or "hf:DIR"')
     if kind == "preset":
         if where not in models.PRESETS:
             known = ", ".join(sorted(models.PRESETS))
-            raise ConfigError(f'distill.teacher="{spec}": unknown preset (known: {known})')
+            raise ConfigError(f'{key}="{spec}": unknown preset (known: {known})')
         config, source = models.get_preset(where), ""
     else:
         from jaxalign.train.reference import architecture
@@ -56,12 +64,12 @@ def teacher(spec: str, student: models.ModelConfig) -> Teacher:
         try:
             config, source = architecture(spec), spec
         except (OSError, ValueError) as e:
-            raise ConfigError(f'distill.teacher="{spec}": {e}') from None
+            raise ConfigError(f'{key}="{spec}": {e}') from None
         if kind == "checkpoint":
             config = config.replace(dtype="float32", param_dtype="float32", lora=None)
     if config.vocab_size != student.vocab_size:
         raise ConfigError(
-            f'distill.teacher="{spec}": vocabulary {config.vocab_size}, the student\'s is '
+            f'{key}="{spec}": vocabulary {config.vocab_size}, the student\'s is '
             f"{student.vocab_size}; the JSD compares distributions over one vocabulary"
         )
     for who, mc in (("teacher", config), ("student", student)):
@@ -121,6 +129,54 @@ def gkd_objective(
         return loss_sum, mask.sum(), metrics
 
     return Objective(fn, BatchSpec("rollout"), needs_ref=True, teacher=teacher)
+
+
+def adpa_objective(
+    model_config,
+    teacher: Teacher,
+    teacher_ref: Teacher,
+    *,
+    beta: float = 0.1,
+    alpha: float = 1.0,
+    num_groups: int = 1,
+    mesh=None,
+    rules=None,
+    implementation: str | None = None,
+) -> Objective:
+    """ADPA (`jaxalign.losses.adpa`) on pair batches: per-token log-probs of the data's tokens
+    under the student, its reference, the teacher and the teacher's reference (each by
+    `jaxalign.kernels.token_logprobs`, no [B, T, V] logits); `ref_params` is {"ref", "teacher",
+    "teacher_ref"}, all frozen. Pair-weighted mean of the per-pair loss."""
+
+    def fn(params, frozen, micro, loss_state=None):
+        del loss_state
+        P = micro["example_mask"].shape[0]
+        index, total = objectives.sequence_index(micro, 2 * P // num_groups, num_groups)
+
+        def logps(mc, p):
+            return objectives.token_logps(
+                mc, p, micro, mesh=mesh, rules=rules, implementation=implementation
+            )
+
+        frozen = jax.lax.stop_gradient(frozen)
+        loss, metrics = losses.adpa(
+            logps(model_config, params),
+            logps(model_config, frozen["ref"]),
+            logps(teacher.model_config, frozen["teacher"]),
+            logps(teacher_ref.model_config, frozen["teacher_ref"]),
+            micro["loss_mask"],
+            index,
+            num_pairs=P,
+            num_groups=num_groups,
+            beta=beta,
+            alpha=alpha,
+        )
+        weight = micro["example_mask"]
+        return (loss * weight).sum(), weight.sum(), objectives.weighted(metrics, weight)
+
+    return Objective(
+        fn, BatchSpec("pair"), needs_ref=True, teacher=teacher, teacher_ref=teacher_ref
+    )
 
 
 def on_policy(seed: int, step: int, lmbda: float) -> bool:

@@ -20,6 +20,8 @@ cache. Nothing else chooses by the family's name.
 |            | r - lambda cost, safety test  |                      |               |         |
 | `spa`      | any paired loss on pairs the policy's implicit reward labels | prompts |  | online |
 | `gkd`      | JSD_b to a teacher, per token | sft (prompt, completion) |           | online  |
+| `adpa`     | DPO + student log-ratio onto  | pair                 |               | offline |
+|            | the teacher's advantage       |                      |               |         |
 
 `trainer="dpo"` is an alias of `paired` (it runs any paired loss, not only DPO).
 """
@@ -49,7 +51,7 @@ from jaxalign.errors import ConfigError
 from jaxalign.losses import policy as policy_losses
 from jaxalign.models import heads
 from jaxalign.sharding import ShardingRules
-from jaxalign.train import distill, objectives, policy, reward, updates
+from jaxalign.train import distill, objectives, policy, reference, reward, updates
 from jaxalign.train.objectives import Objective
 
 
@@ -337,6 +339,41 @@ def gkd(config: ConfigDict, model_config, mesh) -> Objective:
     )
 
 
+def adpa(config: ConfigDict, model_config, mesh) -> Objective:
+    d = config.distill
+    for key, value, ok, expected in (
+        ("dpo_beta", d.dpo_beta, d.dpo_beta > 0, "> 0"),
+        ("alpha", d.alpha, d.alpha >= 0, ">= 0 (0 = plain DPO)"),
+    ):
+        if not ok:
+            raise ConfigError(f"distill.{key}={value}: expected {expected}")
+    if config.lora.rank:
+        raise ConfigError(
+            f"lora.rank={config.lora.rank}: adpa holds two teachers and the student's reference "
+            "where a LoRA run holds its base; train with full fine-tuning"
+        )
+    if reference.update_rule(config):
+        raise ConfigError(
+            f'reference.update="{reference.update_rule(config)}": adpa keeps the student\'s '
+            "reference fixed"
+        )
+    if not d.teacher_ref:
+        raise ConfigError(
+            "distill.teacher_ref is empty: adpa needs the teacher's own reference (the model the "
+            'teacher was aligned from), e.g. "checkpoint:DIR"'
+        )
+    place = _placement(config, mesh)
+    return distill.adpa_objective(
+        model_config,
+        distill.teacher(d.teacher, model_config),
+        distill.teacher(d.teacher_ref, model_config, key="distill.teacher_ref"),
+        beta=d.dpo_beta,
+        alpha=d.alpha,
+        num_groups=jax.process_count(),
+        **place,
+    )
+
+
 def _group_of_two(config: ConfigDict, family: str) -> None:
     if config.rl.group_size < 2:
         raise ConfigError(
@@ -472,6 +509,7 @@ FAMILIES: dict[str, Family] = {
         constrained=True,
     ),
     "spa": Family(online_dpo, prompt_batches, loop="online", to_batch=updates.spa_pair_batch),
+    "adpa": Family(adpa, offline_batches),
     "gkd": Family(
         gkd,
         gkd_batches,

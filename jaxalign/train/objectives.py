@@ -43,6 +43,8 @@ class Objective:
     initial_loss_state: running loss state carried in the train state (BCO's delta), or None.
     teacher: a second, frozen model `fn` reads as `ref_params` in place of the reference
       (distillation; `needs_ref` is then True), or None.
+    teacher_ref: the teacher's own reference (ADPA's advantage log p_T - log p_Tref), or None;
+      with it `ref_params` is {"ref": the student's reference, "teacher", "teacher_ref"}.
     """
 
     fn: Callable
@@ -50,6 +52,7 @@ class Objective:
     needs_ref: bool = False
     initial_loss_state: dict | None = None
     teacher: Teacher | None = None
+    teacher_ref: Teacher | None = None
 
 
 @dataclasses.dataclass(frozen=True)

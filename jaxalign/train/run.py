@@ -201,12 +201,24 @@ class Run:
         distillation teacher, else the reference (laid out as the policy)."""
         if self.lora:
             return models.abstract_params(self.model_config), self.base_shardings
-        teacher = self.objective.teacher
-        if teacher is not None:
-            abstract = models.abstract_params(teacher.model_config)
-            axes = models.param_logical_axes(teacher.model_config)
+        teacher, teacher_ref = self.objective.teacher, self.objective.teacher_ref
+        policy = self.abstract_state["params"], self.param_shardings
+        if teacher is None:
+            return policy
+
+        def layout(mc):
+            abstract = models.abstract_params(mc)
+            axes = models.param_logical_axes(mc)
             return abstract, sharding.named_shardings(self.mesh, self.rules, axes, abstract)
-        return self.abstract_state["params"], self.param_shardings
+
+        if teacher_ref is None:
+            return layout(teacher.model_config)
+        parts = {
+            "ref": policy,
+            "teacher": layout(teacher.model_config),
+            "teacher_ref": layout(teacher_ref.model_config),
+        }
+        return {k: v[0] for k, v in parts.items()}, {k: v[1] for k, v in parts.items()}
 
     def _ref_shardings(self):
         return self.frozen_layout()[1] if self.holds_frozen else None
@@ -375,18 +387,33 @@ def frozen_params(run: Run, initial=None):
     """The steps' frozen weights (`ref_params`) as a run starts, or None when the run holds none:
     a LoRA run's base (its reference too); a distillation teacher; else the reference: a soup
     (`reference.soup`) or the initial policy (`initial`, copied because the train step donates
-    the policy's buffers, or loaded again)."""
+    the policy's buffers, or loaded again). ADPA holds three: {"ref": the student's reference,
+    "teacher", "teacher_ref"} (a preset teacher_ref initialised from seed + 2)."""
     if run.lora:
         return base_params(run)
     if not run.needs_ref:
         return None
-    teacher = run.objective.teacher
-    if teacher is not None:
+    teacher, teacher_ref = run.objective.teacher, run.objective.teacher_ref
+    if teacher is not None and teacher_ref is None:
         shardings = run.frozen_layout()[1]
         return _decoder_params(teacher.source, run.config.seed + 1, teacher.model_config, shardings)
     if run.config.reference.soup:
-        return reference_params(run)
-    return init_params(run) if initial is None else jax.tree.map(jnp.copy, initial)
+        ref = reference_params(run)
+    else:
+        ref = init_params(run) if initial is None else jax.tree.map(jnp.copy, initial)
+    if teacher is None:
+        return ref
+    shardings = run.frozen_layout()[1]
+    seed = run.config.seed
+    return {
+        "ref": ref,
+        "teacher": _decoder_params(
+            teacher.source, seed + 1, teacher.model_config, shardings["teacher"]
+        ),
+        "teacher_ref": _decoder_params(
+            teacher_ref.source, seed + 2, teacher_ref.model_config, shardings["teacher_ref"]
+        ),
+    }
 
 
 def start(run: Run, manager, pipeline) -> tuple[dict, object]:
