@@ -19,6 +19,7 @@ from jaxalign.merge.methods import (
     task_arithmetic,
     ties,
     trim,
+    tsv,
 )
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "task_arithmetic",
     "ties",
     "trim",
+    "tsv",
 ]
