@@ -20,6 +20,7 @@ from jaxalign.merge.methods import (
     ties,
     trim,
     tsv,
+    tsv_rank,
 )
 
 __all__ = [
@@ -41,4 +42,5 @@ __all__ = [
     "ties",
     "trim",
     "tsv",
+    "tsv_rank",
 ]
