@@ -19,6 +19,8 @@ from jaxalign.merge.methods import (
     task_arithmetic,
     ties,
     trim,
+    tsv,
+    tsv_rank,
 )
 
 __all__ = [
@@ -39,4 +41,6 @@ __all__ = [
     "task_arithmetic",
     "ties",
     "trim",
+    "tsv",
+    "tsv_rank",
 ]

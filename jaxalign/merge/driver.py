@@ -55,7 +55,7 @@ _ST_DTYPES = {
 def merge_config() -> ConfigDict:
     """Every key a merge config may set, with its default."""
     c = ConfigDict()
-    c.method = ""  # linear | task_arithmetic | ties | dare | dare_ties | slerp | restore
+    c.method = ""  # linear | task_arithmetic | ties | dare | dare_ties | slerp | tsv | restore
     # "hf:DIR" | "checkpoint:RUN" (linear: optional; slerp: the t = 0 end; restore: the aligned
     # model whose values are restored)
     c.base = ""
@@ -76,6 +76,10 @@ def merge_config() -> ConfigDict:
     c.restore.pattern = ""  # a regex searched in each Hugging Face tensor name
     c.restore.top_k = 0  # the k tensors of largest relative change |x - b| / |b|
     c.restore.fraction = 0.0  # in (0, 1]: the largest-change tensors holding this share of entries
+    # tsv (methods.tsv): b + alpha * (the orthogonalised top singular triplets of each w_i tau_i)
+    c.tsv = ConfigDict()
+    c.tsv.rank_fraction = 0.0  # in (0, 1]: share of min(m, n) kept per task (0 = 1 / len(models))
+    c.tsv.alpha = 1.0
     return c
 
 
@@ -124,6 +128,7 @@ def check_config(config: ConfigDict, source: str = "merge config") -> Plan:
     if config.method in ("slerp", "restore") and len(specs) != 1:
         raise ConfigError(f"{source}: {config.method} merges the base with exactly one model")
     restore = _restore_rule(config, source)
+    rank_fraction, alpha = _tsv_keys(config, source)
     if config.method == "linear" and config.normalize and sum(weights) == 0:
         raise ConfigError(f"{source}: the weights sum to 0; linear with normalize divides by it")
     if config.dtype and config.dtype not in ("float32", "bfloat16", "float16"):
@@ -135,6 +140,8 @@ def check_config(config: ConfigDict, source: str = "merge config") -> Plan:
         t=float(config.t),
         normalize=bool(config.normalize),
         seed=int(config.seed),
+        rank_fraction=rank_fraction,
+        alpha=alpha,
     )
     base = _spec(config.base, f"{source}: base") if config.base else None
     return Plan(config.method, base, tuple(specs), options, config.dtype, config.tokenizer, restore)
@@ -175,6 +182,25 @@ def _restore_rule(config: ConfigDict, source: str) -> methods.RestoreRule | None
     if not 0.0 <= rule.fraction <= 1.0:
         raise ConfigError(f"{source}: restore.fraction {rule.fraction} not in (0, 1]")
     return rule
+
+
+def _tsv_keys(config: ConfigDict, source: str) -> tuple[float, float]:
+    """The checked ``tsv.rank_fraction`` and ``tsv.alpha`` (keys of method tsv only)."""
+    t, known = config.get("tsv", ConfigDict()), merge_config().tsv
+    unknown = sorted(set(t.keys()) - set(known.keys()))
+    if unknown:
+        raise ConfigError(f'{source}: unknown key "tsv.{unknown[0]}" (known: rank_fraction, alpha)')
+    rank_fraction = float(t.get("rank_fraction", known.rank_fraction))
+    alpha = float(t.get("alpha", known.alpha))
+    if config.method != "tsv":
+        for key, value in (("rank_fraction", rank_fraction), ("alpha", alpha)):
+            if value != known[key]:
+                raise ConfigError(f"{source}: tsv.{key} is a key of method tsv only")
+    if not 0.0 <= rank_fraction <= 1.0:
+        raise ConfigError(
+            f"{source}: tsv.rank_fraction {rank_fraction} not in (0, 1] (0 = 1 / number of models)"
+        )
+    return rank_fraction, alpha
 
 
 def _spec(spec: str, where: str) -> str:

@@ -88,3 +88,24 @@ def restore(bs, xs, names, pattern=None, top_k=None, fraction=None):
         for b, x, n in zip(bs, xs, names, strict=True)
     ]
     return [n for n in names if n in chosen], out
+
+
+def tsv(b, xs, w, rank_fraction, alpha):
+    """TSV-Merge: per 2-D tensor the top k = max(1, floor(f min(m, n))) singular triplets of each
+    w_i (x_i - b) (f = rank_fraction, 0 = 1 / T), U and V concatenated across tasks and replaced
+    by their polar factors, b + alpha U_perp diag(S) V_perp^T; 1-D: b + alpha mean_i w_i tau_i."""
+    b = np.float64(b)
+    deltas = [wi * (np.float64(x) - b) for wi, x in zip(w, xs, strict=True)]
+    if b.ndim < 2:
+        return b + alpha * np.mean(deltas, axis=0)
+    k = max(1, int(np.floor((rank_fraction or 1 / len(xs)) * min(b.shape) + 1e-9)))
+    svds = [np.linalg.svd(d, full_matrices=False) for d in deltas]
+    u = np.concatenate([u[:, :k] for u, _, _ in svds], axis=1)
+    s = np.concatenate([s[:k] for _, s, _ in svds])
+    v = np.concatenate([vt[:k].T for _, _, vt in svds], axis=1)
+
+    def polar(a):
+        p, _, qt = np.linalg.svd(a, full_matrices=False)
+        return p @ qt
+
+    return b + alpha * polar(u) @ np.diag(s) @ polar(v).T
