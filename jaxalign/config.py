@@ -80,6 +80,10 @@ def base_config() -> ConfigDict:
     # D2O (loss.name="d2o"): the self-generated responses K per negatives record
     # {prompt, rejected, samples: [K]}; a record with another count is an error.
     c.data.num_samples = 2
+    # AFT (loss.name="aft"): the correct P and incorrect N responses per ranked record
+    # {prompt, correct: [P], incorrect: [N]}; a record with other counts is an error.
+    c.data.num_correct = 2
+    c.data.num_incorrect = 2
     # The loss mask covers the prompt tokens too (joint preference, DOVE / JPO joint=True).
     c.data.train_on_prompt = False
     # Direction-conditioned data (DPA, jaxalign.data.transforms.direction_system): names of the k

@@ -6,6 +6,9 @@
   answer judged "wrong, the answer is <right>.", odd records the right answer judged "correct."
   (words the demo tokenizer spells; it has no "J" or ":", so the judgment prefix it reads as
   unknown tokens).
+- aft_train.jsonl (AFT): ``{prompt, correct: [2], incorrect: [2]}``; correct chains the right
+  answer, terse and as "The answer is <right>."; incorrect chains the pair's near miss (terse)
+  and "The answer is <another near miss>.".
 - contrast_train.jsonl (Re-Align): the pairs with ``contrast_prompt``, the next pair's prompt (the
   last record's: the first one's), a context under which the chosen answer is wrong.
 """
@@ -16,6 +19,9 @@ import argparse
 import json
 import os
 import pathlib
+import random
+
+from jaxalign.data.demo_task import near_miss, solve
 
 RECORDS = 256
 
@@ -28,6 +34,20 @@ def judgments(pairs: list[dict]) -> list[dict]:
             out.append({"prompt": p["prompt"], "response": p["rejected"], "judgment": judgment})
         else:
             out.append({"prompt": p["prompt"], "response": p["chosen"], "judgment": "correct."})
+    return out
+
+
+def ranked(pairs: list[dict], seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for p in pairs:
+        answer = solve(p["prompt"])
+        other = near_miss(answer, rng)
+        while other == int(p["rejected"]):
+            other = near_miss(answer, rng)
+        correct = [str(answer), f"The answer is {answer}."]
+        incorrect = [p["rejected"], f"The answer is {other}."]
+        out.append({"prompt": p["prompt"], "correct": correct, "incorrect": incorrect})
     return out
 
 
@@ -55,6 +75,7 @@ def main() -> None:
     outputs = (
         ("judgments_train.jsonl", judgments(pairs)),
         ("contrast_train.jsonl", contrasts(pairs)),
+        ("aft_train.jsonl", ranked(pairs)),
     )
     for name, records in outputs:
         _write(demo / name, records)

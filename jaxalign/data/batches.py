@@ -3,6 +3,7 @@
 - records "sft": `make_sft_pipeline` (SFT records; also NPO's forget set);
 - records "pair": `make_pair_pipeline`;
 - records "negatives": `make_negatives_pipeline` (D2O, `{prompt, rejected, samples}`);
+- records "ranked": `make_ranked_pipeline` (AFT, `{prompt, correct: [P], incorrect: [N]}`);
 - records "ratings": `make_ratings_pipeline` (`{prompt, response, ratings}`, k = spec.num_ratings);
 - records "contrast": `make_contrast_pipeline` (Re-Align's pairs with a `contrast_prompt`);
 - records "judgment": `make_judgment_pipeline` (CUT's `{prompt, response, judgment}`);
@@ -23,6 +24,7 @@ from jaxalign.data.pipeline import (
     make_judgment_pipeline,
     make_negatives_pipeline,
     make_pair_pipeline,
+    make_ranked_pipeline,
     make_ratings_pipeline,
     make_sft_pipeline,
     make_unpaired_pipeline,
@@ -79,6 +81,15 @@ def make_batches(
     elif spec.records == "negatives":
         pipeline = make_negatives_pipeline(
             path, tokenizer, num_samples=spec.num_samples, extra_fields=extra_fields, **options
+        )
+    elif spec.records == "ranked":
+        pipeline = make_ranked_pipeline(
+            path,
+            tokenizer,
+            num_correct=spec.num_correct,
+            num_incorrect=spec.num_incorrect,
+            extra_fields=extra_fields,
+            **options,
         )
     elif spec.records == "contrast":
         pipeline = make_contrast_pipeline(path, tokenizer, extra_fields=extra_fields, **options)

@@ -16,6 +16,9 @@ record adds a per-example system message, see `jaxalign.data.templates`):
 - Negatives (D2O): ``{"prompt": ..., "rejected": str | messages, "samples": [K strings or message
   lists]}``: a human negative and K self-generated responses (`jaxalign generate --n K
   --samples_field samples`); K is fixed per run (``data.num_samples``). Other fields are ignored.
+- Ranked (AFT): ``{"prompt": ..., "correct": [P responses], "incorrect": [N responses]}``: P
+  correct and N incorrect chains, P and N fixed per run (``data.num_correct``,
+  ``data.num_incorrect``; `parse_ranked`).
 - Ratings (multi-objective reward models): ``{"prompt": ..., "response": ..., "ratings": [k
   numbers]}``, k fixed by the reader (`reward.num_objectives`).
 - Prompt (RL / evaluation): ``{"prompt": str | messages, ...}``; other fields are kept.
@@ -223,6 +226,32 @@ def parse_negatives(rec: dict, num_samples: int, extra_fields: tuple[str, ...] =
         if prefix not in (None, prompt):
             raise RecordError(field, "continues another conversation", "the record's prompt")
         responses.append(text)
+    out = {"messages": prompt, "system": _system(rec), "responses": responses}
+    return out | _extras(rec, extra_fields)
+
+
+def parse_ranked(
+    rec: dict, num_correct: int, num_incorrect: int, extra_fields: tuple[str, ...] = ()
+) -> dict:
+    """An AFT record ``{prompt, correct: [P], incorrect: [N]}`` -> ``{"messages", "system",
+    "responses": [*correct, *incorrect], ...}``; a list of another length than ``num_correct``
+    / ``num_incorrect`` (``data.num_correct`` / ``data.num_incorrect``) is a `RecordError`."""
+    prompt = _optional_prompt(rec)
+    if prompt is None:
+        raise RecordError("prompt", "is missing", _TEXT_OR_MESSAGES)
+    responses = []
+    for field, count in (("correct", num_correct), ("incorrect", num_incorrect)):
+        expected = f"a list of {count} responses (data.num_{field})"
+        values = _get(rec, field, expected)
+        if not isinstance(values, list) or len(values) != count:
+            got = f"{len(values)} responses" if isinstance(values, list) else type(values).__name__
+            raise RecordError(field, f"has {got}", expected)
+        for k, value in enumerate(values):
+            name = f"{field}[{k}]"
+            prefix, text = _response({"prompt": rec["prompt"], name: value}, name, prompt)
+            if prefix not in (None, prompt):
+                raise RecordError(name, "continues another conversation", "the record's prompt")
+            responses.append(text)
     out = {"messages": prompt, "system": _system(rec), "responses": responses}
     return out | _extras(rec, extra_fields)
 

@@ -15,7 +15,8 @@ Dimensions (letters used across the codebase):
        after the contrast prompt) and for KTO's mismatched-pair KL sequences (sequence E + i is
        example i's prompt with another example's completion), or (1 + K) E for D2O's negatives
        records (sequence i the rejected response of example i, sequence (1 + k) E + i its sample
-       k, K = `num_samples`)
+       k, K = `num_samples`), or (P + N) E for AFT's ranked records (sequence k E + i response k
+       of example i: P correct, then N incorrect)
     M  values per example of a list-valued data field (e.g. modpo's margins)
 
 A training batch (one host's micro-batch):
@@ -93,7 +94,8 @@ class BatchSpec:
       `{prompt, rejected, samples}`, "ratings" `{prompt, response, ratings}`, "judgment"
       `{prompt, response, judgment}`: the response after the prompt, then after the prompt with
       the judgment; "contrast" `{prompt, chosen, rejected, contrast_prompt}`: a pair, then the
-      chosen response after the contrast prompt), or
+      chosen response after the contrast prompt; "ranked" `{prompt, correct, incorrect}`: P correct
+      then N incorrect responses, AFT), or
       "rollout" (built from sampled completions, `jaxalign.rl.rollout`).
     kl_sequences: unpaired batches also carry each example's mismatched KL sequence (KTO).
     fields: per-example float32 data fields beside `example_mask` (labels excluded: they follow
@@ -101,10 +103,19 @@ class BatchSpec:
     retain: an SFT batch of the retain set rides along under `RETAIN_PREFIX`.
     token_fields: float32 [R, T] fields aligned with the targets (rollout batches).
     num_samples: K, the self-generated responses per negatives record (D2O).
+    num_correct, num_incorrect: P and N, the responses per ranked record (AFT).
     """
 
     records: Literal[
-        "sft", "pair", "unpaired", "negatives", "ratings", "judgment", "contrast", "rollout"
+        "sft",
+        "pair",
+        "unpaired",
+        "negatives",
+        "ratings",
+        "judgment",
+        "contrast",
+        "ranked",
+        "rollout",
     ]
     kl_sequences: bool = False
     fields: tuple[str, ...] = ()
@@ -112,11 +123,15 @@ class BatchSpec:
     token_fields: tuple[str, ...] = ()
     num_samples: int = 0
     num_ratings: int = 0
+    num_correct: int = 0
+    num_incorrect: int = 0
 
     @property
     def sequences_per_example(self) -> int:
         if self.records == "negatives":
             return 1 + self.num_samples
+        if self.records == "ranked":
+            return self.num_correct + self.num_incorrect
         if self.records == "contrast":
             return 3
         return 2 if self.records in ("pair", "judgment") or self.kl_sequences else 1

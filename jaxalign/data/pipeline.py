@@ -15,6 +15,9 @@ Batch layout: `jaxalign.data.layout` (every key, its dimensions and dtype). Sequ
 - Negatives (D2O, `make_negatives_pipeline`): E = batch_size records of K = num_samples samples,
   B = (1 + K) E; sequence i is the rejected response of example i, sequence (1 + k) E + i its
   sample k.
+- Ranked (AFT, `make_ranked_pipeline`): E = batch_size records of P = num_correct correct and N =
+  num_incorrect incorrect responses, B = (P + N) E; sequence k E + i is response k of example i
+  (k < P its correct response k, else its incorrect response k - P).
 - Unpaired with ``kl_sequences=True`` (KTO's KL baseline): B = 2E; sequence E + i is example i's
   prompt followed by the completion of the *next* example of the data order (the previous one for
   the last example of finite data), cut to max_len like any sequence: the mismatched pairs
@@ -69,14 +72,18 @@ from jaxalign.data.sources import RecordTransform, Source, open_source
 from jaxalign.data.templates import Template, get_template
 from jaxalign.data.tokenizers import Tokenizer, load_tokenizer
 
-_KINDS = ("sft", "pair", "unpaired", "negatives", "ratings", "judgment", "contrast")
+_KINDS = ("sft", "pair", "unpaired", "negatives", "ratings", "judgment", "contrast", "ranked")
 
 
-def sequences_per_example(kind: str, kl_sequences: bool, num_samples: int) -> int:
+def sequences_per_example(
+    kind: str, kl_sequences: bool, num_samples: int, num_ranked: int = 0
+) -> int:
     """2 for pairs, judgments and KTO's KL sequences, 3 for contrast pairs, 1 + K for negatives
-    records, else 1."""
+    records, P + N (`num_ranked`) for ranked records, else 1."""
     if kind == "negatives":
         return 1 + num_samples
+    if kind == "ranked":
+        return num_ranked
     if kind == "contrast":
         return 3
     return 2 if kind in ("pair", "judgment") or kl_sequences else 1
@@ -234,6 +241,7 @@ class BatchIterator(_ResumableIterator):
         kl_sequences: bool = False,
         train_on_prompt: bool = False,
         num_samples: int = 0,
+        num_ranked: int = 0,
     ):
         super().__init__(dataset, source, fingerprint)
         self.kind = kind
@@ -250,7 +258,7 @@ class BatchIterator(_ResumableIterator):
         # Examples whose prompt or response was cut to max_prompt_len / max_len, counted as
         # batches are built (this iterator's lifetime, not saved).
         self.num_truncated = 0
-        self._seqs_per_example = sequences_per_example(kind, kl_sequences, num_samples)
+        self._seqs_per_example = sequences_per_example(kind, kl_sequences, num_samples, num_ranked)
         self.num_sequences = batch_size * self._seqs_per_example
 
     def _slots(self, j: int) -> list[int]:
@@ -373,6 +381,8 @@ def _make_pipeline(
     kl_sequences: bool = False,
     train_on_prompt: bool = False,
     num_samples: int = 0,
+    num_correct: int = 0,
+    num_incorrect: int = 0,
 ) -> BatchIterator:
     if kind not in _KINDS:
         raise ValueError(f"unknown pipeline kind {kind!r}")
@@ -383,7 +393,8 @@ def _make_pipeline(
     formats.check_lengths(max_len, max_prompt_len)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    seqs_per_example = sequences_per_example(kind, kl_sequences, num_samples)
+    num_ranked = num_correct + num_incorrect
+    seqs_per_example = sequences_per_example(kind, kl_sequences, num_samples, num_ranked)
     if pack:
         pack_rows = pack_rows or max(1, batch_size * seqs_per_example // 2)
         if pack_rows < seqs_per_example:  # so that any one example fits an empty batch
@@ -429,8 +440,15 @@ def _make_pipeline(
         for k, on in (("kl_sequences", kl_sequences), ("train_on_prompt", train_on_prompt))
         if on
     }
-    if num_samples:
-        fingerprint["num_samples"] = num_samples
+    fingerprint |= {
+        k: n
+        for k, n in (
+            ("num_samples", num_samples),
+            ("num_correct", num_correct),
+            ("num_incorrect", num_incorrect),
+        )
+        if n
+    }
     return BatchIterator(
         ds,
         source,
@@ -447,6 +465,7 @@ def _make_pipeline(
         kl_sequences=kl_sequences,
         train_on_prompt=train_on_prompt,
         num_samples=num_samples,
+        num_ranked=num_ranked,
     )
 
 
@@ -666,6 +685,48 @@ def make_negatives_pipeline(
         formats.parse_negatives, num_samples=num_samples, extra_fields=tuple(extra_fields)
     )
     return _make_pipeline("negatives", parse, path, tokenizer, **_kw(locals()))
+
+
+def make_ranked_pipeline(
+    path: str,
+    tokenizer: Tokenizer | str,
+    *,
+    num_correct: int,
+    num_incorrect: int,
+    batch_size: int,
+    max_len: int,
+    max_prompt_len: int | None = None,
+    pack: bool = False,
+    pack_rows: int | None = None,
+    length_buckets: Sequence[int] | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    template: str | Template = "plain",
+    add_bos: bool = True,
+    skip_bad_records: bool = False,
+    transforms: Sequence[RecordTransform] = (),
+    extra_fields: Sequence[str] = (),
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    train_on_prompt: bool = False,
+) -> BatchIterator:
+    """AFT batches of ranked records ``{prompt, correct: [P], incorrect: [N]}``: E = batch_size
+    records, B = (P + N) E sequences (sequence k E + i response k of example i: its correct ones,
+    then its incorrect ones). A record whose lists hold another number than ``num_correct`` /
+    ``num_incorrect`` (both >= 1) fails naming its file and line. Arguments as in
+    `make_sft_pipeline`."""
+    if num_correct < 1 or num_incorrect < 1:
+        raise ValueError(
+            f"num_correct and num_incorrect must be >= 1, got {num_correct}, {num_incorrect}"
+        )
+    parse = functools.partial(
+        formats.parse_ranked,
+        num_correct=num_correct,
+        num_incorrect=num_incorrect,
+        extra_fields=tuple(extra_fields),
+    )
+    return _make_pipeline("ranked", parse, path, tokenizer, **_kw(locals()))
 
 
 def make_ratings_pipeline(

@@ -94,6 +94,11 @@ def cache_reference(config: ConfigDict, out: str) -> dict[str, int]:
             f"cache-ref: loss {config.loss.name!r} reads the reference's mismatched-pair KL "
             "log-probs, which are not cached"
         )
+    if spec.records not in PARSERS:
+        raise ConfigError(
+            f"cache-ref: {spec.records} records (loss {config.loss.name!r}) have no reference "
+            "cache; the reference forward runs in the step"
+        )
     fields = families.get(config.trainer).ref_cache_fields
     of_batch = reference_logps if spec.records == "pair" else single_reference_logps
     compute = jax.jit(

@@ -190,6 +190,8 @@ def paired(config: ConfigDict, model_config, mesh) -> Objective:
         config,
         model_config,
         num_samples=config.data.num_samples,
+        num_correct=config.data.num_correct,
+        num_incorrect=config.data.num_incorrect,
         **_placement(config, mesh),
     )
 

@@ -264,6 +264,38 @@ def negatives_logps(
     return {"rejected": (sums[0], lengths[0]), "samples": (sums[1], lengths[1])}
 
 
+def ranked_logps(
+    model_config,
+    params,
+    micro,
+    num_groups: int,
+    num_correct: int,
+    num_incorrect: int,
+    *,
+    mesh=None,
+    rules=None,
+    impl=None,
+):
+    """Sums and lengths of a ranked batch (AFT; block g: P examples' correct response 0, ..., then
+    their incorrect ones): {"positive": ([G*E, P], [G*E, P]), "negative": ([G*E, N], [G*E, N])}
+    as (logps, lengths)."""
+    S = num_correct + num_incorrect
+    per_group = S * micro["example_mask"].shape[0] // num_groups
+    index, total = sequence_index(micro, per_group, num_groups)
+    mask = micro["loss_mask"]
+    logps = token_logps(model_config, params, micro, mesh=mesh, rules=rules, implementation=impl)
+
+    def columns(x):  # [G * S * E] -> [G*E, S]
+        return x.reshape(num_groups, S, -1).transpose(0, 2, 1).reshape(-1, S)
+
+    sums = columns(sequence_sums(logps * mask, index, total))
+    lengths = columns(sequence_sums(mask, index, total))
+    return {
+        "positive": (sums[:, :num_correct], lengths[:, :num_correct]),
+        "negative": (sums[:, num_correct:], lengths[:, num_correct:]),
+    }
+
+
 def weighted(metrics: dict, weight):
     """Per-example metrics [E] -> weighted sums; scalar metrics are weighted by the batch weight."""
     total = weight.sum()
@@ -355,6 +387,8 @@ def paired_objective(
     implementation=None,
     fields=(),
     num_samples: int = 0,
+    num_correct: int = 0,
+    num_incorrect: int = 0,
 ) -> Objective:
     """Any paired loss (a name with `loss_kwargs`, or a `losses.Bound` / `losses.Mix`) on pair
     batches (sequence i chosen, P + i rejected).
@@ -363,6 +397,9 @@ def paired_objective(
     K self-generated responses and one human negative per record; `negatives_logps`) and gets
     `{policy,ref}_rejected_logps` [P], `{policy,ref}_samples_logps` [P, K], `rejected_lengths`,
     `samples_lengths`; the reference is computed (such batches have no reference cache).
+    Likewise a loss that takes `policy_positive_logps` (AFT) reads ranked batches (`num_correct`
+    P correct and `num_incorrect` N incorrect responses per record; `ranked_logps`) and gets
+    `{policy,ref}_{positive,negative}_logps` [E, P] / [E, N], `{positive,negative}_lengths`.
 
     Inputs the objective supplies, by name: `policy_{chosen,rejected}_logps`, `{chosen,rejected}
     _lengths`; `ref_*` (only when some term needs the reference: from the batch's cached
@@ -390,6 +427,16 @@ def paired_objective(
     if "policy_samples_logps" in names:
         return _negatives_objective(
             model_config, loss, num_groups, num_samples, cached, fields, mesh, rules, implementation
+        )
+    if "policy_positive_logps" in names:
+        return _ranked_objective(
+            model_config,
+            loss,
+            num_groups,
+            (num_correct, num_incorrect),
+            cached,
+            fields,
+            dict(mesh=mesh, rules=rules, impl=implementation),
         )
     kw = dict(
         with_prefix=with_prefix, sides=len(kinds), mesh=mesh, rules=rules, impl=implementation
@@ -462,6 +509,53 @@ def _negatives_objective(
 
     batch = BatchSpec("negatives", fields=tuple(fields), num_samples=num_samples)
     return Objective(fn, batch, needs_ref=True)
+
+
+def _ranked_objective(
+    model_config, loss, num_groups, counts, cached, fields, placement
+) -> Objective:
+    """`paired_objective` of a loss on ranked batches (AFT): one policy and one reference forward
+    over the P + N responses of each record."""
+    num_correct, num_incorrect = counts
+    if num_correct < 1 or num_incorrect < 1:
+        raise ValueError(
+            f"data.num_correct={num_correct}, data.num_incorrect={num_incorrect}: AFT needs at "
+            "least one correct and one incorrect response per record"
+        )
+    if cached:
+        raise ValueError(
+            "ranked records (AFT) have no reference cache; drop data.ref_logps (the reference "
+            "forward runs in the step)"
+        )
+    needs_ref = loss.needs_reference
+    sides = {"policy": False, "ref": True} if needs_ref else {"policy": False}
+
+    def fn(params, ref_params, micro, loss_state=None):
+        del loss_state
+        inputs = layout.data_fields(micro)
+        for who, frozen in sides.items():
+            values = ranked_logps(
+                model_config,
+                ref_params if frozen else params,
+                micro,
+                num_groups,
+                num_correct,
+                num_incorrect,
+                **placement,
+            )
+            if frozen:
+                values = jax.lax.stop_gradient(values)
+            for side, (logps, lengths) in values.items():
+                inputs[f"{who}_{side}_logps"] = logps
+                inputs[f"{side}_lengths"] = lengths
+        per_example, metrics = loss(inputs)
+        weight = micro["example_mask"]
+        return (per_example * weight).sum(), weight.sum(), weighted(dict(metrics), weight)
+
+    batch = BatchSpec(
+        "ranked", fields=tuple(fields), num_correct=num_correct, num_incorrect=num_incorrect
+    )
+    return Objective(fn, batch, needs_ref)
 
 
 def unpaired_objective(
