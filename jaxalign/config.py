@@ -42,7 +42,7 @@ def base_config() -> ConfigDict:
     c.model.init_from = ""
     c.model.dtype = ""  # activation dtype override ("" = the preset's), e.g. bfloat16
     c.model.remat = ""  # rematerialisation override ("" = the preset's): none | full | dots
-    c.model.attention = ""  # attention kernel ("" = the preset's, "auto"): auto | xla | cudnn
+    c.model.attention = ""  # attention ("" = the preset's, "auto"): auto|xla|cudnn|splash
 
     # LoRA (Hu et al. 2021; jaxalign.models.lora): rank 0 = off (full fine-tuning). With rank
     # r > 0 only the adapters (and a family's head) train: the optimizer state and checkpoints

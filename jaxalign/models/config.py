@@ -9,7 +9,7 @@ import numpy as np
 
 REMAT_POLICIES = ("none", "full", "dots")
 ACTIVATIONS = ("silu", "gelu_tanh")
-ATTENTIONS = ("auto", "xla", "cudnn")  # jaxalign.models.attention
+ATTENTIONS = ("auto", "xla", "cudnn", "splash")  # jaxalign.models.attention
 ROPE_SCALING_TYPES = ("llama3", "linear")
 # The projections a LoRA adapter can sit on, named as `LoraConfig.targets` sees them.
 LORA_MODULES = (
@@ -115,9 +115,10 @@ class ModelConfig:
     z -> c * tanh(z / c); the final cap applies in ``logits`` and in the log-prob/KL kernels).
 
     ``attention`` picks the attention kernel of the forward pass (``jaxalign.models.attention``):
-    "auto" (cuDNN fused attention on GPU, XLA elsewhere), "xla" (the reference) or "cudnn". It
-    changes how, not what, the model computes (the soft-capped attention of Gemma 2 and decoding
-    with a KV cache always use XLA).
+    "auto" (cuDNN fused attention on GPU, the Pallas splash kernel on TPU when T is a multiple of
+    128, XLA elsewhere), "xla" (the reference), "cudnn" or "splash". It changes how, not what, the
+    model computes (cuDNN leaves the soft-capped attention of Gemma 2 to XLA, splash takes it;
+    decoding with a KV cache always uses XLA).
 
     ``lora``: low-rank adapters (``LoraConfig``), held in their own params tree
     (``jaxalign.models.lora``); the base weights are the same with or without them.

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxalign.models.attention import attend
+from jaxalign.models.attention import SplashMask, attend, resolve, splash_attention
 from jaxalign.models.config import LoraConfig, ModelConfig, local_layers
 from jaxalign.models.rope import apply_rope, layer_inv_freq
 from jaxalign.sharding.rules import ShardingRules, with_logical_constraint
@@ -202,7 +202,7 @@ class Attention(nnx.Module):
         self,
         x: Float[Array, "B T D"],
         positions: Int[Array, "B T"],
-        mask: Bool[Array, "B 1 T S"],
+        mask: Bool[Array, "B 1 T S"] | SplashMask,
         inv_freq: Float[Array, " H2"],
         kv_cache: tuple[Array, Array] | None = None,
         cache_index: Int[Array, ""] | None = None,
@@ -215,7 +215,8 @@ class Attention(nnx.Module):
         stacked cache lets XLA update it in place inside the scan over layers (returning each
         layer's cache as a scan output instead copies the whole cache on every decode step).
         ``inv_freq`` are this layer's RoPE frequencies; ``dropout_key`` drives the adapters'
-        dropout (training)."""
+        dropout (training). A ``SplashMask`` in place of ``mask`` (the model's forward with the
+        splash kernel, never with a cache) runs ``splash_attention``."""
         c = self.config
         keys = _split(dropout_key, 4)
         q, k, v = self.q_proj(x, keys[0]), self.k_proj(x, keys[1]), self.v_proj(x, keys[2])
@@ -231,7 +232,20 @@ class Attention(nnx.Module):
             new_cache = (cache_k, cache_v)
             k, v = cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype)
         scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
-        if c.attn_logit_softcap is None:
+        if isinstance(mask, SplashMask):
+            y = splash_attention(
+                q,
+                k,
+                v,
+                mask.segment_ids,
+                local=mask.local,
+                window=c.sliding_window,
+                scale=1 / math.sqrt(c.head_dim) if scale is None else scale,
+                softcap=c.attn_logit_softcap,
+                mesh=mask.mesh,
+                rules=mask.rules,
+            )
+        elif c.attn_logit_softcap is None:
             # Logits and softmax run in float32; K < N heads broadcast. Decode steps: XLA.
             impl = c.attention if kv_cache is None else "xla"
             y = attend(q, k, v, mask, scale=scale, implementation=impl)
@@ -399,14 +413,19 @@ class Transformer(nnx.Module):
         """With `rules`, the residual stream (after the embedding and after every block) is
         constrained to its logical axes ("batch", "seq", "act_embed") on `mesh` (or the mesh set
         with `jax.set_mesh`; none: no constraint). `dropout_key` (training with LoRA dropout)
-        gives every layer and adapter its own dropout mask."""
+        gives every layer and adapter its own dropout mask. When the attention resolves to
+        ``"splash"`` for T (``attention.resolve``) no dense mask is built: every layer gets a
+        ``SplashMask`` (segment ids, its local flag, `mesh` and `rules` for the kernel's
+        ``shard_map``)."""
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         slots = jnp.arange(T)
-        masks = self._masks(segment_ids, segment_ids, slots, slots, positions, positions)
+        splash = resolve(self.config.attention, T) == "splash"
+        if not splash:
+            masks = self._masks(segment_ids, segment_ids, slots, slots, positions, positions)
         graphdef, layer_state = nnx.split(self.layers)
 
         def constrain(h):
@@ -416,7 +435,10 @@ class Transformer(nnx.Module):
 
         def body(h, xs):
             state, local, inv_freq, key = xs
-            mask = jnp.where(local, masks[1], masks[0])
+            if splash:
+                mask = SplashMask(segment_ids, local, mesh, rules)
+            else:
+                mask = jnp.where(local, masks[1], masks[0])
             h, _ = nnx.merge(graphdef, state)(h, positions, mask, inv_freq, dropout_key=key)
             return constrain(h), None
 

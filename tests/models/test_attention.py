@@ -75,14 +75,19 @@ def test_xla_matches_numpy_values_and_gradients(window):
             np.testing.assert_allclose(grads[i][idx], (up - down) / (2 * eps), atol=2e-3)
 
 
-def test_auto_is_xla_off_gpu_and_cudnn_on_gpu(monkeypatch):
+def test_auto_is_cudnn_on_gpu_splash_on_tpu_xla_elsewhere(monkeypatch):
     q, k, v, _, seg, pos = _inputs()
     slots = jnp.arange(q.shape[1])
     mask = attention_mask(seg, seg, slots, slots, pos, pos, None)
     auto = A.attend(q, k, v, mask, scale=None, implementation="auto")
     xla = A.attend(q, k, v, mask, scale=None, implementation="xla")
     np.testing.assert_array_equal(auto, xla)
-    for backend, expected in (("cpu", "xla"), ("tpu", "xla"), ("gpu", "cudnn"), ("cuda", "cudnn")):
+    for backend, expected in (
+        ("cpu", "xla"),
+        ("tpu", "splash"),
+        ("gpu", "cudnn"),
+        ("cuda", "cudnn"),
+    ):
         monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
         assert A.resolve("auto") == expected
         assert A.resolve("xla") == "xla"
@@ -113,4 +118,4 @@ def test_config_key_picks_the_attention():
     with pytest.raises(ConfigError, match="attention='flash'"):
         model_config_from(c)
     with pytest.raises(ValueError, match="ModelConfig.attention"):
-        M.get_preset("tiny-64", attention="splash")
+        M.get_preset("tiny-64", attention="flash")
