@@ -60,9 +60,10 @@ computed in float32. Task vectors are ``tau_i = x_i - b``.
   with ``sum_{j <= k} s_ij^2 >= energy * sum_j s_ij^2``; when ``K = sum_i k_i`` exceeds ``r =
   min(m, n)`` (and ``T``) the ranks are scaled down proportionally beyond each task's first
   triplet, ``k_i <- 1 + floor((k_i - 1) max(r - T, 0) / (K - T))`` (integer floor, so ``sum_i
-  k_i <= r``; more tasks than ``r``: one triplet each, as in TSV). Then TSV's decorrelation and ``b +
-  alpha U_perp diag(S) V_perp^T``; 1-D tensors as in TSV (no winsorising). With
-  ``outlier_quantile = energy = 1`` and ``T = 1`` it is task arithmetic with ``lam = alpha``.
+  k_i <= r``; more tasks than ``r``: one triplet each, as in TSV). Then TSV's decorrelation
+  and ``b + alpha U_perp diag(S) V_perp^T``; 1-D tensors as in TSV (no winsorising). With
+  ``outlier_quantile = energy = 1`` it is TSV at its default rank ``floor(r / T)`` (one task:
+  task arithmetic with ``lam = alpha``).
   The ranks are chosen on the host from the singular values (`r_tsvm_ranks`), so ``r_tsvm``
   runs eagerly (differentiable at fixed ranks, not jittable); cost: TSV's plus a sort of each
   task matrix, and one compiled program per matrix shape and rank tuple.
