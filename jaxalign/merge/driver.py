@@ -55,7 +55,8 @@ _ST_DTYPES = {
 def merge_config() -> ConfigDict:
     """Every key a merge config may set, with its default."""
     c = ConfigDict()
-    c.method = ""  # linear | task_arithmetic | ties | dare | dare_ties | slerp | tsv | restore
+    # linear | task_arithmetic | ties | dare | dare_ties | slerp | tsv | r_tsvm | restore
+    c.method = ""
     # "hf:DIR" | "checkpoint:RUN" (linear: optional; slerp: the t = 0 end; restore: the aligned
     # model whose values are restored)
     c.base = ""
@@ -80,6 +81,11 @@ def merge_config() -> ConfigDict:
     c.tsv = ConfigDict()
     c.tsv.rank_fraction = 0.0  # in (0, 1]: share of min(m, n) kept per task (0 = 1 / len(models))
     c.tsv.alpha = 1.0
+    # r_tsvm (methods.r_tsvm): tsv on task matrices winsorised at a quantile, adaptive ranks
+    c.r_tsvm = ConfigDict()
+    c.r_tsvm.outlier_quantile = 0.99  # in (0, 1]: |entries| above this quantile are clipped to it
+    c.r_tsvm.energy = 0.9  # in (0, 1]: share of sum sigma^2 the kept triplets of a task hold
+    c.r_tsvm.alpha = 1.0
     return c
 
 
@@ -128,7 +134,15 @@ def check_config(config: ConfigDict, source: str = "merge config") -> Plan:
     if config.method in ("slerp", "restore") and len(specs) != 1:
         raise ConfigError(f"{source}: {config.method} merges the base with exactly one model")
     restore = _restore_rule(config, source)
-    rank_fraction, alpha = _tsv_keys(config, source)
+    tsv, r_tsvm = _method_keys(config, source, "tsv"), _method_keys(config, source, "r_tsvm")
+    if not 0.0 <= tsv["rank_fraction"] <= 1.0:
+        raise ConfigError(
+            f"{source}: tsv.rank_fraction {tsv['rank_fraction']} not in (0, 1] (0 = 1 / number "
+            "of models)"
+        )
+    for key in ("outlier_quantile", "energy"):
+        if not 0.0 < r_tsvm[key] <= 1.0:
+            raise ConfigError(f"{source}: r_tsvm.{key} {r_tsvm[key]} not in (0, 1]")
     if config.method == "linear" and config.normalize and sum(weights) == 0:
         raise ConfigError(f"{source}: the weights sum to 0; linear with normalize divides by it")
     if config.dtype and config.dtype not in ("float32", "bfloat16", "float16"):
@@ -140,8 +154,10 @@ def check_config(config: ConfigDict, source: str = "merge config") -> Plan:
         t=float(config.t),
         normalize=bool(config.normalize),
         seed=int(config.seed),
-        rank_fraction=rank_fraction,
-        alpha=alpha,
+        rank_fraction=tsv["rank_fraction"],
+        alpha=r_tsvm["alpha"] if config.method == "r_tsvm" else tsv["alpha"],
+        outlier_quantile=r_tsvm["outlier_quantile"],
+        energy=r_tsvm["energy"],
     )
     base = _spec(config.base, f"{source}: base") if config.base else None
     return Plan(config.method, base, tuple(specs), options, config.dtype, config.tokenizer, restore)
@@ -184,23 +200,21 @@ def _restore_rule(config: ConfigDict, source: str) -> methods.RestoreRule | None
     return rule
 
 
-def _tsv_keys(config: ConfigDict, source: str) -> tuple[float, float]:
-    """The checked ``tsv.rank_fraction`` and ``tsv.alpha`` (keys of method tsv only)."""
-    t, known = config.get("tsv", ConfigDict()), merge_config().tsv
-    unknown = sorted(set(t.keys()) - set(known.keys()))
+def _method_keys(config: ConfigDict, source: str, method: str) -> dict[str, float]:
+    """The keys of ``method``'s group (``tsv.*``, ``r_tsvm.*``) as floats; unknown keys, and keys
+    set away from their defaults with another method, raise ConfigError."""
+    given, known = config.get(method, ConfigDict()), merge_config()[method]
+    unknown = sorted(set(given.keys()) - set(known.keys()))
     if unknown:
-        raise ConfigError(f'{source}: unknown key "tsv.{unknown[0]}" (known: rank_fraction, alpha)')
-    rank_fraction = float(t.get("rank_fraction", known.rank_fraction))
-    alpha = float(t.get("alpha", known.alpha))
-    if config.method != "tsv":
-        for key, value in (("rank_fraction", rank_fraction), ("alpha", alpha)):
-            if value != known[key]:
-                raise ConfigError(f"{source}: tsv.{key} is a key of method tsv only")
-    if not 0.0 <= rank_fraction <= 1.0:
         raise ConfigError(
-            f"{source}: tsv.rank_fraction {rank_fraction} not in (0, 1] (0 = 1 / number of models)"
+            f'{source}: unknown key "{method}.{unknown[0]}" (known: {", ".join(known.keys())})'
         )
-    return rank_fraction, alpha
+    values = {key: float(given.get(key, default)) for key, default in known.items()}
+    if config.method != method:
+        for key, value in values.items():
+            if value != known[key]:
+                raise ConfigError(f"{source}: {method}.{key} is a key of method {method} only")
+    return values
 
 
 def _spec(spec: str, where: str) -> str:

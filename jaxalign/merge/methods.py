@@ -48,6 +48,25 @@ computed in float32. Task vectors are ``tau_i = x_i - b``.
   tensor (r = min(m, n)): T float32 SVDs of [m, n] plus two of [m, T k] and [T k, n], each
   ``O(m n r)``, against task arithmetic's ``O(T m n)``; it holds about ``2 T + 3`` [m, n]
   float32 matrices at once.
+- ``r_tsvm`` (R-TSVM; Yang et al. 2025, "Mix Data or Merge Models? Balancing the Helpfulness,
+  Honesty, and Harmlessness of Large Language Model via Model Merging", arXiv 2502.06876, RESM
+  in its v3): TSV-Merge with two additions, in jaxalign's documented form (the paper's formulas
+  are not available here). (1) Outlier-aware weighting, as winsorising: in each task matrix
+  ``Delta_i = w_i tau_i`` the entries with ``|Delta_i| > q_i``, ``q_i`` the
+  ``outlier_quantile`` quantile of the entries' ``|Delta_i|`` (linear interpolation, NumPy's
+  default), are set to ``sign(Delta_i) q_i``, so a few outlier entries cannot take over the top
+  singular vectors (``outlier_quantile = 1``: nothing changes). (2) Sparsity-adaptive rank: the
+  winsorised ``Delta_i = U_i S_i V_i^T`` keeps its ``k_i`` top triplets, ``k_i`` the smallest k
+  with ``sum_{j <= k} s_ij^2 >= energy * sum_j s_ij^2``; when ``K = sum_i k_i`` exceeds ``r =
+  min(m, n)`` (and ``T``) the ranks are scaled down proportionally beyond each task's first
+  triplet, ``k_i <- 1 + floor((k_i - 1) max(r - T, 0) / (K - T))`` (integer floor, so ``sum_i
+  k_i <= r``; more tasks than ``r``: one triplet each, as in TSV). Then TSV's decorrelation
+  and ``b + alpha U_perp diag(S) V_perp^T``; 1-D tensors as in TSV (no winsorising). With
+  ``outlier_quantile = energy = 1`` it is TSV at its default rank ``floor(r / T)`` (one task:
+  task arithmetic with ``lam = alpha``).
+  The ranks are chosen on the host from the singular values (`r_tsvm_ranks`), so ``r_tsvm``
+  runs eagerly (differentiable at fixed ranks, not jittable); cost: TSV's plus a sort of each
+  task matrix, and one compiled program per matrix shape and rank tuple.
 """
 
 from __future__ import annotations
@@ -64,7 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare", "dare_ties", "slerp", "tsv")
+METHODS = ("linear", "task_arithmetic", "ties", "dare", "dare_ties", "slerp", "tsv", "r_tsvm")
 SLERP_DOT_THRESHOLD = 0.9995
 
 
@@ -72,7 +91,8 @@ SLERP_DOT_THRESHOLD = 0.9995
 class MergeOptions:
     """Per-model ``weights`` and ``densities`` (one per model), global ``lam``, SLERP's ``t``,
     ``normalize`` (linear: divide by the sum of weights), ``seed`` (DARE's masks), TSV's
-    ``rank_fraction`` (0 = 1 / number of models) and ``alpha``."""
+    ``rank_fraction`` (0 = 1 / number of models) and ``alpha`` (TSV's and R-TSVM's), R-TSVM's
+    ``outlier_quantile`` and ``energy``."""
 
     weights: tuple[float, ...]
     densities: tuple[float, ...]
@@ -82,6 +102,8 @@ class MergeOptions:
     seed: int = 0
     rank_fraction: float = 0.0
     alpha: float = 1.0
+    outlier_quantile: float = 0.99
+    energy: float = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,15 +250,13 @@ def tsv(
     alpha: float = 1.0,
 ) -> Float[Array, "..."]:
     """TSV-Merge of a 2-D tensor (top ``k`` singular triplets of each ``w_i tau_i``, the kept
-    singular vectors orthogonalised across tasks, ``b + alpha * U_perp S V_perp^T``); a 0-D or
+    singular vectors orthogonalised across tasks, ``b + alpha U_perp S V_perp^T``); a 0-D or
     1-D tensor gets ``b + alpha * mean_i w_i tau_i``. See the module doc."""
-    if base.ndim > 2:
-        raise ValueError(
-            f"tsv merges 2-D matrices and 1-D vectors, got shape {base.shape} (a jaxalign params "
-            "leaf stacks its layers: merge the Hugging Face layout, as `jaxalign merge` does)"
-        )
-    k = tsv_rank(min(base.shape), len(xs), rank_fraction) if base.ndim == 2 else 0
-    return _tsv(base, list(xs), jnp.asarray(weights, jnp.float32), jnp.float32(alpha), k)
+    _check_matrix_or_vector("tsv", base)
+    w, a = jnp.asarray(weights, jnp.float32), jnp.float32(alpha)
+    if base.ndim < 2:
+        return _mean_task(base, list(xs), w, a)
+    return _tsv(base, list(xs), w, a, tsv_rank(min(base.shape), len(xs), rank_fraction))
 
 
 def tsv_rank(r: int, n_models: int, rank_fraction: float = 0.0) -> int:
@@ -246,25 +266,119 @@ def tsv_rank(r: int, n_models: int, rank_fraction: float = 0.0) -> int:
     return max(1, math.floor((rank_fraction or 1.0 / n_models) * r + 1e-9))
 
 
+def r_tsvm(
+    base: Float[Array, "..."],
+    xs: Sequence[Float[Array, "..."]],
+    weights: Sequence[float],
+    outlier_quantile: float = 0.99,
+    energy: float = 0.9,
+    alpha: float = 1.0,
+) -> Float[Array, "..."]:
+    """R-TSVM of a 2-D tensor: each ``w_i tau_i`` winsorised at its ``outlier_quantile``
+    quantile of magnitudes, then TSV-Merge with the per-task ranks of `r_tsvm_ranks` (the
+    ``energy`` share of the squared singular values, capped so they add up to at most
+    ``min(m, n)``); a 0-D or 1-D tensor gets ``b + alpha * mean_i w_i tau_i``. Runs eagerly
+    (the ranks are read on the host); see the module doc."""
+    _check_matrix_or_vector("r_tsvm", base)
+    w, a = jnp.asarray(weights, jnp.float32), jnp.float32(alpha)
+    if base.ndim < 2:
+        return _mean_task(base, list(xs), w, a)
+    u, s, vt = _winsorised_svds(base, list(xs), w, jnp.float32(outlier_quantile))
+    # The rank rule is piecewise constant in the inputs: it takes no part in gradients.
+    ranks = r_tsvm_ranks(np.asarray(jax.lax.stop_gradient(s)), energy)
+    return _combine(base, u, s, vt, a, ranks)
+
+
+def r_tsvm_ranks(sigmas: Float[np.ndarray, "T r"], energy: float = 0.9) -> tuple[int, ...]:
+    """R-TSVM's sparsity-adaptive ranks from each task's singular values (rows, descending):
+    ``k_i`` = the smallest k whose ``s_i1^2 .. s_ik^2`` hold ``energy`` of ``sum_j s_ij^2`` (1
+    for a zero matrix); if ``K = sum_i k_i > max(r, T)`` each becomes ``1 + floor((k_i - 1)
+    max(r - T, 0) / (K - T))`` (``r`` = the row length = ``min(m, n)``; then ``sum_i k_i <=
+    max(r, T)``: at most ``r``, or one triplet per task when there are more tasks than ``r``)."""
+    sigmas = np.asarray(sigmas, np.float64)
+    (n_tasks, r) = sigmas.shape
+    ranks = []
+    for s in sigmas:
+        cumulative = np.cumsum(s * s)  # cumulative[-1] is the total, so energy = 1 finds it
+        ranks.append(int(np.searchsorted(cumulative, energy * cumulative[-1], side="left")) + 1)
+    total = sum(ranks)
+    if total > max(r, n_tasks):
+        ranks = [1 + (k - 1) * max(r - n_tasks, 0) // (total - n_tasks) for k in ranks]
+    return tuple(ranks)
+
+
+def _check_matrix_or_vector(method: str, base: Float[Array, "..."]) -> None:
+    if base.ndim > 2:
+        raise ValueError(
+            f"{method} merges 2-D matrices and 1-D vectors, got shape {base.shape} (a jaxalign "
+            "params leaf stacks its layers: merge the Hugging Face layout, as `jaxalign merge` "
+            "does)"
+        )
+
+
+def _task_matrices(
+    base: Float[Array, "..."], xs: list[Float[Array, "..."]], weights: Float[Array, " T"]
+) -> Float[Array, "T ..."]:
+    """``Delta_i = w_i (x_i - b)`` stacked, float32."""
+    b = base.astype(jnp.float32)
+    taus = jnp.stack([x.astype(jnp.float32) - b for x in xs])
+    return taus * weights.reshape((-1,) + (1,) * b.ndim)
+
+
+@jax.jit
+def _mean_task(
+    base: Float[Array, " ..."],
+    xs: list[Float[Array, " ..."]],
+    weights: Float[Array, " T"],
+    alpha: Float[Array, ""],
+) -> Float[Array, " ..."]:
+    """TSV's and R-TSVM's 0-D and 1-D tensors: ``b + alpha * mean_i w_i tau_i``."""
+    return base.astype(jnp.float32) + alpha * jnp.mean(_task_matrices(base, xs, weights), axis=0)
+
+
 @functools.partial(jax.jit, static_argnames="k")
 def _tsv(
-    base: Float[Array, "..."],
-    xs: list[Float[Array, "..."]],
+    base: Float[Array, "m n"],
+    xs: list[Float[Array, "m n"]],
     weights: Float[Array, " T"],
     alpha: Float[Array, ""],
     k: int,
-) -> Float[Array, "..."]:
-    """`tsv` with the kept rank ``k`` fixed (0 for vectors): one compiled program per shape."""
-    b = base.astype(jnp.float32)
-    taus = jnp.stack([x.astype(jnp.float32) - b for x in xs])
-    taus = taus * weights.reshape((-1,) + (1,) * b.ndim)  # [T, ...]
-    if b.ndim < 2:
-        return b + alpha * jnp.mean(taus, axis=0)
-    (t, m, n) = taus.shape
-    u, s, vt = jnp.linalg.svd(taus, full_matrices=False)  # [T, m, r], [T, r], [T, r, n]
-    u_cat = jnp.swapaxes(u[:, :, :k], 0, 1).reshape(m, t * k)  # column i * k + j: task i's j-th
-    vt_cat = vt[:, :k].reshape(t * k, n)
-    return b + alpha * (_polar(u_cat) * s[:, :k].reshape(-1)) @ _polar(vt_cat)
+) -> Float[Array, "m n"]:
+    """`tsv` of a matrix with the kept rank ``k``: one compiled program per shape."""
+    u, s, vt = jnp.linalg.svd(_task_matrices(base, xs, weights), full_matrices=False)
+    return _combine(base, u, s, vt, alpha, (k,) * len(xs))
+
+
+@jax.jit
+def _winsorised_svds(
+    base: Float[Array, "m n"],
+    xs: list[Float[Array, "m n"]],
+    weights: Float[Array, " T"],
+    quantile: Float[Array, ""],
+) -> tuple[Float[Array, "T m r"], Float[Array, "T r"], Float[Array, "T r n"]]:
+    """The SVDs of the task matrices winsorised at their ``quantile`` quantile of ``|Delta_i|``
+    (R-TSVM's outlier-aware weighting)."""
+    deltas = _task_matrices(base, xs, weights)
+    limit = jnp.quantile(jnp.abs(deltas).reshape(len(xs), -1), quantile, axis=1)[:, None, None]
+    return jnp.linalg.svd(jnp.clip(deltas, -limit, limit), full_matrices=False)
+
+
+@functools.partial(jax.jit, static_argnames="ranks")
+def _combine(
+    base: Float[Array, "m n"],
+    u: Float[Array, "T m r"],
+    s: Float[Array, "T r"],
+    vt: Float[Array, "T r n"],
+    alpha: Float[Array, ""],
+    ranks: tuple[int, ...],
+) -> Float[Array, "m n"]:
+    """TSV's decorrelation and reconstruction: task i's top ``ranks[i]`` triplets, ``U`` and
+    ``V`` concatenated across tasks (task by task) and replaced by their polar factors,
+    ``b + alpha U_perp diag(S) V_perp^T``."""
+    u_cat = jnp.concatenate([u[i, :, :k] for i, k in enumerate(ranks)], axis=1)  # [m, K]
+    vt_cat = jnp.concatenate([vt[i, :k] for i, k in enumerate(ranks)], axis=0)  # [K, n]
+    s_cat = jnp.concatenate([s[i, :k] for i, k in enumerate(ranks)])
+    return base.astype(jnp.float32) + alpha * (_polar(u_cat) * s_cat) @ _polar(vt_cat)
 
 
 def _polar(a: Float[Array, "m n"]) -> Float[Array, "m n"]:
@@ -352,6 +466,8 @@ def merge_tensor(
         return slerp(base, x, options.t)
     if method == "tsv":
         return tsv(base, xs, w, options.rank_fraction, options.alpha)
+    if method == "r_tsvm":
+        return r_tsvm(base, xs, w, options.outlier_quantile, options.energy, options.alpha)
     raise ValueError(f"unknown merge method {method!r}; known: {', '.join(METHODS)}")
 
 

@@ -99,10 +99,47 @@ def tsv(b, xs, w, rank_fraction, alpha):
     if b.ndim < 2:
         return b + alpha * np.mean(deltas, axis=0)
     k = max(1, int(np.floor((rank_fraction or 1 / len(xs)) * min(b.shape) + 1e-9)))
+    return _decorrelated(b, deltas, [k] * len(xs), alpha)
+
+
+def r_tsvm_ranks(sigmas, energy):
+    """Smallest k_i with sum_{j<=k} s_ij^2 >= energy * sum_j s_ij^2 (1 for a zero matrix); then,
+    when K = sum k_i > max(r, T): k_i <- 1 + floor((k_i - 1) max(r - T, 0) / (K - T))."""
+    ranks = []
+    for s in sigmas:
+        energies = [float(v) ** 2 for v in s]
+        k = 1
+        while sum(energies[:k]) < energy * sum(energies) and k < len(energies):
+            k += 1
+        ranks.append(k)
+    r, t, total = len(sigmas[0]), len(sigmas), sum(ranks)
+    if total > max(r, t):
+        ranks = [1 + int(np.floor((k - 1) * max(r - t, 0) / (total - t))) for k in ranks]
+    return ranks
+
+
+def r_tsvm(b, xs, w, outlier_quantile, energy, alpha):
+    """R-TSVM (jaxalign's form): each 2-D task matrix w_i (x_i - b) winsorised at the
+    outlier_quantile quantile q_i of its |entries| (linear interpolation: entries beyond +-q_i
+    set to +-q_i), ranks by r_tsvm_ranks, then TSV's decorrelation; 1-D as in TSV."""
+    b = np.float64(b)
+    deltas = [wi * (np.float64(x) - b) for wi, x in zip(w, xs, strict=True)]
+    if b.ndim < 2:
+        return b + alpha * np.mean(deltas, axis=0)
+    clipped = []
+    for d in deltas:
+        q = np.quantile(np.abs(d), outlier_quantile)
+        clipped.append(np.where(np.abs(d) > q, np.sign(d) * q, d))
+    sigmas = [np.linalg.svd(d, compute_uv=False) for d in clipped]
+    return _decorrelated(b, clipped, r_tsvm_ranks(sigmas, energy), alpha)
+
+
+def _decorrelated(b, deltas, ranks, alpha):
+    """b + alpha U_perp diag(S) V_perp^T from task i's top ranks[i] singular triplets."""
     svds = [np.linalg.svd(d, full_matrices=False) for d in deltas]
-    u = np.concatenate([u[:, :k] for u, _, _ in svds], axis=1)
-    s = np.concatenate([s[:k] for _, s, _ in svds])
-    v = np.concatenate([vt[:k].T for _, _, vt in svds], axis=1)
+    u = np.concatenate([u[:, :k] for (u, _, _), k in zip(svds, ranks, strict=True)], axis=1)
+    s = np.concatenate([s[:k] for (_, s, _), k in zip(svds, ranks, strict=True)])
+    v = np.concatenate([vt[:k].T for (_, _, vt), k in zip(svds, ranks, strict=True)], axis=1)
 
     def polar(a):
         p, _, qt = np.linalg.svd(a, full_matrices=False)

@@ -120,35 +120,13 @@ def test_stacked_leaf_is_refused():
         tsv(base, [base + 1.0], (1.0,))
 
 
-def test_shipped_config_through_the_cli_matches_numpy(tmp_path, monkeypatch, capsys):
+def test_shipped_config_through_the_cli_matches_numpy(tmp_path, demo_merge_runs, capsys):
     """configs/merge/tsv.py as shipped, on tiny converted checkpoints at its runs/demo paths."""
     from safetensors.numpy import load_file
 
-    from jaxalign.checkpoint.convert import from_hf
-    from jaxalign.checkpoint.hf import save_hf
     from jaxalign.cli import main
-    from jaxalign.models import get_preset, init_params
 
-    config = get_preset(
-        "tiny-64",
-        vocab_size=16,
-        d_model=16,
-        n_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        head_dim=8,
-        d_ff=16,
-    )  # fmt: skip  (every matrix 16 x 16: one compiled tsv program)
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))  # no compiles
-    base = jax.tree.map(lambda x: RNG.normal(size=x.shape).astype(np.float32), shapes)
-    tensors = {}
-    for i, run in enumerate(("sft", "dpo", "grpo")):
-        scale = np.float32(0.0 if i == 0 else 0.05)
-        params = jax.tree.map(lambda x: x + scale * np.float32(RNG.normal(size=x.shape)), base)  # noqa: B023
-        save_hf(config, params, tmp_path / "hf" / run)
-        tensors[run] = load_file(str(tmp_path / "hf" / run / "model.safetensors"))
-        from_hf(tmp_path / "hf" / run, tmp_path / "runs" / "demo" / run)
-    monkeypatch.chdir(tmp_path)
+    tensors = demo_merge_runs
     main(["merge", "--config", str(ROOT / "configs/merge/tsv.py:alpha=0.8"), "--out", "merged"])
     assert "wrote merged" in capsys.readouterr().out
     got = load_file(str(tmp_path / "merged" / "model.safetensors"))
