@@ -16,8 +16,9 @@ same packed segment, sliding window: ``transformer.attention_mask`` builds it). 
   ``splash_attention``). It does not take the dense mask: the model hands it the segment ids and
   the layer's local/global flag (``SplashMask``) and the kernel masks blocks itself, so neither the
   ``[B, N, T, S]`` scores nor the ``[B, 1, T, S]`` mask exist. It needs T divisible by 128
-  (``splash_block``); otherwise the model runs ``"xla"``. Off a TPU backend it runs in Pallas
-  interpret mode (tests; slow).
+  (``splash_block``); otherwise the model runs ``"xla"``. Off a TPU platform (``platform``: the
+  mesh's devices, so a compile-only plan for a TPU topology gets the real kernel) it runs in
+  Pallas interpret mode (tests; slow).
 - ``"auto"``: ``"cudnn"`` on a GPU backend, ``"splash"`` on a TPU backend when T divides into
   splash blocks, ``"xla"`` elsewhere.
 
@@ -48,8 +49,16 @@ def splash_block(seq_len: int) -> int | None:
     return next((b for b in SPLASH_BLOCKS if seq_len % b == 0), None)
 
 
-def resolve(implementation: str, seq_len: int | None = None) -> str:
-    """The implementation that runs for ``implementation`` on the default backend at sequence
+def platform(mesh=None) -> str:
+    """The platform a program runs on: that of a concrete ``mesh``'s devices (a compile-only plan
+    for a TPU topology targets TPU devices from a CPU machine), else the default backend."""
+    if isinstance(mesh, Mesh):
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
+def resolve(implementation: str, seq_len: int | None = None, mesh=None) -> str:
+    """The implementation that runs for ``implementation`` on ``platform(mesh)`` at sequence
     length ``seq_len`` (None: not checked). ``"auto"``: cudnn on GPU, splash on TPU, else xla;
     ``"splash"`` (or ``"auto"`` on TPU) becomes ``"xla"`` when ``splash_block(seq_len)`` is None;
     ``"cudnn"`` off a GPU backend raises ValueError."""
@@ -58,7 +67,7 @@ def resolve(implementation: str, seq_len: int | None = None) -> str:
             f"attention implementation {implementation!r}; expected one of "
             f"{ATTENTION_IMPLEMENTATIONS}"
         )
-    backend = jax.default_backend()
+    backend = platform(mesh)
     if implementation == "auto":
         implementation = _AUTO.get(backend, "xla")
     if implementation == "cudnn" and _AUTO.get(backend) != "cudnn":
@@ -128,7 +137,7 @@ def splash_attention(
     The kernel does not scale: q is multiplied by ``scale`` first (in q's dtype); ``softcap`` c is
     the kernel's ``attn_logits_soft_cap`` (Gemma 2), None for plain softmax. Query head n reads
     key/value head ``n // (N / K)``. The kernel runs per example (``vmap`` over B) on ``[N, T, H]``
-    with blocks of ``splash_block(T)`` (T must divide); off a TPU backend in interpret mode.
+    with blocks of ``splash_block(T)`` (T must divide); off a TPU platform in interpret mode.
 
     Under a mesh (``mesh``, else the one set with ``jax.set_mesh``) a Pallas call cannot be
     partitioned by GSPMD, so the kernel runs in ``jax.shard_map``: rows over the mesh axes of the
@@ -142,6 +151,7 @@ def splash_attention(
     if block is None:
         raise ValueError(f"splash attention needs T divisible by 128; T={T}")
     q = (q * scale).astype(q.dtype)
+    interpret = platform(mesh) != "tpu"
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
         mesh = None if mesh.empty else mesh
@@ -158,7 +168,7 @@ def splash_attention(
 
     def attention(mask_window: int | None):
         def run(q, k, v, segment_ids):
-            kernel = _splash_kernel(q.shape[2], T, block, mask_window, softcap)
+            kernel = _splash_kernel(q.shape[2], T, block, mask_window, softcap, interpret)
 
             def one(q, k, v, seg):
                 heads_first = (x.swapaxes(0, 1) for x in (q, k, v))
@@ -182,8 +192,11 @@ def splash_attention(
     return jax.lax.cond(local, attention(window), attention(None), *args)
 
 
-def _splash_kernel(n_heads: int, seq_len: int, block: int, window: int | None, softcap):
-    """``make_splash_mha`` for ``n_heads`` heads of T x T causal (and ``window``) masks."""
+def _splash_kernel(
+    n_heads: int, seq_len: int, block: int, window: int | None, softcap, interpret: bool
+):
+    """``make_splash_mha`` for ``n_heads`` heads of T x T causal (and ``window``) masks; in the
+    Pallas interpreter off TPU (tests)."""
     shape = (seq_len, seq_len)
     if window is None:
         head_mask = splash.CausalMask(shape)
@@ -204,5 +217,5 @@ def _splash_kernel(n_heads: int, seq_len: int, block: int, window: int | None, s
         attn_logits_soft_cap=softcap,
         head_shards=1,
         q_seq_shards=1,
-        interpret=jax.default_backend() != "tpu",
+        interpret=interpret,
     )

@@ -423,7 +423,7 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         slots = jnp.arange(T)
-        splash = resolve(self.config.attention, T) == "splash"
+        splash = resolve(self.config.attention, T, mesh) == "splash"
         if not splash:
             masks = self._masks(segment_ids, segment_ids, slots, slots, positions, positions)
         graphdef, layer_state = nnx.split(self.layers)
