@@ -92,7 +92,13 @@ def test_self_judged_best_against_numpy():
 def _config(*overrides):
     return apply_overrides(
         load_config(f"{ROOT / 'configs/self_align/tiny.py'}:smoke=True"),
-        [TOKENIZER, f"data.train={ROOT / 'data/demo/sft_train.jsonl'}", "data.eval=", *overrides],
+        [
+            TOKENIZER,
+            f"data.train={ROOT / 'data/demo/sft_train.jsonl'}",
+            "data.eval=",
+            "rl.max_new_tokens=4",
+            *overrides,
+        ],
     )
 
 
@@ -116,7 +122,8 @@ def test_self_judge_on_model_rows_against_numpy_log_softmax():
         "rewards": np.zeros(R, np.float32),
     }
     got = updates._self_judge(run)(params, None, rows)
-    hidden = M.forward(run.model_config, params, tokens, rows["positions"], rows["segment_ids"])
+    forward = jax.jit(M.forward, static_argnums=0)
+    hidden = forward(run.model_config, params, tokens, rows["positions"], rows["segment_ids"])
     z = np.asarray(hidden, np.float64) @ np.asarray(M.unembedding(run.model_config, params))
     logp = z - z.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
