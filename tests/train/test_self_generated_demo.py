@@ -5,9 +5,9 @@ test_self_align.py::test_self_align_smoke.
 
 What they pin is what was measured (README, "Self-generated data"): the loops do what they are
 built to do (the self-judgment of the kept answers rises; SPA trains on confident self-labels)
-but, on this task, held-out judge accuracy falls clearly from the start (more than 3 standard
-errors of the paired difference): the model's confidence, and its implicit reward, are not
-accurate enough judges of arithmetic to improve on the SFT model.
+but, on this task, held-out judge accuracy falls from the start (by more than 2 standard errors
+of the paired difference for self-alignment, 3 for SPA): the model's confidence, and its
+implicit reward, are not accurate enough judges of arithmetic to improve on the SFT model.
 """
 
 import json
@@ -48,7 +48,7 @@ def _train_records(workdir):
     return [r for r in map(json.loads, lines) if r["split"] == "train"]
 
 
-@pytest.mark.slow  # ~1 min after the shared SFT fixture
+@pytest.mark.slow  # ~40 s after the shared SFT fixture (~3 min)
 def test_self_align_raises_its_self_judgment_not_held_out_accuracy(sft_dir, tmp_path):
     steps = 60
     config = _config(
@@ -70,7 +70,7 @@ def test_self_align_raises_its_self_judgment_not_held_out_accuracy(sft_dir, tmp_
     for key in ("reward/greedy", "reward/sampled"):
         start, diff, se = _held_out(tmp_path, steps, key)
         assert start > 0.35, (key, start)  # the SFT start answers a good share right
-        assert diff < -3 * se, (key, start, diff, se)  # ... and self-alignment lowers it
+        assert diff < -2 * se, (key, start, diff, se)  # ... and self-alignment lowers it
 
 
 @pytest.mark.slow  # ~1 min after the shared SFT fixture
@@ -104,5 +104,5 @@ def test_spa_lowers_held_out_accuracy_from_dpo(sft_dir, tmp_path):
     assert np.mean([r["spa/kept"] for r in records]) > 0.1
     for key in ("reward/greedy", "reward/sampled"):
         start, diff, se = _held_out(tmp_path / "spa", steps, key)
-        assert start > 0.3, (key, start)
+        assert start > 0.25, (key, start)
         assert diff < -3 * se, (key, start, diff, se)
