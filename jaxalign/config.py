@@ -216,6 +216,10 @@ def base_config() -> ConfigDict:
     c.rl.whiten_advantages = True
     # rft: fine-tune on each prompt's best completion when its reward reaches this.
     c.rl.rft_min_reward = 0.5
+    # rft self-alignment (I-SHEEP): rank and keep by the policy's judgment of its own answer, its
+    # mean token log-prob at temperature 1 (rft_min_reward then a log-prob <= 0); rl.rewards are
+    # only logged.
+    c.rl.rft_self_judge = False
     # hc_rlhf (safety-constrained RLHF, jaxalign.rl.constrained): maximise the reward subject to
     # E[cost] <= safety.tau. Costs: rule terms in rl.rewards syntax (summed) and/or the score of a
     # reward-trainer run trained on cost pairs (chosen = the costlier response).

@@ -563,6 +563,24 @@ def check_costs(config: ConfigDict, family: Family) -> None:
             raise ConfigError(f"trainer {trainer}: {message}")
 
 
+def check_self_judge(config: ConfigDict) -> None:
+    """`rl.rft_self_judge` (self-alignment) is rft's, and its threshold a mean log-prob (<= 0): a
+    threshold above 0 would keep nothing."""
+    rl = config.rl
+    if not rl.rft_self_judge:
+        return
+    if ALIASES.get(config.trainer, config.trainer) != "rft":
+        raise ConfigError(
+            f'rl.rft_self_judge: trainer "{config.trainer}" has no self-judged selection '
+            '(trainer "rft" does)'
+        )
+    if not rl.rft_min_reward <= 0:
+        raise ConfigError(
+            f"rl.rft_min_reward={rl.rft_min_reward} with rl.rft_self_judge: the self-judgment is "
+            "a mean token log-prob (<= 0), expected a threshold <= 0 (e.g. -0.5)"
+        )
+
+
 def get(name: str) -> Family:
     """The family a config's `trainer` names (aliases resolved); unknown names are ConfigErrors."""
     family = FAMILIES.get(ALIASES.get(name, name))

@@ -272,6 +272,7 @@ def setup(config: ConfigDict, *, devices=None, read_files: bool = True, model_co
     objective = family.objective(config, model_config, mesh)
     reference.check(config, loop=family.loop, needs_ref=objective.needs_ref)
     families.check_costs(config, family)
+    families.check_self_judge(config)
 
     base_abstract = models.abstract_params(model_config)
     base_axes = models.param_logical_axes(model_config)

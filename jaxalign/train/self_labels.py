@@ -11,6 +11,17 @@ keeps the pair when its confidence |p - 0.5| exceeds `min_confidence` (a per-pai
 so a pair's fate does not depend on the rest of its batch) and trains DPO on it unchanged.
 With G > 2 samples per prompt the pair is (argmax s, argmin s), p taken between them (the
 first of equal rewards wins, as `jaxalign.train.updates.pair_batch`).
+
+Self-alignment (I-SHEEP, Liang et al., 2024, "I-SHEEP: Self-Alignment of LLM from Scratch
+through an Iterative Self-Enhancement Paradigm"): the model answers, judges its own answers,
+keeps the good ones and is fine-tuned on them, round after round. I-SHEEP's judge is the model
+prompted to grade its answer; jaxalign's self-contained judge needs no judging prompt (a tiny
+model cannot follow one): the answer's length-normalised log-prob under the model itself,
+
+    j(y) = (1 / L) sum_t log pi(y_t | x, y_<t)      (L = the completion's tokens, EOS included),
+
+the log of the geometric-mean token probability: how sure the model is of its own answer. Per
+prompt the best-judged of G samples is kept when j >= `min_score` (`self_judged_best`).
 """
 
 from __future__ import annotations
@@ -18,6 +29,26 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+
+def self_judge_scores(
+    token_logps: Float[ArrayLike, "R T"], loss_mask: Float[ArrayLike, "R T"]
+) -> Float[Array, " R"]:
+    """I-SHEEP-style self-judgment of R completions: j = sum_t m_t logp_t / max(sum_t m_t, 1),
+    the mean log-prob of each completion's tokens (`loss_mask` m marks them; 0 for none)."""
+    m = jnp.asarray(loss_mask, jnp.float32)
+    total = (jnp.asarray(token_logps) * m).sum(axis=1)
+    return total / jnp.maximum(m.sum(axis=1), 1.0)
+
+
+def self_judged_best(scores: Float[ArrayLike, "B G"], *, min_score: float) -> dict[str, Array]:
+    """Per prompt, the best self-judged of its G samples: {"best" [B] int (the first of equal
+    scores wins), "score" [B] its judgment, "keep" [B] bool = score >= min_score}."""
+    s = jnp.asarray(scores)
+    best: Int[Array, " B"] = jnp.argmax(s, axis=1)
+    score = s[jnp.arange(s.shape[0]), best]
+    keep: Bool[Array, " B"] = score >= min_score
+    return {"best": best, "score": score, "keep": keep}
 
 
 def spa_labels(

@@ -17,6 +17,9 @@ about the rollout, `rl_state` the loop state after this step (KL controller, rew
   rewards are only logged.
 - `best_batch` (rft): per prompt, the completion with the highest reward, kept when it reaches
   `rl.rft_min_reward`, laid out as SFT batches; returned as a list of minibatches likewise.
+  With `rl.rft_self_judge` (self-alignment) the completions are ranked and kept by the policy's
+  own judgment (`jaxalign.train.self_labels.self_judge_scores`) instead; the rewards are only
+  logged.
 """
 
 from __future__ import annotations
@@ -249,17 +252,70 @@ def pair_batch(run):
 def best_batch(run):
     """`to_batch` for rejection-sampling fine-tuning: the group's best completion as an SFT
     example, kept when its reward reaches `rl.rft_min_reward`. Returns the update's minibatches
-    (in order)."""
-    rl = run.config.rl
+    (in order).
+
+    With `rl.rft_self_judge` the ranking score is the self-judgment j (the completion's mean
+    token log-prob at temperature 1 under the params that sampled it; one jitted forward over
+    the rollout) and the threshold a log-prob; `rft/judge_agreement` is the fraction of kept
+    groups whose rewards differ where the self-judged best has the group's highest reward."""
+    rl, G = run.config.rl, run.config.rl.group_size
+    judge = _self_judge(run) if rl.rft_self_judge else None
 
     def to_batch(state, ref_params, rows):
-        best, _, rewards = _groups(rows, rl.group_size)
-        real = np.asarray(rows["example_mask"])[best] > 0
-        kept = (rewards.max(axis=1) >= rl.rft_min_reward) & real
+        rewards = np.asarray(rows["rewards"]).reshape(-1, G)
+        base = np.arange(rewards.shape[0]) * G
+        metrics = {}
+        if judge is None:
+            best = base + rewards.argmax(axis=1)
+            kept = rewards.max(axis=1) >= rl.rft_min_reward
+        else:
+            labels = jax.device_get(
+                self_labels.self_judged_best(
+                    judge(state["params"], ref_params, rows).reshape(-1, G),
+                    min_score=rl.rft_min_reward,
+                )
+            )
+            best, kept = base + labels["best"], labels["keep"]
+            judged = kept & (rewards.max(axis=1) > rewards.min(axis=1))
+            agree = (rewards.reshape(-1)[best] == rewards.max(axis=1))[judged]
+            metrics = {
+                "rft/self_judge": float(labels["score"].mean()),
+                "rft/judge_agreement": float(agree.mean()) if agree.size else float("nan"),
+            }
+        kept = kept & (np.asarray(rows["example_mask"])[best] > 0)
         minibatches = _stacked(run, rows, [best], kept)
-        return minibatches, {"rft/kept": float(kept.mean())}, state["rl"]
+        return minibatches, {"rft/kept": float(kept.mean())} | metrics, state["rl"]
 
     return to_batch
+
+
+def _self_judge(run) -> Callable:
+    """Jitted (params, ref_params, host rows [R, T]) -> this host's self-judgments [R] (NumPy)."""
+    mc, mesh, rules, config = run.model_config, run.mesh, run.rules, run.config
+    impl = None if config.logprob_impl == "auto" else config.logprob_impl
+
+    def scores(params, ref_params, rows):
+        logps = policy.rollout_logps(
+            mc,
+            run.policy_params(params, ref_params),
+            rows,
+            temperature=1.0,
+            mesh=mesh,
+            rules=rules,
+            impl=impl,
+        )
+        return self_labels.self_judge_scores(logps, rows["loss_mask"])
+
+    jitted = jax.jit(scores, out_shardings=run.replicated)
+
+    def judge(params, ref_params, rows):
+        host = {k: rows[k] for k in ROLLOUT_ROW_KEYS}
+        global_rows = jax.tree.map(lambda x: x[0], run.global_batch([host]))
+        R = len(rows["rewards"])
+        mine = slice(jax.process_index() * R, (jax.process_index() + 1) * R)
+        return np.asarray(jitted(params, ref_params, global_rows))[mine]
+
+    return judge
 
 
 def spa_pair_batch(run):
