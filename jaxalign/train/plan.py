@@ -34,6 +34,7 @@ refused. Rows are sharded exactly as `Run.global_batch` shards them.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 from typing import Any
 
@@ -280,6 +281,17 @@ def _size(n: float) -> str:
     return f"{n / 2**30:9.2f} GiB" if n >= 2**30 else f"{n / 2**20:9.2f} MiB"
 
 
+def compiler_versions(tpu: bool) -> str:
+    """ "jax X" and, for a TPU topology, "libtpu Y": the plan's numbers depend on both."""
+    out = f"jax {jax.__version__}"
+    if tpu:
+        try:
+            out += f", libtpu {importlib.metadata.version('libtpu')}"
+        except importlib.metadata.PackageNotFoundError:
+            out += ", libtpu (version unknown)"
+    return out
+
+
 def compile_plan(config: ConfigDict, topology: str = "", *, echo: bool = True) -> dict[str, Any]:
     """Compile the config's train step without allocating anything; print and return the plan.
 
@@ -331,6 +343,10 @@ def compile_plan(config: ConfigDict, topology: str = "", *, echo: bool = True) -
         "devices": n_devices,
         "device_kind": mesh_devices[0].device_kind,
         "topology": topology_name(topology) if topology else "",
+        "compiler": compiler_versions(bool(topology)),
+        "attention": models.attention.resolve(
+            run.model_config.attention, config.data.max_len, run.mesh
+        ),
         "mesh": dict(run.mesh.shape),
         "params": n_params,
         "tokens_per_step": tokens,
@@ -401,6 +417,7 @@ def format_plan(config: ConfigDict, run, plan: dict) -> str:
     lines = [
         f"compile-only plan: trainer {config.trainer}, preset {config.model.preset}",
         f"devices         {plan['devices']} x {plan['device_kind']}{where}",
+        f"compiler        {plan['compiler']}; attention {plan['attention']}",
         f"mesh            {mesh}, sharding {config.sharding}",
         f"model params    {plan['params']:,} ({plan['params'] / 1e9:.2f}B, {mc.param_dtype}); "
         f"activations {mc.dtype}, remat {mc.remat}"
