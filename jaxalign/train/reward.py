@@ -51,10 +51,11 @@ def sequence_rewards(model_config, params, batch, seqs_per_group: int, num_group
     index, total = objectives.sequence_index(batch, seqs_per_group, num_groups)
     R, T, D = hidden.shape
     flat = jnp.arange(R * T).reshape(R, T)
-    # The last position of each sequence (its target is the last response token, EOS).
-    last = jax.ops.segment_max(
-        jnp.where(index < total, flat, -1).ravel(), index.ravel(), total + 1
-    )[:total]
+    # The last position of each sequence (its target is the last response token, EOS); padding
+    # (index = total) falls outside the `total` segments and is dropped, with no slice of a
+    # [total + 1] array, which the CPU partitioner splits unevenly over 8 devices into
+    # collective-permutes that deadlocked (the k-output head's run).
+    last = jax.ops.segment_max(jnp.where(index < total, flat, -1).ravel(), index.ravel(), total)
     h = hidden.reshape(R * T, D)[jnp.maximum(last, 0)]
     return jnp.where(last[:, None] >= 0, heads.apply_head(params[HEAD], h), 0.0)
 
