@@ -355,7 +355,7 @@ def decode(
     """Samples ``options.n`` completions per prompt from ``combine`` of several models.
 
     ``models``: ``((config, params), ...)``, each with its own KV cache; they share the prompt
-    tokens (one tokenizer). ``combine(logps, state) -> (logits, state)`` gets the list of
+    tokens (one tokenizer). ``combine(logps, state, step) -> (logits, state)`` gets the list of
     ``[R, V]`` log_softmax rows of every model, the carried ``state`` (initially
     ``combine_state``; keep numeric weights there, since ``combine`` itself is a static argument:
     pass the same function object to reuse the compiled loop) and the ``step`` dict (module

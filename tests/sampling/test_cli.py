@@ -198,7 +198,7 @@ def test_best_of_n_library_keeps_the_max_or_min_and_names_a_bad_reward(run_dir):
     [
         (("--top_p", 0), "sampling option top_p=0.0: expected in (0, 1]"),
         (("--temperature", -1), "sampling option temperature=-1.0: expected >= 0"),
-        (("--best_of", 2), "--best_of needs --reward NAME"),
+        (("--best_of", 2), "--best_of needs one of --reward NAME"),
         (("--best_of", 2, "--reward", "judge"), "unknown reward 'judge'; known rewards"),
         (("--best_of", 2, "--n", 2, "--reward", "demo_judge"), "leave --n at 1"),
         (("--tokenizer", "/nonexistent.model"), "--tokenizer: /nonexistent.model"),

@@ -115,7 +115,10 @@ def test_guided_configs_reduce_to_one_model_and_flags_override(runs, prompts, tm
         (["--config.models.small_base="], "method eft needs models.small_base (checkpoint:"),
         (["--config.models.large=x"], 'unknown key "models.large"'),
         (["--config.models.small_tuned=WIDE"], "vocabulary sizes differ (large_base ("),
-        (["--model", "A"], "--model, --best_of, --reward and --worst go without --config"),
+        (
+            ["--model", "A"],
+            "--model, --best_of, --reward, --reward_model and --worst go without --config",
+        ),
         (
             ["--config.sampling.top_q=1"],
             'unknown key "sampling.top_q" (did you mean "sampling.top_',
