@@ -7,8 +7,9 @@ about the rollout, `rl_state` the loop state after this step (KL controller, rew
 
 - `policy_batch` (ppo, grpo, rloo, reinforce_pp, hc_rlhf): on device, once per rollout before
   any update, with the params that sampled it: the old log-probs (the ratio's denominator, so the
-  first minibatch's ratio is exactly 1), the reference's log-probs, PPO's values, then the
-  family's advantages.
+  first minibatch's ratio is exactly 1; none with one update per rollout, where the update's own
+  forward gives them: `policy.old_from_update`), the reference's log-probs, PPO's values, then
+  the family's advantages.
 - `pair_batch` (online_dpo): per prompt, the completion with the higher reward is chosen and the
   other rejected (pairs of equal reward carry no preference and are masked out), laid out as pair
   batches for any paired loss; returned as the list of the update's minibatches (in order).
