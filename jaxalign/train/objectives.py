@@ -234,52 +234,22 @@ def paired_logps(
     return out
 
 
-def negatives_logps(
+def response_group_logps(
     model_config,
     params,
     micro,
     num_groups: int,
-    num_samples: int,
+    counts: dict[str, int],
     *,
     mesh=None,
     rules=None,
     impl=None,
 ):
-    """Sums and lengths of a negatives batch (D2O; block g: P rejected, then P per sample):
-    {"rejected": ([G*P], [G*P]), "samples": ([G*P, K], [G*P, K])} as (logps, lengths)."""
-    S = 1 + num_samples
-    per_group = S * micro["example_mask"].shape[0] // num_groups
-    index, total = sequence_index(micro, per_group, num_groups)
-    mask = micro["loss_mask"]
-    logps = token_logps(model_config, params, micro, mesh=mesh, rules=rules, implementation=impl)
-
-    def sides(x):  # [G * S * P] -> rejected [G*P], samples [G*P, K]
-        x = x.reshape(num_groups, S, -1)
-        return x[:, 0].reshape(-1), x[:, 1:].transpose(0, 2, 1).reshape(-1, num_samples)
-
-    sums, lengths = (
-        sides(sequence_sums(logps * mask, index, total)),
-        sides(sequence_sums(mask, index, total)),
-    )
-    return {"rejected": (sums[0], lengths[0]), "samples": (sums[1], lengths[1])}
-
-
-def ranked_logps(
-    model_config,
-    params,
-    micro,
-    num_groups: int,
-    num_correct: int,
-    num_incorrect: int,
-    *,
-    mesh=None,
-    rules=None,
-    impl=None,
-):
-    """Sums and lengths of a ranked batch (AFT; block g: P examples' correct response 0, ..., then
-    their incorrect ones): {"positive": ([G*E, P], [G*E, P]), "negative": ([G*E, N], [G*E, N])}
-    as (logps, lengths)."""
-    S = num_correct + num_incorrect
+    """Sums and lengths of a batch of S = sum(counts) responses per example (block g: every
+    example's response 0, then every example's response 1, ...), split into the named runs of
+    `counts` in order: {name: ([G*E, n], [G*E, n]) as (logps, lengths)}. D2O's negatives batches
+    are {"rejected": 1, "samples": K}, AFT's ranked batches {"positive": P, "negative": N}."""
+    S = sum(counts.values())
     per_group = S * micro["example_mask"].shape[0] // num_groups
     index, total = sequence_index(micro, per_group, num_groups)
     mask = micro["loss_mask"]
@@ -290,10 +260,11 @@ def ranked_logps(
 
     sums = columns(sequence_sums(logps * mask, index, total))
     lengths = columns(sequence_sums(mask, index, total))
-    return {
-        "positive": (sums[:, :num_correct], lengths[:, :num_correct]),
-        "negative": (sums[:, num_correct:], lengths[:, num_correct:]),
-    }
+    out, start = {}, 0
+    for name, n in counts.items():
+        out[name] = (sums[:, start : start + n], lengths[:, start : start + n])
+        start += n
+    return out
 
 
 def weighted(metrics: dict, weight):
@@ -394,11 +365,11 @@ def paired_objective(
     batches (sequence i chosen, P + i rejected).
 
     A loss that takes `policy_samples_logps` (D2O) reads negatives batches instead (`num_samples`
-    K self-generated responses and one human negative per record; `negatives_logps`) and gets
+    K self-generated responses and one human negative per record; `response_group_logps`) and gets
     `{policy,ref}_rejected_logps` [P], `{policy,ref}_samples_logps` [P, K], `rejected_lengths`,
     `samples_lengths`; the reference is computed (such batches have no reference cache).
     Likewise a loss that takes `policy_positive_logps` (AFT) reads ranked batches (`num_correct`
-    P correct and `num_incorrect` N incorrect responses per record; `ranked_logps`) and gets
+    P correct and `num_incorrect` N incorrect responses per record; `response_group_logps`) and gets
     `{policy,ref}_{positive,negative}_logps` [E, P] / [E, N], `{positive,negative}_lengths`.
 
     Inputs the objective supplies, by name: `policy_{chosen,rejected}_logps`, `{chosen,rejected}
@@ -491,7 +462,11 @@ def _negatives_objective(
         del loss_state
         inputs = layout.data_fields(micro)
         for who, p in (("policy", params), ("ref", ref_params)):
-            values = negatives_logps(model_config, p, micro, num_groups, num_samples, **kw)
+            values = response_group_logps(
+                model_config, p, micro, num_groups, {"rejected": 1, "samples": num_samples}, **kw
+            )
+            rejected, rejected_lengths = values["rejected"]
+            values["rejected"] = (rejected[:, 0], rejected_lengths[:, 0])
             if who == "ref":
                 values = jax.lax.stop_gradient(values)
             for side, (logps, lengths) in values.items():
@@ -534,13 +509,12 @@ def _ranked_objective(
         del loss_state
         inputs = layout.data_fields(micro)
         for who, frozen in sides.items():
-            values = ranked_logps(
+            values = response_group_logps(
                 model_config,
                 ref_params if frozen else params,
                 micro,
                 num_groups,
-                num_correct,
-                num_incorrect,
+                {"positive": num_correct, "negative": num_incorrect},
                 **placement,
             )
             if frozen:
