@@ -6,11 +6,14 @@ run.
     jaxalign train --config configs/self_align/tiny.py --workdir runs/self-align-tiny \\
         --config.model.init_from=checkpoint:runs/sft-tiny
 
-It is the rft family with the model as its own judge (`rl.rft_self_judge`): each step is a round
-of 4 samples per prompt from the current params, judged by their mean token log-prob under those
-params, and the best-judged one is fine-tuned on when that reaches `rl.rft_min_reward` (a
-log-prob: -0.5 keeps answers whose geometric-mean token probability is >= 0.61). The demo judge
-(`rl.rewards`) is only logged: `reward`, `rft/judge_agreement` and the held-out `reward/greedy`.
+It is the rft family with the model as its own judge (`rl.rft_self_judge="confidence"`): each
+step is a round of 4 samples per prompt from the current params, judged by their mean token
+log-prob under those params, and the best-judged one is fine-tuned on when that reaches
+`rl.rft_min_reward` (a log-prob: -0.5 keeps answers whose geometric-mean token probability is
+>= 0.61). The other self-judge, majority vote over the group:
+`--config.rl.rft_self_judge=consistency --config.rl.rft_min_reward=0.5 --config.rl.group_size=8`.
+The demo judge (`rl.rewards`) is only logged: `reward`, `rft/judge_agreement` and the held-out
+`reward/greedy`.
 """
 
 from jaxalign.config import base_config, parse_arg
@@ -28,7 +31,7 @@ def get_config(arg=None):
     c.rl.group_size = 4
     c.rl.max_new_tokens = 8
     c.rl.rewards = (("demo_judge", 1.0),)  # logged, not trained on
-    c.rl.rft_self_judge = True
+    c.rl.rft_self_judge = "confidence"
     c.rl.rft_min_reward = -0.5
     c.rl.eval_samples = 4
     c.optimizer.lr = 1e-4

@@ -563,10 +563,19 @@ def check_costs(config: ConfigDict, family: Family) -> None:
             raise ConfigError(f"trainer {trainer}: {message}")
 
 
+SELF_JUDGES = ("", "confidence", "consistency")
+
+
 def check_self_judge(config: ConfigDict) -> None:
-    """`rl.rft_self_judge` (self-alignment) is rft's, and its threshold a mean log-prob (<= 0): a
-    threshold above 0 would keep nothing."""
+    """`rl.rft_self_judge` (self-alignment) is rft's: "confidence" thresholds a mean log-prob
+    (<= 0), "consistency" a share of the group (in (0, 1]); other thresholds would keep nothing
+    or everything."""
     rl = config.rl
+    if rl.rft_self_judge not in SELF_JUDGES:
+        raise ConfigError(
+            f"rl.rft_self_judge={rl.rft_self_judge!r}; expected one of "
+            + ", ".join(repr(j) for j in SELF_JUDGES)
+        )
     if not rl.rft_self_judge:
         return
     if ALIASES.get(config.trainer, config.trainer) != "rft":
@@ -574,10 +583,15 @@ def check_self_judge(config: ConfigDict) -> None:
             f'rl.rft_self_judge: trainer "{config.trainer}" has no self-judged selection '
             '(trainer "rft" does)'
         )
-    if not rl.rft_min_reward <= 0:
+    if rl.rft_self_judge == "confidence" and not rl.rft_min_reward <= 0:
         raise ConfigError(
-            f"rl.rft_min_reward={rl.rft_min_reward} with rl.rft_self_judge: the self-judgment is "
-            "a mean token log-prob (<= 0), expected a threshold <= 0 (e.g. -0.5)"
+            f"rl.rft_min_reward={rl.rft_min_reward} with rl.rft_self_judge='confidence': the "
+            "self-judgment is a mean token log-prob (<= 0), expected a threshold <= 0 (e.g. -0.5)"
+        )
+    if rl.rft_self_judge == "consistency" and not 0 < rl.rft_min_reward <= 1:
+        raise ConfigError(
+            f"rl.rft_min_reward={rl.rft_min_reward} with rl.rft_self_judge='consistency': the "
+            "self-judgment is a share of the group's samples, expected a threshold in (0, 1]"
         )
 
 

@@ -20,14 +20,25 @@ model cannot follow one): the answer's length-normalised log-prob under the mode
 
     j(y) = (1 / L) sum_t log pi(y_t | x, y_<t)      (L = the completion's tokens, EOS included),
 
-the log of the geometric-mean token probability: how sure the model is of its own answer. Per
-prompt the best-judged of G samples is kept when j >= `min_score` (`self_judged_best`).
+the log of the geometric-mean token probability: how sure the model is of its own answer
+(`rl.rft_self_judge="confidence"`), or the share of its own G samples that give the same answer,
+
+    c(y_i) = (1 / G) sum_j [y_j = y_i]      (equal completion tokens, EOS included),
+
+self-consistency (Wang et al., 2023, "Self-Consistency Improves Chain of Thought Reasoning";
+majority votes as self-training labels: Huang et al., 2023, "Large Language Models Can
+Self-Improve"; `rl.rft_self_judge="consistency"`). Per prompt the best-judged of G samples is kept
+when its judgment >= `min_score` (`self_judged_best`).
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 
@@ -39,6 +50,21 @@ def self_judge_scores(
     m = jnp.asarray(loss_mask, jnp.float32)
     total = (jnp.asarray(token_logps) * m).sum(axis=1)
     return total / jnp.maximum(m.sum(axis=1), 1.0)
+
+
+def self_consistency_scores(completions: Sequence[Sequence[int]], group_size: int) -> np.ndarray:
+    """Self-consistency of R = B x G completions (token ids, consecutive groups of `group_size`
+    samples of one prompt): c_i = the fraction of its group whose completion equals completion i
+    (itself included, so c_i >= 1 / G), float32 [R]."""
+    if len(completions) % group_size:
+        raise ValueError(f"{len(completions)} completions do not split into groups of {group_size}")
+    keys = [tuple(int(t) for t in c) for c in completions]
+    scores = np.empty(len(keys), np.float32)
+    for start in range(0, len(keys), group_size):
+        counts = Counter(keys[start : start + group_size])
+        for i in range(start, start + group_size):
+            scores[i] = counts[keys[i]] / group_size
+    return scores
 
 
 def self_judged_best(scores: Float[ArrayLike, "B G"], *, min_score: float) -> dict[str, Array]:

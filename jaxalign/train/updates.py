@@ -255,24 +255,33 @@ def best_batch(run):
     example, kept when its reward reaches `rl.rft_min_reward`. Returns the update's minibatches
     (in order).
 
-    With `rl.rft_self_judge` the ranking score is the self-judgment j (the completion's mean
-    token log-prob at temperature 1 under the params that sampled it; one jitted forward over
-    the rollout) and the threshold a log-prob; `rft/judge_agreement` is the fraction of kept
-    groups whose rewards differ where the self-judged best has the group's highest reward."""
+    With `rl.rft_self_judge` the ranking score is the model's own judgment and the threshold is
+    on it: "confidence", the completion's mean token log-prob at temperature 1 under the params
+    that sampled it (one jitted forward over the rollout; a log-prob threshold); "consistency",
+    the share of the group's samples with the same completion (a threshold in (0, 1]).
+    `rft/judge_agreement` is the fraction of kept groups whose rewards differ where the
+    self-judged best has the group's highest reward."""
     rl, G = run.config.rl, run.config.rl.group_size
-    judge = _self_judge(run) if rl.rft_self_judge else None
+    judge = _self_judge(run) if rl.rft_self_judge == "confidence" else None
+
+    def self_judgments(state, ref_params, rows):
+        if judge is not None:
+            return judge(state["params"], ref_params, rows)
+        targets, mask = np.asarray(rows["targets"]), np.asarray(rows["loss_mask"]) > 0
+        completions = [t[m] for t, m in zip(targets, mask, strict=True)]
+        return self_labels.self_consistency_scores(completions, G)
 
     def to_batch(state, ref_params, rows):
         rewards = np.asarray(rows["rewards"]).reshape(-1, G)
         base = np.arange(rewards.shape[0]) * G
         metrics = {}
-        if judge is None:
+        if not rl.rft_self_judge:
             best = base + rewards.argmax(axis=1)
             kept = rewards.max(axis=1) >= rl.rft_min_reward
         else:
             labels = jax.device_get(
                 self_labels.self_judged_best(
-                    judge(state["params"], ref_params, rows).reshape(-1, G),
+                    self_judgments(state, ref_params, rows).reshape(-1, G),
                     min_score=rl.rft_min_reward,
                 )
             )

@@ -86,6 +86,61 @@ def test_self_judged_best_against_numpy():
     assert got["keep"][0] and 0 < got["keep"].mean() < 1
 
 
+def reference_consistency(completions, G):
+    """Per completion, the share of its group of G (consecutive) with equal tokens, by counting
+    pairs one at a time in float64."""
+    out = []
+    for i, c in enumerate(completions):
+        group = completions[(i // G) * G : (i // G + 1) * G]
+        out.append(sum(list(other) == list(c) for other in group) / G)
+    return np.array(out)
+
+
+def test_self_consistency_scores_against_numpy():
+    """Equal token sequences (not equal prefixes, not equal lengths) count; groups do not mix."""
+    rng = np.random.default_rng(5)
+    G, answers = 4, [[7, 2], [7], [7, 2, 1], [9, 9], []]
+    picks = rng.integers(0, len(answers), 40)
+    picks[:4] = [0, 1, 0, 2]  # [7, 2] twice; its prefix [7] and extension [7, 2, 1] differ
+    picks[4:8] = [4, 4, 4, 4]  # four empty completions agree
+    completions = [np.array(answers[k], np.int32) for k in picks]
+    got = self_labels.self_consistency_scores(completions, G)
+    np.testing.assert_allclose(got, reference_consistency(completions, G), rtol=0, atol=1e-7)
+    assert got[:8].tolist() == [0.5, 0.25, 0.5, 0.25, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="do not split into groups of 3"):
+        self_labels.self_consistency_scores(completions, 3)
+
+
+def test_self_consistency_picks_the_majority_answer(monkeypatch):
+    """The trainer's pick with the consistency judge: the group's most frequent completion (the
+    first sample giving it), kept iff its share reaches the threshold."""
+    run = setup(_config("rl.rft_self_judge=consistency", "rl.rft_min_reward=0.5"))
+    assert run.config.rl.group_size == 4
+    T, completions = 6, [[5, 2], [5, 3], [5, 3], [4], [8], [9], [8], [7]]
+    R = len(completions)
+    targets = np.zeros((R, T), np.int32)
+    mask = np.zeros((R, T), np.float32)
+    for r, c in enumerate(completions):
+        targets[r, T - len(c) :], mask[r, T - len(c) :] = c, 1
+    rows = {
+        "tokens": np.roll(targets, 1, axis=1),
+        "targets": targets,
+        "loss_mask": mask,
+        "positions": np.tile(np.arange(T, dtype=np.int32), (R, 1)),
+        "segment_ids": np.ones((R, T), np.int32),
+        "seq_index": np.zeros((R, T), np.int32),
+        "rewards": np.array([0, 1, 1, 0, 0, 0, 0, 1], np.float32),
+        "example_mask": np.ones(R, np.float32),
+    }
+    chosen = []
+    fake = lambda run, rows, sides, kept: chosen.append((sides[0], kept))  # noqa: E731
+    monkeypatch.setattr(updates, "_stacked", fake)
+    _, metrics, _ = updates.best_batch(run)({"params": None, "rl": {}}, None, rows)
+    best, kept = chosen[0]
+    assert best.tolist() == [1, 4] and kept.tolist() == [True, True]
+    assert metrics["rft/self_judge"] == 0.5 and metrics["rft/judge_agreement"] == 0.5
+
+
 # --- the recipe -----------------------------------------------------------------------------
 
 
@@ -148,10 +203,18 @@ def test_self_align_smoke(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("rl.rft_min_reward=0.5", r"rl.rft_min_reward=0.5 with rl.rft_self_judge: .* <= 0"),
-        ("trainer=grpo", r'rl.rft_self_judge: trainer "grpo" has no self-judged selection'),
+        (
+            ("rl.rft_self_judge=confidence", "rl.rft_min_reward=0.5"),
+            r"rl.rft_min_reward=0.5 with rl.rft_self_judge='confidence': .* <= 0",
+        ),
+        (
+            ("rl.rft_self_judge=consistency", "rl.rft_min_reward=-0.5"),
+            r"rl.rft_min_reward=-0.5 with rl.rft_self_judge='consistency': .* \(0, 1\]",
+        ),
+        (("rl.rft_self_judge=vote",), r"rl.rft_self_judge='vote'; expected one of '', "),
+        (("trainer=grpo",), r'rl.rft_self_judge: trainer "grpo" has no self-judged selection'),
     ],
 )
 def test_self_align_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
-        setup(_config(override))
+        setup(_config(*override))
