@@ -4,6 +4,7 @@
                                          #   x group 8, prompt 64 tokens, 128 new tokens, 3 steps
     python benchmarks/grpo.py --quick    # a small configuration (a test runs it)
     python benchmarks/grpo.py --steps 5  # more timed steps per side
+    python benchmarks/grpo.py --skip-trl # jaxalign's side only
 
 One random-init Llama is written once as a Hugging Face directory, with a word-level tokenizer
 over its whole vocabulary (`tokenizer.json`, ids 0-2 `<pad> <s> </s>`, then words `w3`...), and
@@ -248,6 +249,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small configuration (seconds)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per side (after one)")
+    ap.add_argument("--skip-trl", action="store_true", help="only jaxalign's side")
     args = ap.parse_args()
     shape = QUICK if args.quick else FULL
     if args.steps is not None:
@@ -255,12 +257,13 @@ def main():
 
     import jax
 
-    try:
-        import torch
-        import trl
-    except ImportError as e:
-        trl = None
-        missing = e.name
+    trl, missing = None, "--skip-trl"
+    if not args.skip_trl:
+        try:
+            import torch
+            import trl
+        except ImportError as e:
+            missing = f"{e.name} is not installed (pip install 'jaxalign[bench]')"
     directory = pathlib.Path(tempfile.mkdtemp(prefix="bench-grpo-"))
     model_dir = directory / "model"
     write_model_dir(shape, model_dir, positions=shape.prompt + shape.new)
@@ -282,7 +285,7 @@ def main():
         )
     }
     if trl is None:
-        print(f"TRL half skipped: {missing} is not installed (pip install 'jaxalign[bench]')")
+        print(f"TRL half skipped: {missing}")
     else:
         sides["TRL"] = summarise(run_trl(shape, model_dir, prompts, directory / "trl"), shape)
     print(f"load average after: {os.getloadavg()}")

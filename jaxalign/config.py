@@ -43,6 +43,9 @@ def base_config() -> ConfigDict:
     c.model.dtype = ""  # activation dtype override ("" = the preset's), e.g. bfloat16
     c.model.remat = ""  # rematerialisation override ("" = the preset's): none | full | dots
     c.model.attention = ""  # attention ("" = the preset's, "auto"): auto|xla|cudnn|splash
+    # the layer stack's loop ("" = the preset's, "auto": unrolled on CPU, scanned elsewhere):
+    # auto | scan | unroll
+    c.model.layer_loop = ""
 
     # LoRA (Hu et al. 2021; jaxalign.models.lora): rank 0 = off (full fine-tuning). With rank
     # r > 0 only the adapters (and a family's head) train: the optimizer state and checkpoints
@@ -216,10 +219,11 @@ def base_config() -> ConfigDict:
     c.rl.whiten_advantages = True
     # rft: fine-tune on each prompt's best completion when its reward reaches this.
     c.rl.rft_min_reward = 0.5
-    # rft self-alignment (I-SHEEP): rank and keep by the policy's judgment of its own answer, its
-    # mean token log-prob at temperature 1 (rft_min_reward then a log-prob <= 0); rl.rewards are
-    # only logged.
-    c.rl.rft_self_judge = False
+    # rft self-alignment (I-SHEEP): rank and keep by the policy's judgment of its own answers
+    # instead of rl.rewards (then only logged): "confidence", the mean token log-prob at
+    # temperature 1 (rft_min_reward a log-prob <= 0); "consistency", the share of the group's
+    # samples giving the same completion (rft_min_reward in (0, 1]); "" off.
+    c.rl.rft_self_judge = ""
     # hc_rlhf (safety-constrained RLHF, jaxalign.rl.constrained): maximise the reward subject to
     # E[cost] <= safety.tau. Costs: rule terms in rl.rewards syntax (summed) and/or the score of a
     # reward-trainer run trained on cost pairs (chosen = the costlier response).

@@ -12,7 +12,8 @@ GeGLU ``W_down(gelu_tanh(W_gate x) * W_up x)``, logits scaled by ``query_pre_att
 and soft-capped (``c * tanh(s / c)``), local sliding-window layers interleaved with global ones,
 each kind with its own RoPE base. The L blocks are created with ``nnx.vmap`` so every layer
 parameter has a leading ``layers`` axis, and run with ``jax.lax.scan`` (compile time independent
-of L), the body optionally rematerialised with ``jax.checkpoint``. What differs between layers
+of L; ``ModelConfig.layer_loop`` unrolls it, the default on CPU: ``layer_unroll``), the body
+optionally rematerialised with ``jax.checkpoint``. What differs between layers
 (local or global mask, RoPE frequencies) is data scanned alongside the layer params, derived from
 the config at trace time (``local_layers``, ``layer_inv_freq``), never a parameter.
 
@@ -33,7 +34,14 @@ from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxalign.models.attention import SplashMask, attend, resolve, splash_attention
+from jaxalign.models.attention import (
+    SplashMask,
+    attend,
+    causal_query_blocks,
+    platform,
+    resolve,
+    splash_attention,
+)
 from jaxalign.models.config import LoraConfig, ModelConfig, local_layers
 from jaxalign.models.rope import apply_rope, layer_inv_freq
 from jaxalign.sharding.rules import ShardingRules, with_logical_constraint
@@ -208,6 +216,7 @@ class Attention(nnx.Module):
         cache_index: Int[Array, ""] | None = None,
         layer: Int[Array, ""] | None = None,
         dropout_key: jax.Array | None = None,
+        query_blocks: int = 1,
     ) -> tuple[Float[Array, "B T D"], tuple[Array, Array] | None]:
         """Without ``kv_cache`` S = T. With it (the whole stacked ``[L, B, S, K, H]`` k/v cache),
         k/v of the T new tokens are written into layer ``layer`` at slot ``cache_index`` and the
@@ -248,7 +257,8 @@ class Attention(nnx.Module):
         elif c.attn_logit_softcap is None:
             # Logits and softmax run in float32; K < N heads broadcast. Decode steps: XLA.
             impl = c.attention if kv_cache is None else "xla"
-            y = attend(q, k, v, mask, scale=scale, implementation=impl)
+            blocks = query_blocks if kv_cache is None else 1
+            y = attend(q, k, v, mask, scale=scale, implementation=impl, query_blocks=blocks)
         else:  # dot_product_attention has no soft-cap
             scale = 1 / math.sqrt(c.head_dim) if scale is None else scale
             y = softcapped_attention(q, k, v, mask, scale, c.attn_logit_softcap)
@@ -329,14 +339,29 @@ class Block(nnx.Module):
         cache_index=None,
         layer=None,
         dropout_key=None,
+        query_blocks=1,
     ):
         keys = _split(dropout_key, 2)
         h, new_cache = self.attn(
-            self.attn_norm(x), positions, mask, inv_freq, kv_cache, cache_index, layer, keys[0]
+            self.attn_norm(x),
+            positions,
+            mask,
+            inv_freq,
+            kv_cache,
+            cache_index,
+            layer,
+            keys[0],
+            query_blocks,
         )
         x = x + (self.attn_post_norm(h) if self.post_norms else h)
         h = self.mlp(self.mlp_norm(x), keys[1])
         return x + (self.mlp_post_norm(h) if self.post_norms else h), new_cache
+
+
+def layer_unroll(layer_loop: str, mesh=None) -> bool:
+    """Whether the layer scan unrolls for ``ModelConfig.layer_loop`` on ``platform(mesh)``:
+    "unroll" yes, "scan" no, "auto" on a CPU platform only."""
+    return layer_loop == "unroll" or (layer_loop == "auto" and platform(mesh) == "cpu")
 
 
 def attention_mask(
@@ -424,6 +449,7 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones((B, T), jnp.int32)
         slots = jnp.arange(T)
         splash = resolve(self.config.attention, T, mesh) == "splash"
+        blocks = 1 if splash else causal_query_blocks(T, mesh)
         if not splash:
             masks = self._masks(segment_ids, segment_ids, slots, slots, positions, positions)
         graphdef, layer_state = nnx.split(self.layers)
@@ -439,7 +465,8 @@ class Transformer(nnx.Module):
                 mask = SplashMask(segment_ids, local, mesh, rules)
             else:
                 mask = jnp.where(local, masks[1], masks[0])
-            h, _ = nnx.merge(graphdef, state)(h, positions, mask, inv_freq, dropout_key=key)
+            block = nnx.merge(graphdef, state)
+            h, _ = block(h, positions, mask, inv_freq, dropout_key=key, query_blocks=blocks)
             return constrain(h), None
 
         if self.config.remat != "none":
@@ -449,7 +476,8 @@ class Transformer(nnx.Module):
         L = self.config.n_layers
         keys = None if dropout_key is None else jax.random.split(dropout_key, L)
         xs = (layer_state, *self._layer_data(), keys)
-        h, _ = jax.lax.scan(body, constrain(self.embed(tokens)), xs)
+        unroll = layer_unroll(self.config.layer_loop, mesh)
+        h, _ = jax.lax.scan(body, constrain(self.embed(tokens)), xs, unroll=unroll)
         return self.final_norm(h)
 
     def _masks(self, *args) -> tuple[Bool[Array, "B 1 T S"], Bool[Array, "B 1 T S"]]:

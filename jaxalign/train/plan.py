@@ -16,7 +16,8 @@ FLOPs. The plan prints XLA's count, a count by hand (`analytic_flops`) and the m
 count, and jaxalign scans its layers (forward, backward and the reference forward are each a
 loop over the L layers), so `compiled.cost_analysis()["flops"]` alone undercounts by about L. The
 plan also compiles the same step for the same model with no layers (R0, everything outside the
-layer loops) and reports R0 + L (R_L - R0), the whole program for grad_accum = 1 (L >= 2). With
+layer loops) and reports R0 + L (R_L - R0), the whole program for grad_accum = 1 (L >= 2). An
+unrolled layer stack (`model.layer_loop`: "auto" unrolls on a CPU platform) is counted whole. With
 grad_accum A > 1 the micro-batches are one more loop around the model (traced once), also counted
 once, so the reported count is A (R0 + L (R_L - R0)) (the optimizer update, < 0.1% of a step, is
 then counted A times instead of once). Measured on TPU v5p, XLA's count is 89-94%
@@ -48,6 +49,7 @@ from jaxalign import models, sampling, sharding
 from jaxalign.data import layout
 from jaxalign.errors import ConfigError
 from jaxalign.models import heads
+from jaxalign.models.transformer import layer_unroll
 from jaxalign.sampling.engine import PROMPT_KEYS
 from jaxalign.sharding.topology import topology_devices, topology_name
 from jaxalign.train.run import LOOP_STATE, setup
@@ -325,7 +327,9 @@ def compile_plan(config: ConfigDict, topology: str = "", *, echo: bool = True) -
     counted = flops = _flops(compiled)
     outside = None
     layers = run.model_config.n_layers
-    if layers >= 2:
+    if layer_unroll(run.model_config.layer_loop, run.mesh):  # every layer is in the program
+        flops = counted * config.optimizer.grad_accum
+    elif layers >= 2:
         no_layers = dataclasses.replace(run.model_config, n_layers=0)
         outside = _flops(
             _compile(setup(config, devices=devices, model_config=no_layers, read_files=False))

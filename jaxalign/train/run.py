@@ -72,6 +72,8 @@ def model_config_from(config: ConfigDict) -> models.ModelConfig:
         changes["remat"] = config.model.remat
     if config.model.attention:
         changes["attention"] = config.model.attention
+    if config.model.layer_loop:
+        changes["layer_loop"] = config.model.layer_loop
     if config.lora.rank:
         try:
             changes["lora"] = models.LoraConfig(**config.lora.to_dict())

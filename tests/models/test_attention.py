@@ -45,22 +45,26 @@ def _numpy_attention(q, k, v, mask, scale):
     return out
 
 
-@pytest.mark.parametrize("window", [None, 3])
-def test_xla_matches_numpy_values_and_gradients(window):
+@pytest.mark.parametrize("window, blocks", [(None, 1), (3, 1), (None, 5), (3, 3), (None, 40)])
+def test_xla_matches_numpy_values_and_gradients(window, blocks):
+    """Causal query blocks (5 of sizes 2-3, 3 of 4, 40 > T: one per query) give the same values
+    and gradients, packed rows and windows included."""
     q, k, v, cot, seg, pos = _inputs()
     T = q.shape[1]
     slots = jnp.arange(T)
     mask = attention_mask(seg, seg, slots, slots, pos, pos, window)
     scale = 0.3
-    out = A.attend(q, k, v, mask, scale=scale, implementation="xla")
+
+    @jax.jit
+    def attend(q, k, v):
+        return A.attend(q, k, v, mask, scale=scale, implementation="xla", query_blocks=blocks)
+
+    out = attend(q, k, v)
     ref = _numpy_attention(q, k, v, mask, scale)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
     # Gradients: d/dq sum(out * cot) against central differences of the float64 reference.
-    grads = jax.grad(
-        lambda q, k, v: jnp.sum(A.attend(q, k, v, mask, scale=scale, implementation="xla") * cot),
-        argnums=(0, 1, 2),
-    )(q, k, v)
+    grads = jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) * cot), argnums=(0, 1, 2))(q, k, v)
     c = np.asarray(cot, np.float64)
     rng = np.random.default_rng(0)
     for i, x in enumerate((q, k, v)):
@@ -96,6 +100,16 @@ def test_auto_is_cudnn_on_gpu_splash_on_tpu_xla_elsewhere(monkeypatch):
         A.resolve("cudnn")
     with pytest.raises(ValueError, match="expected one of"):
         A.resolve("flash")
+
+
+def test_causal_query_blocks_by_platform_and_length(monkeypatch):
+    """ceil(T / 32) blocks, at most 8, on CPU; one elsewhere (a TPU or GPU runs its own kernel or
+    XLA's plain path)."""
+    got = {T: A.causal_query_blocks(T) for T in (1, 32, 33, 254, 256, 257, 4096)}
+    assert got == {1: 1, 32: 1, 33: 2, 254: 8, 256: 8, 257: 8, 4096: 8}
+    for backend in ("tpu", "gpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert A.causal_query_blocks(254) == 1
 
 
 def test_model_forward_xla_equals_auto_on_cpu_packed_and_windowed():

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from jaxalign import models as M
+from jaxalign.models import attention
+from jaxalign.models.transformer import layer_unroll
 
 TINY = ["tiny-64", "tiny-qwen2", "tiny-qwen3"]
 
@@ -254,6 +256,50 @@ def test_remat_same_values_and_grads(policy):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13), g1, g0)
 
 
+def _float64_loss_and_grads(configs, blocks):
+    """value_and_grad of a float64 loss of tiny-qwen3's forward on T = 40 tokens for each
+    config, the causal query blocks capped at ``blocks`` (chosen at trace time: a fresh jit)."""
+    out = []
+    with jax.enable_x64(True), pytest.MonkeyPatch.context() as m:
+        m.setattr(attention, "CPU_MAX_QUERY_BLOCKS", blocks)
+        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), _setup("tiny-qwen3")[1])
+        for config in configs:
+            tokens = _tokens(config, (2, 40))
+
+            def loss(p, c, tokens=tokens):
+                return jnp.sum(jnp.tanh(M.forward(c, p, tokens)) ** 2)
+
+            out.append(jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, config))
+    return out
+
+
+def test_unrolled_layers_same_values_and_grads():
+    """The unrolled layer stack changes how, not what, the model computes: exact in float64."""
+    config = M.get_preset("tiny-qwen3", dtype="float64", param_dtype="float64")
+    configs = [config.replace(layer_loop=loop) for loop in ("scan", "unroll")]
+    (v0, g0), (v1, g1) = _float64_loss_and_grads(configs, blocks=1)
+    np.testing.assert_allclose(v1, v0, rtol=1e-12)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13), g1, g0)
+
+
+def test_causal_query_blocks_same_values_and_grads():
+    """T = 40 runs as two query blocks on CPU, against one block. Float64 throughout except the
+    attention logits, which jax.nn.dot_product_attention computes in float32 (its
+    preferred_element_type): the blocks reorder that float32 roundoff only."""
+    config = M.get_preset("tiny-qwen3", dtype="float64", param_dtype="float64")
+    assert attention.causal_query_blocks(40) == 2
+    ((v0, g0),), ((v1, g1),) = (_float64_loss_and_grads([config], b) for b in (1, 8))
+    np.testing.assert_allclose(v1, v0, rtol=1e-9)
+    scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(g0))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * scale), g1, g0)
+
+
+def test_layer_unroll_by_setting_and_platform(monkeypatch):
+    assert layer_unroll("auto") and layer_unroll("unroll") and not layer_unroll("scan")
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert not layer_unroll("auto") and layer_unroll("unroll")
+
+
 def _llama31_inv_freq_loop(head_dim, theta, s):
     """Llama 3.1 reference (meta-llama `apply_scaling`), one frequency at a time in float64."""
     out = []
@@ -319,6 +365,8 @@ def test_presets_and_errors():
         M.get_preset("tiny-64", n_kv_heads=3)
     with pytest.raises(ValueError, match="remat"):
         M.get_preset("tiny-64", remat="some")
+    with pytest.raises(ValueError, match="layer_loop='loop'; expected one of"):
+        M.get_preset("tiny-64", layer_loop="loop")
 
 
 def test_init_under_jit_with_out_shardings_and_bind_roundtrip():
