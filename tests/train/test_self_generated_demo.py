@@ -128,7 +128,8 @@ def test_spa_lowers_held_out_accuracy_from_dpo(sft_dir, tmp_path):
     )
     train(spa, tmp_path / "spa")
     records = _train_records(tmp_path / "spa")
-    assert all(r["rewards/accuracy"] == 1.0 for r in records)  # DPO agrees with its labels
+    # DPO agrees with its labels (a round that kept no pair has none to agree with)
+    assert all(r["rewards/accuracy"] == 1.0 for r in records if r["spa/kept"] > 0)
     assert np.mean([r["spa/kept"] for r in records]) > 0.1
     for key in ("reward/greedy", "reward/sampled"):
         start, diff, se = _held_out(tmp_path / "spa", steps, key)
