@@ -1,6 +1,6 @@
 """The README's commands, run in order in a copy of the repository, do what it says
 (`tools/readme_commands.py`; `make test` is left out: this is part of it). Slow: the README trains
-several tiny runs end to end."""
+several tiny runs end to end. Fast: how a block splits into commands."""
 
 import os
 import pathlib
@@ -11,6 +11,31 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import readme_commands  # noqa: E402
+
+
+def test_a_block_splits_into_commands():
+    """Continuations join; comments and blank lines drop; an apostrophe in a comment or inside
+    double quotes opens nothing; a single-quoted argument over several lines is one command with
+    its lines (and the '#' lines inside it) as written."""
+    block = """jaxalign eval --workdir runs/a   # the run's own config
+# a comment line
+
+jaxalign train --config c.py \\
+    --config.reference.soup="('checkpoint:runs/s',)"
+python -c '
+import json
+# kept: inside the quote
+print(json.dumps({"a": 1 > 0}))
+'
+echo done"""
+    assert readme_commands.commands(block) == [
+        "jaxalign eval --workdir runs/a   # the run's own config",
+        "jaxalign train --config c.py  --config.reference.soup=\"('checkpoint:runs/s',)\"",
+        "python -c '\nimport json\n# kept: inside the quote\nprint(json.dumps({\"a\": 1 > 0}))\n'",
+        "echo done",
+    ]
 
 
 def _copy_of_the_repository(dest: pathlib.Path) -> pathlib.Path:

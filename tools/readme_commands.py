@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -40,11 +41,29 @@ def blocks(readme: str) -> list[tuple[int, str, str]]:
 
 
 def commands(block: str) -> list[str]:
-    """The block's commands: continuation lines joined, comments and blank lines dropped."""
+    """The block's commands: continuation lines joined, comments and blank lines dropped; a
+    single-quoted argument spanning lines (`python -c '...'`) stays one command, its lines as
+    written."""
     joined = re.sub(r"\\\n\s*", " ", block)
-    return [
-        line.strip() for line in joined.splitlines() if line.strip() and not line.startswith("#")
-    ]
+    out, pending = [], ""
+    for line in joined.splitlines():
+        if pending:  # inside an open single quote: keep the line verbatim
+            pending += "\n" + line
+        elif line.strip() and not line.startswith("#"):
+            pending = line.strip()
+        if pending and _complete(pending):
+            out.append(pending)
+            pending = ""
+    return out + ([pending] if pending else [])
+
+
+def _complete(command: str) -> bool:
+    """Whether `command` closes every quote it opens (bash comments aside)."""
+    try:
+        shlex.split(command, comments=True)
+    except ValueError:  # "No closing quotation"
+        return False
+    return True
 
 
 def main() -> int:
