@@ -116,9 +116,9 @@ def attend(
     impl = resolve(implementation)
     impl = "xla" if impl == "splash" else impl
     T = q.shape[1]
-    if impl != "xla" or query_blocks <= 1 or T < 2:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
     n = min(query_blocks, T)
+    if impl != "xla" or n <= 1:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
     edges = [T * i // n for i in range(n + 1)]
     return jnp.concatenate(
         [

@@ -225,7 +225,9 @@ class Attention(nnx.Module):
         layer's cache as a scan output instead copies the whole cache on every decode step).
         ``inv_freq`` are this layer's RoPE frequencies; ``dropout_key`` drives the adapters'
         dropout (training). A ``SplashMask`` in place of ``mask`` (the model's forward with the
-        splash kernel, never with a cache) runs ``splash_attention``."""
+        splash kernel, never with a cache) runs ``splash_attention``. ``query_blocks``: ``attend``'s
+        causal query blocks, which the model passes only to its full-sequence forward (S = T, never
+        with a cache)."""
         c = self.config
         keys = _split(dropout_key, 4)
         q, k, v = self.q_proj(x, keys[0]), self.k_proj(x, keys[1]), self.v_proj(x, keys[2])
@@ -257,8 +259,7 @@ class Attention(nnx.Module):
         elif c.attn_logit_softcap is None:
             # Logits and softmax run in float32; K < N heads broadcast. Decode steps: XLA.
             impl = c.attention if kv_cache is None else "xla"
-            blocks = query_blocks if kv_cache is None else 1
-            y = attend(q, k, v, mask, scale=scale, implementation=impl, query_blocks=blocks)
+            y = attend(q, k, v, mask, scale=scale, implementation=impl, query_blocks=query_blocks)
         else:  # dot_product_attention has no soft-cap
             scale = 1 / math.sqrt(c.head_dim) if scale is None else scale
             y = softcapped_attention(q, k, v, mask, scale, c.attn_logit_softcap)

@@ -111,6 +111,21 @@ def test_self_consistency_scores_against_numpy():
         self_labels.self_consistency_scores(completions, 3)
 
 
+def _rollout_rows(tokens, targets, mask, rewards):
+    """Rollout rows of one unpacked sequence each (what the online loop hands `to_batch`)."""
+    R, T = tokens.shape
+    return {
+        "tokens": tokens,
+        "targets": targets,
+        "loss_mask": np.asarray(mask, np.float32),
+        "positions": np.tile(np.arange(T, dtype=np.int32), (R, 1)),
+        "segment_ids": np.ones((R, T), np.int32),
+        "seq_index": np.zeros((R, T), np.int32),
+        "rewards": np.asarray(rewards, np.float32),
+        "example_mask": np.ones(R, np.float32),
+    }
+
+
 def test_self_consistency_picks_the_majority_answer(monkeypatch):
     """The trainer's pick with the consistency judge: the group's most frequent completion (the
     first sample giving it), kept iff its share reaches the threshold."""
@@ -122,16 +137,7 @@ def test_self_consistency_picks_the_majority_answer(monkeypatch):
     mask = np.zeros((R, T), np.float32)
     for r, c in enumerate(completions):
         targets[r, T - len(c) :], mask[r, T - len(c) :] = c, 1
-    rows = {
-        "tokens": np.roll(targets, 1, axis=1),
-        "targets": targets,
-        "loss_mask": mask,
-        "positions": np.tile(np.arange(T, dtype=np.int32), (R, 1)),
-        "segment_ids": np.ones((R, T), np.int32),
-        "seq_index": np.zeros((R, T), np.int32),
-        "rewards": np.array([0, 1, 1, 0, 0, 0, 0, 1], np.float32),
-        "example_mask": np.ones(R, np.float32),
-    }
+    rows = _rollout_rows(np.roll(targets, 1, axis=1), targets, mask, [0, 1, 1, 0, 0, 0, 0, 1])
     chosen = []
     fake = lambda run, rows, sides, kept: chosen.append((sides[0], kept))  # noqa: E731
     monkeypatch.setattr(updates, "_stacked", fake)
@@ -167,15 +173,7 @@ def test_self_judge_on_model_rows_against_numpy_log_softmax():
     tokens = rng.integers(3, run.model_config.vocab_size, (R, T)).astype(np.int32)
     lengths = rng.integers(1, 6, R)
     mask = (np.arange(T)[None, :] >= T - 1 - lengths[:, None]) & (np.arange(T)[None, :] < T - 1)
-    rows = {
-        "tokens": tokens,
-        "targets": np.roll(tokens, -1, axis=1),
-        "loss_mask": mask.astype(np.float32),
-        "positions": np.tile(np.arange(T, dtype=np.int32), (R, 1)),
-        "segment_ids": np.ones((R, T), np.int32),
-        "seq_index": np.zeros((R, T), np.int32),
-        "rewards": np.zeros(R, np.float32),
-    }
+    rows = _rollout_rows(tokens, np.roll(tokens, -1, axis=1), mask, np.zeros(R))
     got = updates._self_judge(run)(params, None, rows)
     forward = jax.jit(M.forward, static_argnums=0)
     hidden = forward(run.model_config, params, tokens, rows["positions"], rows["segment_ids"])
