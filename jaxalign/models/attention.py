@@ -23,7 +23,8 @@ same packed segment, sliding window: ``transformer.attention_mask`` builds it). 
   splash blocks, ``"xla"`` elsewhere.
 
 ``attend`` itself always receives a dense mask, so a ``"splash"`` resolution runs ``"xla"`` there.
-Decoding with a KV cache (one query per step against S cache slots) always runs the XLA path.
+Decoding with a KV cache (one query per step against S cache slots) always runs the XLA path;
+on a CPU platform a decode step takes ``decode_attention`` instead (``block_diagonal_decode``).
 
 Causal query blocks (``attend(..., query_blocks=n)``, XLA path): a full-sequence self-attention
 whose mask is causal in slots (a key after the query's slot is always masked) may run as n
@@ -134,6 +135,49 @@ def attend(
         ],
         axis=1,
     )
+
+
+def block_diagonal_decode(seq_len: int, mesh=None) -> bool:
+    """Whether a cached forward of T = ``seq_len`` new tokens per row attends by
+    ``decode_attention``: one token (a decode step) on a CPU platform (``platform(mesh)``)."""
+    return seq_len == 1 and platform(mesh) == "cpu"
+
+
+def decode_attention(
+    q: Float[Array, "B 1 N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K H"],
+    mask: Bool[Array, "B 1 1 S"],
+    *,
+    scale: float,
+    softcap: float | None = None,
+) -> Float[Array, "B 1 N H"]:
+    """One query per row against S cache slots, ``softmax(mask(c tanh(s q.k / c))) v`` (no cap:
+    ``softmax(mask(s q.k)) v``), logits and softmax in float32, as ``attend`` computes it.
+
+    The cache rows are read as they lie, ``[S, K * H]`` per row: the queries become a
+    block-diagonal ``[K * H, K * G]`` matrix (query head n = k G + g in column n, its values in
+    rows k H .. k H + H - 1, zeros elsewhere), so the logits of every head are one matmul
+    ``[S, K H] x [K H, K G]`` and the outputs one ``[K G, S] x [S, K H]`` whose diagonal blocks
+    are kept. K times the FLOPs of the per-head products, which are tiny at one query; what it
+    saves is XLA's CPU backend copying the whole cache into a head-major layout for its batched
+    matmuls on every layer of every step (Llama d=256, 8/4 heads, 64 rows x 192 slots: a
+    128-token decode 3.1 -> 2.65 s)."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    eye = jnp.eye(K, dtype=q.dtype)
+    queries = jnp.einsum("bkgh,jk->bjhkg", q.reshape(B, K, G, H), eye).reshape(B, K * H, N)
+    logits = jnp.einsum(
+        "bsc,bcn->bsn", k.reshape(B, S, K * H), queries, preferred_element_type=jnp.float32
+    )
+    logits = logits * scale
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    logits = jnp.where(mask[:, 0, 0, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=1).astype(v.dtype)
+    out = jnp.einsum("bsn,bsc->bnc", probs, v.reshape(B, S, K * H)).reshape(B, K, G, K, H)
+    return jnp.einsum("bkgjh,kj->bkgh", out, eye).reshape(B, T, N, H)
 
 
 class SplashMask(NamedTuple):

@@ -37,7 +37,9 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxalign.models.attention import (
     SplashMask,
     attend,
+    block_diagonal_decode,
     causal_query_blocks,
+    decode_attention,
     platform,
     resolve,
     splash_attention,
@@ -223,6 +225,7 @@ class Attention(nnx.Module):
         layer: Int[Array, ""] | None = None,
         dropout_key: jax.Array | None = None,
         query_blocks: int = 1,
+        block_diagonal: bool = False,
     ) -> tuple[Float[Array, "B T D"], tuple[Array, Array] | None]:
         """Without ``kv_cache`` S = T. With it (the whole stacked ``[L, B, S, K, H]`` k/v cache),
         k/v of the T new tokens are written into layer ``layer`` at slot ``cache_index`` and the
@@ -233,7 +236,8 @@ class Attention(nnx.Module):
         dropout (training). A ``SplashMask`` in place of ``mask`` (the model's forward with the
         splash kernel, never with a cache) runs ``splash_attention``. ``query_blocks``: ``attend``'s
         causal query blocks, which the model passes only to its full-sequence forward (S = T, never
-        with a cache)."""
+        with a cache). ``block_diagonal`` (a decode step with a cache, on CPU:
+        ``block_diagonal_decode``) runs ``decode_attention``."""
         c = self.config
         keys = _split(dropout_key, 4)
         q, k, v = self.q_proj(x, keys[0]), self.k_proj(x, keys[1]), self.v_proj(x, keys[2])
@@ -249,7 +253,10 @@ class Attention(nnx.Module):
             new_cache = (cache_k, cache_v)
             k, v = cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype)
         scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
-        if isinstance(mask, SplashMask):
+        if block_diagonal:
+            scale = 1 / math.sqrt(c.head_dim) if scale is None else scale
+            y = decode_attention(q, k, v, mask, scale=scale, softcap=c.attn_logit_softcap)
+        elif isinstance(mask, SplashMask):
             y = splash_attention(
                 q,
                 k,
@@ -347,6 +354,7 @@ class Block(nnx.Module):
         layer=None,
         dropout_key=None,
         query_blocks=1,
+        block_diagonal=False,
     ):
         keys = _split(dropout_key, 2)
         h, new_cache = self.attn(
@@ -359,6 +367,7 @@ class Block(nnx.Module):
             layer,
             keys[0],
             query_blocks,
+            block_diagonal,
         )
         x = x + (self.attn_post_norm(h) if self.post_norms else h)
         h = self.mlp(self.mlp_norm(x), keys[1])
@@ -505,8 +514,11 @@ class Transformer(nnx.Module):
         segment_ids: Int[Array, "B T"] | None = None,
         *,
         alternatives: bool = False,
+        mesh: Mesh | None = None,
     ) -> tuple[Float[Array, "B T D"], dict[str, Array]]:
-        """Runs T new tokens against the KV cache (see ``jaxalign.models.cache``).
+        """Runs T new tokens against the KV cache (see ``jaxalign.models.cache``); ``mesh``:
+        where it runs (``platform(mesh)``: a decode step on CPU attends by
+        ``decode_attention``).
 
         ``alternatives``: the T tokens are candidates for one next position (search-time
         decoding scores each one): each attends to the slots before ``index`` and to itself,
@@ -538,6 +550,7 @@ class Transformer(nnx.Module):
             own = (k_slots[None, :] < index) | (k_slots[None, :] == q_slots[:, None])
             masks = tuple(m & own[None, None] for m in masks)
         graphdef, layer_state = nnx.split(self.layers)
+        block_diagonal = block_diagonal_decode(T, mesh)
 
         def body(carry, xs):
             h, cache_k, cache_v = carry
@@ -545,7 +558,14 @@ class Transformer(nnx.Module):
             mask = jnp.where(local, masks[1], masks[0])
             block = nnx.merge(graphdef, state)
             h, (cache_k, cache_v) = block(
-                h, positions, mask, inv_freq, (cache_k, cache_v), index, layer
+                h,
+                positions,
+                mask,
+                inv_freq,
+                (cache_k, cache_v),
+                index,
+                layer,
+                block_diagonal=block_diagonal,
             )
             return (h, cache_k, cache_v), None
 

@@ -267,7 +267,9 @@ def _decode_loop(
         positions = (prompt_lengths + t - 1)[:, None]
         caches, logits = [], []
         for config, p, model, cache in zip(configs, params, bound, state["caches"], strict=True):
-            hidden, cache = model.call_with_cache(state["last"][:, None], positions, cache)
+            hidden, cache = model.call_with_cache(
+                state["last"][:, None], positions, cache, mesh=mesh
+            )
             caches.append(_constrain_cache(cache, mesh, rules))
             logits.append(_next_logits(config, p, hidden[:, 0]))
         state = advance({**state, "caches": caches}, logits, t)

@@ -79,6 +79,52 @@ def test_xla_matches_numpy_values_and_gradients(window, blocks):
             np.testing.assert_allclose(grads[i][idx], (up - down) / (2 * eps), atol=2e-3)
 
 
+def _numpy_decode_attention(q, k, v, mask, scale, cap):
+    """One query per row: softmax over the visible slots of cap tanh(scale q.k / cap) (no cap:
+    scale q.k) times v, query head n on kv head n // (N / K), float64."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, _, N, H = q.shape
+    G = N // k.shape[2]
+    out = np.zeros_like(q)
+    for b in range(B):
+        for n in range(N):
+            s = scale * k[b, :, n // G] @ q[b, 0, n]
+            s = s if cap is None else cap * np.tanh(s / cap)
+            s = np.where(np.asarray(mask)[b, 0, 0], s, -np.inf)
+            p = np.exp(s - s.max())
+            out[b, 0, n] = (p / p.sum()) @ v[b, :, n // G]
+    return out
+
+
+@pytest.mark.parametrize("N, K, cap", [(4, 2, None), (4, 4, None), (6, 1, None), (8, 2, 5.0)])
+def test_decode_attention_matches_numpy(N, K, cap):
+    """Block-diagonal queries against the cache as it lies: every head reads only its own kv
+    head (GQA, MHA, MQA), masked slots drop out, the soft-cap applies before the mask."""
+    B, S, H = 3, 11, 8
+    keys = jax.random.split(jax.random.key(N * 10 + K), 3)
+    q = jax.random.normal(keys[0], (B, 1, N, H), jnp.float32)
+    k = jax.random.normal(keys[1], (B, S, K, H), jnp.float32)
+    v = jax.random.normal(keys[2], (B, S, K, H), jnp.float32)
+    mask = np.ones((B, 1, 1, S), bool)
+    mask[0, ..., 7:] = False  # a row that has not written its last slots yet
+    mask[1, ..., :4] = False  # left padding
+    mask[2, ..., ::2] = False
+    out = jax.jit(A.decode_attention, static_argnames=("scale", "softcap"))(
+        q, k, v, jnp.asarray(mask), scale=0.4, softcap=cap
+    )
+    ref = _numpy_decode_attention(q, k, v, mask, 0.4, cap)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_block_diagonal_decode_by_platform_and_length(monkeypatch):
+    """Decode steps (one new token) on CPU only: a prefill or candidate batch (T > 1) and other
+    platforms attend as before."""
+    assert A.block_diagonal_decode(1) and not A.block_diagonal_decode(2)
+    for backend in ("tpu", "gpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert not A.block_diagonal_decode(1)
+
+
 def test_auto_is_cudnn_on_gpu_splash_on_tpu_xla_elsewhere(monkeypatch):
     q, k, v, _, seg, pos = _inputs()
     slots = jnp.arange(q.shape[1])
