@@ -130,22 +130,28 @@ class Dense(nnx.Module):
         """``x . W (+ bias)``, plus ``s (drop(x) . A) . B`` when the layer carries an adapter; the
         adapter path never forms ``A B`` (no second [in, out] matrix, forward or backward).
 
-        The leading axes of x (batch, sequence) are merged into one row axis around the
-        matmuls, so the weight gradient contracts a single axis: contracting two, XLA's CPU
-        backend writes the output gradient out transposed first (a strided copy as slow as a
-        quarter of the MLP's backward); merged, the matmuls read it in place."""
+        The matmuls are 2-D: the leading axes of x (batch, sequence) merged into one row axis,
+        the kernel's input and output axes each into one. Then the weight gradient contracts a
+        single axis of two plain matrices; with several, XLA's CPU backend writes the output
+        gradient out transposed first, a strided copy fused with whatever produced it (the
+        SwiGLU or RoPE backward), as slow as a quarter of the layer's backward. (Model fwd+bwd,
+        Llama d=256 L=4, 64 x 191 rows: 3.42 -> 2.96 s.)"""
         lead = x.shape[: x.ndim - self.n_in]
-        x = x.reshape(-1, *x.shape[len(lead) :]).astype(self.dtype)
-        y = jnp.tensordot(x, self.kernel[...].astype(self.dtype), self.n_in)
+        kernel = self.kernel[...]
+        out_shape = kernel.shape[self.n_in :]
+        fan_in = math.prod(kernel.shape[: self.n_in])
+        x = x.reshape(-1, fan_in).astype(self.dtype)
+        y = x @ kernel.reshape(fan_in, -1).astype(self.dtype)
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + self.bias[...].reshape(-1).astype(self.dtype)
         if self.lora_a is not None:
             if dropout_key is not None and self.lora_dropout > 0:
                 keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
                 x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(self.dtype)
-            u = jnp.tensordot(x, self.lora_a[...].astype(self.dtype), self.n_in)
-            y = y + self.lora_scale * jnp.tensordot(u, self.lora_b[...].astype(self.dtype), 1)
-        return y.reshape(*lead, *y.shape[1:])
+            u = x @ self.lora_a[...].reshape(fan_in, -1).astype(self.dtype)
+            b = self.lora_b[...]
+            y = y + self.lora_scale * (u @ b.reshape(b.shape[0], -1).astype(self.dtype))
+        return y.reshape(*lead, *out_shape)
 
 
 class Embed(nnx.Module):
