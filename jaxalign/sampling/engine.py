@@ -220,8 +220,10 @@ def _decode_loop(
             jax.random.fold_in(rng, t), combined, prompt_seen, state["seen"], knobs
         )
         policy = _log_prob(logits[0], token)
+        # At T = 0 and T = 1 the sampling log-prob is log_softmax(c)[y], with one model the
+        # policy's own: no second pass over the vocabulary.
         sampling = lax.cond(
-            temperature > 0,
+            (temperature > 0) & (temperature != 1),
             lambda: _log_prob(combined / temperature, token),
             lambda: policy if combine is None else _log_prob(combined, token),
         )
