@@ -258,9 +258,9 @@ class Attention(nnx.Module):
             cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
             new_cache = (cache_k, cache_v)
             k, v = cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype)
-        scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
+        pre = c.query_pre_attn_scalar
+        scale = 1 / math.sqrt(c.head_dim) if pre is None else pre**-0.5
         if block_diagonal:
-            scale = 1 / math.sqrt(c.head_dim) if scale is None else scale
             y = decode_attention(q, k, v, mask, scale=scale, softcap=c.attn_logit_softcap)
         elif isinstance(mask, SplashMask):
             y = splash_attention(
@@ -270,7 +270,7 @@ class Attention(nnx.Module):
                 mask.segment_ids,
                 local=mask.local,
                 window=c.sliding_window,
-                scale=1 / math.sqrt(c.head_dim) if scale is None else scale,
+                scale=scale,
                 softcap=c.attn_logit_softcap,
                 mesh=mask.mesh,
                 rules=mask.rules,
@@ -280,7 +280,6 @@ class Attention(nnx.Module):
             impl = c.attention if kv_cache is None else "xla"
             y = attend(q, k, v, mask, scale=scale, implementation=impl, query_blocks=query_blocks)
         else:  # dot_product_attention has no soft-cap
-            scale = 1 / math.sqrt(c.head_dim) if scale is None else scale
             y = softcapped_attention(q, k, v, mask, scale, c.attn_logit_softcap)
         return self.o_proj(y, keys[3]), new_cache
 
