@@ -108,6 +108,29 @@ def forward(
     return model(tokens, positions, segment_ids, mesh=mesh, rules=rules, dropout_key=key)
 
 
+def forward_grouped(
+    config: ModelConfig,
+    params: Params,
+    tokens: Int[Array, "R T"],
+    positions: Int[Array, "R T"],
+    segment_ids: Int[Array, "R T"],
+    *,
+    group: int,
+    prefix: int,
+    mesh=None,
+    rules=None,
+) -> Float[Array, "R S D"]:
+    """``forward(...)[:, prefix:]`` for rows in groups of ``group`` consecutive rows that share
+    their first ``prefix`` columns (a prompt's n completions), computing the shared columns once
+    per group (`Transformer.call_grouped`). Adapters and their dropout as in `forward`."""
+    model = bind(config, params)
+    if params.get(DROPOUT_KEY) is not None:
+        raise ValueError("forward_grouped does not run adapter dropout; use forward")
+    return model.call_grouped(
+        tokens, positions, segment_ids, group=group, prefix=prefix, mesh=mesh, rules=rules
+    )
+
+
 def unembedding(config: ModelConfig, params: Params) -> Float[Array, "D V"]:
     """Output projection ``[D, V]``: ``unembed.kernel`` or, when tied, ``embed.embedding.T``."""
     if config.tie_embeddings:

@@ -501,6 +501,74 @@ class Transformer(nnx.Module):
         h, _ = jax.lax.scan(body, constrain(self.embed(tokens)), xs, unroll=unroll)
         return self.final_norm(h)
 
+    def call_grouped(
+        self,
+        tokens: Int[Array, "R T"],
+        positions: Int[Array, "R T"],
+        segment_ids: Int[Array, "R T"],
+        *,
+        group: int,
+        prefix: int,
+        mesh: Mesh | None = None,
+        rules: ShardingRules | None = None,
+    ) -> Float[Array, "R S D"]:
+        """Final-normed hidden states of columns ``[prefix, T)`` (P = ``prefix``) of rows that
+        come in groups of ``group`` consecutive rows sharing their first P columns (tokens,
+        positions and segment ids: the n completions of one prompt). The shared columns run
+        once per group (R / group rows), their keys and values are repeated to the group's rows,
+        and the other columns attend to them and to their own causally: the values of
+        ``__call__``'s columns ``[P, T)``, without (group - 1) / group of the prompt's work
+        (forward and backward; the keys' and values' gradients sum over the group). Only rows
+        that really share their first P columns may be passed: nothing checks it here.
+
+        Attention runs as the cached forward's (``attend``'s XLA path or the soft-capped one),
+        so callers take this path where ``__call__`` would run ``"xla"`` too
+        (``attention.resolve``). ``mesh``/``rules`` constrain the residual streams as
+        ``__call__`` does; ``remat`` applies likewise."""
+        R, T = tokens.shape
+        B, P, S = R // group, prefix, T - prefix
+        c = self.config
+        shared = [x[::group, :P] for x in (tokens, positions, segment_ids)]
+        own = [x[:, P:] for x in (tokens, positions, segment_ids)]
+        p_slots = jnp.arange(P)
+        p_masks = self._masks(shared[2], shared[2], p_slots, p_slots, shared[1], shared[1])
+        k_segments = jnp.concatenate([jnp.repeat(shared[2], group, axis=0), own[2]], axis=1)
+        k_positions = jnp.concatenate([jnp.repeat(shared[1], group, axis=0), own[1]], axis=1)
+        s_masks = self._masks(
+            own[2], k_segments, P + jnp.arange(S), jnp.arange(T), own[1], k_positions
+        )
+        graphdef, layer_state = nnx.split(self.layers)
+        dtype = jnp.dtype(c.dtype)
+        zeros = jnp.zeros((1, B, P, c.n_kv_heads, c.head_dim), dtype)
+        empty = jnp.zeros((1, R, S, c.n_kv_heads, c.head_dim), dtype)
+
+        def constrain(h):
+            if rules is None:
+                return h
+            return with_logical_constraint(h, ("batch", "seq", "act_embed"), rules, mesh)
+
+        def body(carry, xs):
+            h_shared, h_own = carry
+            state, local, inv_freq = xs
+            block = nnx.merge(graphdef, state)
+            mask = jnp.where(local, p_masks[1], p_masks[0])
+            # The shared columns as a prefill into a cache of exactly their P slots.
+            h_shared, (k, v) = block(h_shared, shared[1], mask, inv_freq, (zeros, zeros), 0, 0)
+            cache = tuple(
+                jnp.concatenate([jnp.repeat(x, group, axis=1), empty], axis=2) for x in (k, v)
+            )
+            mask = jnp.where(local, s_masks[1], s_masks[0])
+            h_own, _ = block(h_own, own[1], mask, inv_freq, cache, P, 0)
+            return (constrain(h_shared), constrain(h_own)), None
+
+        if c.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
+        carry = (constrain(self.embed(shared[0])), constrain(self.embed(own[0])))
+        xs = (layer_state, *self._layer_data())
+        unroll = layer_unroll(c.layer_loop, mesh)
+        (_, h), _ = jax.lax.scan(body, carry, xs, unroll=unroll)
+        return self.final_norm(h)
+
     def _masks(self, *args) -> tuple[Bool[Array, "B 1 T S"], Bool[Array, "B 1 T S"]]:
         """(global, local) masks from the ``attention_mask`` arguments (window aside)."""
         full = attention_mask(*args, None)

@@ -37,7 +37,8 @@ from jaxalign import kernels, models
 from jaxalign.data.layout import BatchSpec
 from jaxalign.losses import policy
 from jaxalign.losses.grao import grao_pairwise
-from jaxalign.models import heads
+from jaxalign.models import attention, heads
+from jaxalign.models.functional import DROPOUT_KEY
 from jaxalign.train.objectives import Objective
 
 
@@ -59,32 +60,38 @@ def rollout_logps(
     *,
     temperature,
     columns=None,
+    group=1,
     mesh=None,
     rules=None,
     impl=None,
     entropy=False,
 ):
     """Log-probs of the targets at `temperature` (the sampling distribution) on the loss mask,
-    0 elsewhere: [R, T]; with `entropy`, also the per-token entropy and the hidden states.
+    0 elsewhere: [R, T]; with `entropy`, also the per-token entropy [R, T] and the hidden states
+    of the scored columns [R, M].
 
     `columns` M: only the last M target columns can be counted (a rollout's completion columns,
     `jaxalign.rl.rollout`), so the vocabulary matmuls run on those alone and the other columns
-    are 0; None: every column."""
-    hidden = models.forward(
-        model_config,
-        heads.decoder_params(params),
-        rows["tokens"],
-        rows["positions"],
-        rows["segment_ids"],
-        mesh=mesh,
-        rules=rules,
-    )
-    scaled = hidden / jnp.asarray(temperature, hidden.dtype) if temperature != 1.0 else hidden
+    are 0; None: every column. `group` G > 1: the rows come in groups of G consecutive rows of
+    one prompt (a rollout's layout, rows in order), whose first T - M columns are the same
+    prompt, so the decoder runs them once per group (`shared_prompt`)."""
+    decoder = heads.decoder_params(params)
     targets, mask = rows["targets"], rows["loss_mask"] > 0
     T = targets.shape[1]
     skip = 0 if columns is None else max(T - columns, 0)
+    inputs = (rows["tokens"], rows["positions"], rows["segment_ids"])
+    grouped = shared_prompt(model_config, decoder, rows["tokens"].shape, skip, group, mesh)
+    if grouped:  # the scored columns only
+        hidden = models.forward_grouped(
+            model_config, decoder, *inputs, group=group, prefix=skip, mesh=mesh, rules=rules
+        )
+    else:
+        hidden = models.forward(model_config, decoder, *inputs, mesh=mesh, rules=rules)
+    scaled = hidden / jnp.asarray(temperature, hidden.dtype) if temperature != 1.0 else hidden
     if skip:
-        scaled, targets, mask = scaled[:, skip:], targets[:, skip:], mask[:, skip:]
+        targets, mask = targets[:, skip:], mask[:, skip:]
+        if not grouped:
+            hidden, scaled = hidden[:, skip:], scaled[:, skip:]
     unembedding = models.unembedding(model_config, params)
     kw = dict(
         mask=mask,
@@ -105,13 +112,31 @@ def rollout_logps(
             **kw,
         )
 
-    def full(x):  # [R, M] -> [R, T], zeros in the skipped columns
-        return jnp.pad(x, ((0, 0), (skip, 0))) if skip else x
-
     if not entropy:
-        return full(out)
+        return _full(out, T)
     logps, extras = out
-    return full(logps), full(extras["entropy"]), hidden
+    return _full(logps, T), _full(extras["entropy"], T), hidden
+
+
+def _full(x, T: int):
+    """[R, M] -> [R, T]: zeros in the first T - M columns."""
+    return jnp.pad(x, ((0, 0), (T - x.shape[1], 0)))
+
+
+def shared_prompt(model_config, decoder_params, shape, prompt: int, group: int, mesh) -> bool:
+    """Whether `rollout_logps` runs rows [R, T] of groups of `group` rows sharing their first
+    `prompt` columns through `models.forward_grouped`: groups of two or more that divide R, a
+    shared prompt, no adapter dropout, and an attention that runs the XLA path at T
+    (`attention.resolve`: the grouped forward attends as the cached one does; where the full
+    forward takes a fused kernel it keeps it)."""
+    R, T = shape
+    return (
+        group > 1
+        and R % group == 0
+        and prompt > 0
+        and DROPOUT_KEY not in decoder_params
+        and attention.resolve(model_config.attention, T, mesh) == "xla"
+    )
 
 
 def policy_objective(
@@ -133,16 +158,21 @@ def policy_objective(
     kl_loss = kl_in_loss and rl.kl_coef > 0
     own_old = old_from_update(rl, kl_in_loss=kl_in_loss)
     norm_length = rl.max_new_tokens if rl.aggregation == "seq-mean-token-sum-norm" else None
+    # One pass over one minibatch keeps the rollout's rows in order (`online._minibatches`), and
+    # micro-batches are contiguous slices of them: a prompt's samples stay together.
+    in_order = rl.epochs == 1 and rl.minibatches == 1
 
     def fn(params, ref_params, micro, loss_state=None):
         del ref_params, loss_state  # the reference's log-probs come with the batch
         mask = micro["loss_mask"] * micro["example_mask"][:, None]
+        T = mask.shape[1]
         logps, entropy, hidden = rollout_logps(
             model_config,
             params,
             micro,
             temperature=rl.temperature,
             columns=rl.max_new_tokens,
+            group=rl.group_size if in_order else 1,
             mesh=mesh,
             rules=rules,
             impl=impl,
@@ -179,7 +209,7 @@ def policy_objective(
             token_loss = token_loss + rl.kl_coef * kl
             metrics["kl"] = kl
         if value_head:
-            values = heads.apply_scalar_head(params[heads.VALUE_HEAD], hidden)
+            values = _full(heads.apply_scalar_head(params[heads.VALUE_HEAD], hidden), T)
             vloss = policy.value_loss(
                 values, micro["old_values"], micro["returns"], mask, clip=rl.value_clip or None
             )

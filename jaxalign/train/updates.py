@@ -88,6 +88,7 @@ def policy_batch(run, estimator: Callable | None, *, kl_in_loss: bool, constrain
                 rows,
                 temperature=rl.temperature,
                 columns=rl.max_new_tokens,
+                group=rl.group_size,  # the rollout's rows, in order
                 mesh=mesh,
                 rules=rules,
                 impl=impl,

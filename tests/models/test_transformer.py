@@ -394,3 +394,63 @@ def test_init_under_jit_with_out_shardings_and_bind_roundtrip():
     jax.tree.map(np.testing.assert_array_equal, roundtrip, params)
     tokens = _tokens(config, (1, 4))
     np.testing.assert_allclose(model(tokens), _forward(config, params, tokens), atol=1e-6)
+
+
+def _grouped_rows(config, prompt_lengths, G, Tp, new):
+    """Rows of a rollout's layout: each prompt (left-padded to Tp) repeated G times, followed by
+    new - 1 completion inputs of their own, the last row of each group padded at its end (a
+    completion that stopped early)."""
+    R, T = len(prompt_lengths) * G, Tp + new - 1
+    tokens = np.zeros((R, T), np.int32)
+    seg, pos = np.zeros((R, T), np.int32), np.zeros((R, T), np.int32)
+    rng = np.random.default_rng(0)
+    for b, L in enumerate(prompt_lengths):
+        prompt = rng.integers(1, config.vocab_size, L)
+        for g in range(G):
+            r, end = b * G + g, T - (3 if g == G - 1 else 0)
+            tokens[r, Tp - L : Tp] = prompt
+            tokens[r, Tp:end] = rng.integers(1, config.vocab_size, end - Tp)
+            seg[r, Tp - L : end] = 1
+            pos[r, Tp - L : end] = np.arange(end - Tp + L)
+    return jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg)
+
+
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("tiny-64", {}),
+        ("tiny-qwen3", {"remat": "full"}),
+        ("tiny-qwen2", {"sliding_window": 3}),
+        ("tiny-gemma2", {}),  # soft-capped attention, local layers
+    ],
+)
+def test_grouped_forward_same_values_and_grads_as_the_full_forward(name, overrides):
+    """Groups of G rows sharing a left-padded prompt: the prompt's columns run once per group
+    and the others attend to them; values and gradients of the columns after the prompt equal
+    the full forward's. Float64 except the attention logits (float32 in both paths)."""
+    G, Tp, new = 3, 7, 6
+    with jax.enable_x64(True):
+        config = M.get_preset(name, dtype="float64", param_dtype="float64", **overrides)
+        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), _setup(name)[1])
+        tokens, pos, seg = _grouped_rows(config, [7, 4], G, Tp, new)
+        P = Tp - 1
+        weights = jnp.asarray(np.random.default_rng(1).normal(size=(tokens.shape[0], new)))
+
+        def full(p):
+            return M.forward(config, p, tokens, pos, seg)[:, P:]
+
+        def grouped(p):
+            return M.forward_grouped(config, p, tokens, pos, seg, group=G, prefix=P)
+
+        def loss(p, fn):
+            valid = (seg[:, P:] > 0)[..., None]
+            return jnp.sum(jnp.where(valid, jnp.tanh(fn(p)), 0.0) ** 2 * weights[..., None])
+
+        grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+        (v0, g0), (v1, g1) = grad(params, full), grad(params, grouped)
+        h0, h1 = jax.jit(full)(params), jax.jit(grouped)(params)
+    valid = np.asarray(seg[:, P:]) > 0
+    np.testing.assert_allclose(np.asarray(h1)[valid], np.asarray(h0)[valid], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(v1, v0, rtol=1e-9)
+    scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(g0))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * scale), g1, g0)

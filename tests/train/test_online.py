@@ -17,6 +17,8 @@ import pytest
 
 from jaxalign.config import apply_overrides, load_config
 from jaxalign.errors import ConfigError
+from jaxalign.models import get_preset
+from jaxalign.models.functional import DROPOUT_KEY
 from jaxalign.train import init_params, policy, setup, train
 from jaxalign.train import online as online_loop
 from jaxalign.train.updates import initial_rl_state
@@ -199,10 +201,13 @@ def test_the_old_log_probs_are_the_samplers_and_the_first_ratio_is_one(sft_dir):
     assert float(update["sampler_logprob_diff"]) < 1e-5
 
 
-def test_one_update_per_rollout_takes_the_old_log_probs_from_its_own_forward(sft_dir):
+def test_one_update_per_rollout_takes_the_old_log_probs_from_its_own_forward(sft_dir, monkeypatch):
     """With one update per rollout the batch carries no old log-probs: the update's own forward
     gives them (stop-gradient), the ratio is exactly 1, and the update equals the one made with
-    old log-probs computed before it (two-minibatch config, the whole batch as one minibatch)."""
+    old log-probs computed before it (two-minibatch config, the whole batch as one minibatch).
+    Both updates run the full forward (the shared-prompt one, which only the first config would
+    take, has its own test), so the comparison is of the old log-probs alone."""
+    monkeypatch.setattr(policy, "shared_prompt", lambda *args: False)
     over = ("rl.temperature=0.7", "rl.kl_coef=0.04")
     runs = [setup(_config("grpo", sft_dir, *over, *extra)) for extra in ((), ("rl.minibatches=2",))]
     state, ref = _state(runs[0])
@@ -227,6 +232,58 @@ def test_one_update_per_rollout_takes_the_old_log_probs_from_its_own_forward(sft
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
+def test_a_groups_prompt_runs_once_with_the_same_update(sft_dir, monkeypatch):
+    """The rollout's rows in order (one pass, one minibatch): the reference's and the update's
+    forwards run each prompt once for its group of samples (`policy.shared_prompt`). The
+    reference log-probs, the update's metrics and its gradient equal the full forward's."""
+    run = setup(_config("grpo", sft_dir, "rl.temperature=0.7", "rl.kl_coef=0.04"))
+    state, ref = _state(run)
+    ref = jax.tree.map(lambda x: 0.9 * x, ref)  # a reference apart from the policy: KL > 0
+    rows, _ = _rollout(run, state["params"], key=jax.random.key(7))
+    R, T = rows["tokens"].shape
+    assert policy.shared_prompt(run.model_config, ref, (R, T), T - 4, 4, None)
+
+    def forward_and_update():
+        batch, _, _ = run.family.to_batch(run)(state | _rl(run), ref, rows)
+
+        def loss(params):
+            total, weight, sums = run.objective.fn(params, ref, batch)
+            return total / weight, {k: v / weight for k, v in sums.items()}
+
+        (_, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state["params"])
+        return batch["ref_logps"], metrics, grads
+
+    ref_grouped, metrics_grouped, grads_grouped = forward_and_update()
+    monkeypatch.setattr(policy, "shared_prompt", lambda *args: False)
+    ref_full, metrics_full, grads_full = forward_and_update()
+    # Log-probs near 0 carry the float32 error of logits of magnitude ~16 (one ulp 1.9e-6).
+    np.testing.assert_allclose(ref_grouped, ref_full, rtol=0, atol=4e-6)
+    for key in ("kl", "entropy"):
+        np.testing.assert_allclose(metrics_grouped[key], metrics_full[key], rtol=1e-5, err_msg=key)
+    # float32 rounding of the two forwards: measured 1.0e-6 of the largest gradient entry.
+    scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(grads_full))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale),
+        grads_grouped,
+        grads_full,
+    )
+
+
+def test_the_shared_prompt_rule(monkeypatch):
+    """Groups of two or more dividing the rows, a prompt to share, no adapter dropout, and an
+    attention that runs the XLA path (a TPU's splash kernel at T = 256 keeps the full forward;
+    at T = 191, where splash cannot run, the XLA path shares)."""
+    config, params = get_preset("tiny-64"), {"embed": {}}
+    assert policy.shared_prompt(config, params, (32, 191), 63, 4, None)
+    assert not policy.shared_prompt(config, params, (32, 191), 63, 1, None)
+    assert not policy.shared_prompt(config, params, (30, 191), 63, 4, None)
+    assert not policy.shared_prompt(config, params, (32, 191), 0, 4, None)
+    assert not policy.shared_prompt(config, {DROPOUT_KEY: 0}, (32, 191), 63, 4, None)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert not policy.shared_prompt(config, params, (32, 256), 128, 4, None)
+    assert policy.shared_prompt(config, params, (32, 191), 63, 4, None)
+
+
 def test_the_update_reads_only_the_completion_columns(sft_dir):
     """The vocabulary matmuls run on the last rl.max_new_tokens target columns only (where a
     rollout's completions are): the log-probs equal those over every column."""
@@ -237,7 +294,9 @@ def test_the_update_reads_only_the_completion_columns(sft_dir):
     every = policy.rollout_logps(run.model_config, state["params"], rows, **kw)
     last = policy.rollout_logps(run.model_config, state["params"], rows, columns=4, **kw)
     assert rows["tokens"].shape[1] > 4 and np.asarray(every)[:, :-4].any() == 0
-    np.testing.assert_allclose(last, every, rtol=0, atol=1e-6)
+    # A log-prob is z_y - logsumexp(z): near 0 its float32 error is that of logits of magnitude
+    # ~16, one ulp = 1.9e-6; the two vocabulary matmuls (608 vs 128 rows) may round differently.
+    np.testing.assert_allclose(last, every, rtol=0, atol=4e-6)
 
 
 def test_each_step_samples_with_a_fresh_key(sft_dir):
