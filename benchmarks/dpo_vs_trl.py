@@ -412,6 +412,7 @@ def main():
     tokens = shape.pairs * 2 * (shape.prompt + shape.response)
     per_token = flops_per_token(shape)
     print(f"{versions}, {os.cpu_count()} CPUs, load average {os.getloadavg()}")
+    print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (the malloc of both sides)")
     print(
         f"model: Llama d={shape.d} L={shape.layers} heads {shape.heads}/{shape.kv_heads} "
         f"ffn {shape.ffn} V={shape.vocab} f32, P={matmul_params(shape)} matmul weights; "

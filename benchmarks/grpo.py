@@ -273,6 +273,7 @@ def main():
         versions += f", trl {trl.__version__}, torch {torch.__version__}"
         torch.set_num_threads(os.cpu_count())
     print(f"{versions}, {os.cpu_count()} CPUs, load average {os.getloadavg()}")
+    print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (the malloc of both sides)")
     print(
         f"model: Llama d={shape.d} L={shape.layers} heads {shape.heads}/{shape.kv_heads} "
         f"ffn {shape.ffn} V={shape.vocab} f32; {shape.prompts} prompts x group {shape.group}, "
