@@ -32,8 +32,6 @@ import runpy
 import signal
 import sys
 
-from jaxalign.host_malloc import reexec_with_tunables
-
 
 def _usage(message: str):
     """A mistake in the command line: one line, status 2 (as argparse's own usage errors)."""
@@ -433,8 +431,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    if argv is None:  # the command line itself (not a call from Python): a CPU run's malloc
-        reexec_with_tunables()
     from jaxalign.errors import UserError
 
     argv = sys.argv[1:] if argv is None else argv

@@ -2,17 +2,10 @@
 
 import os
 
-from jaxalign import host_malloc
-
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The malloc of CPU runs (`jaxalign.host_malloc`) for the pytest-xdist workers and subprocesses,
-# which start after this and inherit it (this process itself runs no test under `-n`).
-_tunables = host_malloc.tunables_for(os.environ)
-if _tunables is not None:
-    os.environ["GLIBC_TUNABLES"] = _tunables
 # One persistent compilation cache for the whole run, its workers and the CLI subprocesses the
 # tests start: many tests compile the same tiny-model programs (an SFT start, a resumed run).
 # Fresh per run (a stale cache could hide a compile error), under pytest's own cache directory.

@@ -20,11 +20,6 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-if __name__ == "__main__":  # a CPU run's malloc (`jaxalign.host_malloc`), before JAX loads
-    from jaxalign.host_malloc import reexec_with_tunables
-
-    reexec_with_tunables()
-
 from jaxalign.config import apply_overrides, load_config  # noqa: E402
 from jaxalign.plot import plot_runs  # noqa: E402
 from jaxalign.train import train  # noqa: E402
