@@ -68,7 +68,7 @@ def rollout_logps(
 ):
     """Log-probs of the targets at `temperature` (the sampling distribution) on the loss mask,
     0 elsewhere: [R, T]; with `entropy`, also the per-token entropy [R, T] and the hidden states
-    of the scored columns [R, M].
+    of the scored columns (the last M, or all T).
 
     `columns` M: only the last M target columns can be counted (a rollout's completion columns,
     `jaxalign.rl.rollout`), so the vocabulary matmuls run on those alone and the other columns
