@@ -122,7 +122,8 @@ def forward_grouped(
 ) -> Float[Array, "R S D"]:
     """``forward(...)[:, prefix:]`` for rows in groups of ``group`` consecutive rows that share
     their first ``prefix`` columns (a prompt's n completions), computing the shared columns once
-    per group (`Transformer.call_grouped`). Adapters and their dropout as in `forward`."""
+    per group (`Transformer.call_grouped`). Adapters as in `forward`; params carrying a dropout
+    key (adapter dropout in training) are refused with ValueError: `forward` runs that."""
     model = bind(config, params)
     if params.get(DROPOUT_KEY) is not None:
         raise ValueError("forward_grouped does not run adapter dropout; use forward")
