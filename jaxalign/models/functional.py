@@ -124,10 +124,9 @@ def forward_grouped(
     their first ``prefix`` columns (a prompt's n completions), computing the shared columns once
     per group (`Transformer.call_grouped`). Adapters as in `forward`; params carrying a dropout
     key (adapter dropout in training) are refused with ValueError: `forward` runs that."""
-    model = bind(config, params)
     if params.get(DROPOUT_KEY) is not None:
         raise ValueError("forward_grouped does not run adapter dropout; use forward")
-    return model.call_grouped(
+    return bind(config, params).call_grouped(
         tokens, positions, segment_ids, group=group, prefix=prefix, mesh=mesh, rules=rules
     )
 

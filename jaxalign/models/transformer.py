@@ -402,6 +402,14 @@ def attention_mask(
     return mask[:, None]
 
 
+def _residual(h: Float[Array, "B T D"], mesh, rules) -> Float[Array, "B T D"]:
+    """The residual stream constrained to its logical axes ("batch", "seq", "act_embed") on
+    ``mesh`` under sharding ``rules``; as it is without rules."""
+    if rules is None:
+        return h
+    return with_logical_constraint(h, ("batch", "seq", "act_embed"), rules, mesh)
+
+
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -475,11 +483,6 @@ class Transformer(nnx.Module):
             masks = self._masks(segment_ids, segment_ids, slots, slots, positions, positions)
         graphdef, layer_state = nnx.split(self.layers)
 
-        def constrain(h):
-            if rules is None:
-                return h
-            return with_logical_constraint(h, ("batch", "seq", "act_embed"), rules, mesh)
-
         def body(h, xs):
             state, local, inv_freq, key = xs
             if splash:
@@ -488,7 +491,7 @@ class Transformer(nnx.Module):
                 mask = jnp.where(local, masks[1], masks[0])
             block = nnx.merge(graphdef, state)
             h, _ = block(h, positions, mask, inv_freq, dropout_key=key, query_blocks=blocks)
-            return constrain(h), None
+            return _residual(h, mesh, rules), None
 
         if self.config.remat != "none":
             body = jax.checkpoint(
@@ -498,7 +501,8 @@ class Transformer(nnx.Module):
         keys = None if dropout_key is None else jax.random.split(dropout_key, L)
         xs = (layer_state, *self._layer_data(), keys)
         unroll = layer_unroll(self.config.layer_loop, mesh)
-        h, _ = jax.lax.scan(body, constrain(self.embed(tokens)), xs, unroll=unroll)
+        h0 = _residual(self.embed(tokens), mesh, rules)
+        h, _ = jax.lax.scan(body, h0, xs, unroll=unroll)
         return self.final_norm(h)
 
     def call_grouped(
@@ -542,11 +546,6 @@ class Transformer(nnx.Module):
         zeros = jnp.zeros((1, B, P, c.n_kv_heads, c.head_dim), dtype)
         empty = jnp.zeros((1, R, S, c.n_kv_heads, c.head_dim), dtype)
 
-        def constrain(h):
-            if rules is None:
-                return h
-            return with_logical_constraint(h, ("batch", "seq", "act_embed"), rules, mesh)
-
         def body(carry, xs):
             h_shared, h_own = carry
             state, local, inv_freq = xs
@@ -559,11 +558,11 @@ class Transformer(nnx.Module):
             )
             mask = jnp.where(local, s_masks[1], s_masks[0])
             h_own, _ = block(h_own, own[1], mask, inv_freq, cache, P, 0)
-            return (constrain(h_shared), constrain(h_own)), None
+            return (_residual(h_shared, mesh, rules), _residual(h_own, mesh, rules)), None
 
         if c.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
-        carry = (constrain(self.embed(shared[0])), constrain(self.embed(own[0])))
+        carry = tuple(_residual(self.embed(x[0]), mesh, rules) for x in (shared, own))
         xs = (layer_state, *self._layer_data())
         unroll = layer_unroll(c.layer_loop, mesh)
         (_, h), _ = jax.lax.scan(body, carry, xs, unroll=unroll)
